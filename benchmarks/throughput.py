@@ -1,0 +1,184 @@
+"""Training throughput of the fast path (device data, bf16, compile, fused AdamW) against the plain path
+(DataLoader + PIL transforms, fp32, eager), side by side in one run. One JSON line per case.
+
+    python benchmarks/throughput.py                    # ViT-T/2, the default config (a GPU box)
+    python benchmarks/throughput.py --preset tiny      # a small config that finishes in a minute on a CPU
+
+Cases, interleaved: data-only pipelines (images/s of the loaders alone, augmentation on), then pretraining
+and fine-tuning steps, each on the plain and the fast path. A training step is a whole optimizer step of
+the real Trainer (micro-batches, backward, AdamW, lr), batches drawn from the loader on the hot path.
+FLOPs per image are counted by torch.utils.flop_counter.FlopCounterMode on one forward + backward (with the
+math attention kernel, so attention counts on every device).
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import mae_pretrain  # noqa: E402
+import train_classifier  # noqa: E402
+import utils  # noqa: E402
+from model import MAE_ViT, ViT_Classifier  # noqa: E402
+
+PRESETS = {
+    # the project's default ViT-T/2; fine-tuning measured at a GPU-sized batch (the recipe's 128 is launch-bound)
+    "vit-t": dict(image_size=32, patch_size=2, emb_dim=192, encoder_layer=12, encoder_head=3, decoder_layer=4,
+                  decoder_head=3, images=50000, pretrain_batch=4096, pretrain_micro=1024, finetune_batch=1024,
+                  finetune_micro=1024, steps=20, warmup=5),
+    "tiny": dict(image_size=16, patch_size=2, emb_dim=64, encoder_layer=2, encoder_head=2, decoder_layer=1,
+                 decoder_head=2, images=4096, pretrain_batch=256, pretrain_micro=256, finetune_batch=256,
+                 finetune_micro=256, steps=5, warmup=2),
+}
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser("training throughput benchmark")
+    parser.add_argument("--preset", default="vit-t", choices=sorted(PRESETS))
+    parser.add_argument("--steps", type=int, default=None, help="timed optimizer steps per case")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (compilation happens here)")
+    parser.add_argument("--pretrain_micro", type=int, default=None)
+    parser.add_argument("--finetune_batch", type=int, default=None)
+    parser.add_argument("--finetune_micro", type=int, default=None)
+    parser.add_argument("--peak_tflops", type=float, default=800.0,
+                        help="peak dense matrix TFLOP/s of the device for MFU (H100 bf16, measured: about 800)")
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--num_workers", type=int, default=min(8, os.cpu_count() or 1),
+                        help="DataLoader workers of the plain path")
+    parser.add_argument("--cases", default="data,pretrain,finetune", help="comma-separated subset")
+    parser.add_argument("--paths", default="plain,fast", help="comma-separated subset of plain,fast")
+    return parser
+
+
+def runtime(device, fast):
+    args = argparse.Namespace(device=device, amp=None if fast else "off", compile=None if fast else False, seed=0)
+    return utils.setup_runtime(args)
+
+
+def make_loader(rt, images, labels, batch, fast, num_workers, seed=0):
+    common = dict(device=rt.device, train=True, seed=seed, crop_scale=(0.2, 1.0), flip=True)
+    if fast:
+        return utils.DeviceLoader(images, labels, batch, **common)
+    return utils.TorchLoader(images, labels, batch, num_workers=num_workers, **common)
+
+
+def endless_batches(loader):
+    while True:
+        yield from loader.batches(loader.order.new_epoch())
+
+
+def flops_per_image(model, loss_fn, images, labels):
+    """Forward + backward FLOPs of one micro-batch, per image (eager, fp32, math attention)."""
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        loss, _ = loss_fn(model, images, labels)
+        loss.backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops() / images.shape[0]
+
+
+def time_data(rt, loader, steps, warmup):
+    batches = endless_batches(loader)
+    for _ in range(warmup):
+        images, _ = next(batches)
+    utils.synchronize(rt.device)
+    start, count = time.perf_counter(), 0
+    for _ in range(steps):
+        images, _ = next(batches)
+        count += images.shape[0]
+    utils.synchronize(rt.device)
+    return count / (time.perf_counter() - start)
+
+
+def build(case, cfg, rt):
+    mae = MAE_ViT(**{k: cfg[k] for k in ("image_size", "patch_size", "emb_dim", "encoder_layer", "encoder_head",
+                                          "decoder_layer", "decoder_head")})
+    if case == "pretrain":
+        model, loss_fn, betas = mae, mae_pretrain.mae_loss, (0.9, 0.95)
+        batch, micro = cfg["pretrain_batch"], cfg["pretrain_micro"]
+    else:
+        model, betas = ViT_Classifier(mae.encoder, 10), (0.9, 0.999)
+        loss_fn = train_classifier.ClassificationLoss(argparse.Namespace(mixup=0, cutmix=0, label_smoothing=0), 10)
+        batch, micro = cfg["finetune_batch"], cfg["finetune_micro"]
+    model.to(rt.device)
+    return model, loss_fn, betas, batch, micro
+
+
+def time_training(case, cfg, rt, images, labels, fast, num_workers):
+    model, loss_fn, betas, batch, micro = build(case, cfg, rt)
+    loader = make_loader(rt, images, labels, batch, fast, num_workers)
+    x, y = next(loader.batches(loader.order.new_epoch()))
+    flops = flops_per_image(model, loss_fn, x[:min(micro, 64)], y[:min(micro, 64)])
+    optimizer = utils.make_optimizer([{"params": list(model.parameters()), "weight_decay": 0.05}], 1e-4, rt, betas)
+    if not fast and rt.device.type == "cuda":  # the plain path: the optimizer as a user would first write it
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=betas, weight_decay=0.05)
+    trainer = utils.Trainer(utils.wrap_model(model, rt), loss_fn, optimizer, lambda step: 1e-4, rt, micro_batch=micro,
+                            num_extra=1 if case == "finetune" else 0)
+    batches = endless_batches(loader)
+    if rt.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(rt.device)
+    start = time.perf_counter()
+    for step in range(cfg["warmup"]):
+        sums = trainer.step(*next(batches), step)
+    utils.synchronize(rt.device)
+    warmup_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    for step in range(cfg["steps"]):
+        sums = trainer.step(*next(batches), cfg["warmup"] + step)
+    utils.synchronize(rt.device)
+    seconds = time.perf_counter() - start
+    loss = float(sums[0] / sums[1])
+    images_per_s = cfg["steps"] * batch / seconds
+    peak_memory = torch.cuda.max_memory_allocated(rt.device) / 2 ** 30 if rt.device.type == "cuda" else None
+    return dict(batch=batch, micro_batch=micro, images_per_s=images_per_s, gflop_per_image=flops / 1e9,
+                achieved_tflops=images_per_s * flops / 1e12, warmup_seconds=warmup_seconds, last_loss=loss,
+                peak_memory_gib=peak_memory)
+
+
+def main(args):
+    cfg = dict(PRESETS[args.preset])
+    for key in ("steps", "warmup", "pretrain_micro", "finetune_batch", "finetune_micro"):
+        if getattr(args, key) is not None:
+            cfg[key] = getattr(args, key)
+    cases, paths = args.cases.split(","), args.paths.split(",")
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (cfg["images"], 3, cfg["image_size"], cfg["image_size"]), dtype=torch.uint8,
+                           generator=generator)
+    labels = torch.randint(0, 10, (cfg["images"],), generator=generator)
+    results = []
+    config = {k: v for k, v in cfg.items() if k not in ("steps", "warmup")}
+    for case in cases:
+        for path in paths:
+            fast = path == "fast"
+            rt = runtime(args.device, fast)
+            torch.backends.cuda.matmul.allow_tf32 = fast  # the plain path is true fp32, as the original ran
+            torch.backends.cudnn.allow_tf32 = fast
+            torch.manual_seed(0)
+            line = dict(case=f"{case}-{path}", device=torch.cuda.get_device_name(rt.device)
+                        if rt.device.type == "cuda" else "cpu", preset=args.preset,
+                        amp=str(rt.amp_dtype).replace("torch.", "") if rt.amp_dtype else "fp32",
+                        compile=rt.compile, loader="device" if fast else f"torch({args.num_workers} workers)")
+            if case == "data":
+                batch = cfg["pretrain_batch"]
+                loader = make_loader(rt, images, labels, batch, fast, args.num_workers)
+                line.update(batch=batch, images_per_s=time_data(rt, loader, cfg["steps"] * 4, cfg["warmup"]))
+            else:
+                line.update(time_training(case, cfg, rt, images, labels, fast, args.num_workers))
+                line["mfu"] = line["achieved_tflops"] / args.peak_tflops
+            line["config"] = config
+            print(json.dumps(line), flush=True)
+            results.append(line)
+            torch._dynamo.reset()
+    by_case = {r["case"]: r["images_per_s"] for r in results}
+    ratios = {case: by_case[f"{case}-fast"] / by_case[f"{case}-plain"] for case in cases
+              if f"{case}-fast" in by_case and f"{case}-plain" in by_case}
+    print(json.dumps({"summary": "fast/plain images per second", **ratios}), flush=True)
+    return results
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())

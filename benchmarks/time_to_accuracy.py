@@ -1,0 +1,83 @@
+"""Time to accuracy: MAE-pretrain for E1 epochs, fine-tune for E2 epochs, report each phase's wall time and the
+test accuracy as one JSON line.
+
+    python benchmarks/time_to_accuracy.py --data_dir data --pretrain_epochs 100 --finetune_epochs 30
+    python benchmarks/time_to_accuracy.py --data_dir data --pretrain_epochs 0 --finetune_epochs 30   # scratch
+
+Each phase runs the real script (its main(args)) in this process, with its default flags unless
+--pretrain_args / --finetune_args add more (a quoted string of flags). Warmup epochs default to a tenth
+(pretraining) and a twentieth (fine-tuning) of the epochs, the ratios of the full recipes.
+"""
+import argparse
+import json
+import os
+import shlex
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import mae_pretrain  # noqa: E402
+import train_classifier  # noqa: E402
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser("time to accuracy")
+    parser.add_argument("--data_dir", default="data")
+    parser.add_argument("--out_dir", default="runs/time-to-accuracy", help="checkpoints and logs of this run")
+    parser.add_argument("--pretrain_epochs", type=int, default=100, help="0: fine-tune from scratch")
+    parser.add_argument("--finetune_epochs", type=int, default=30)
+    parser.add_argument("--pretrain_args", default="", help="more mae_pretrain.py flags, quoted")
+    parser.add_argument("--finetune_args", default="", help="more train_classifier.py flags, quoted")
+    return parser
+
+
+def run_phase(module, argv):
+    args = module.get_args_parser().parse_args(argv)
+    start = time.perf_counter()
+    result = module.main(args)
+    return result, time.perf_counter() - start
+
+
+def read_metrics(log_dir):
+    with open(os.path.join(log_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def main(args):
+    os.makedirs(args.out_dir, exist_ok=True)
+    report = {"pretrain_epochs": args.pretrain_epochs, "finetune_epochs": args.finetune_epochs,
+              "pretrain_args": args.pretrain_args, "finetune_args": args.finetune_args}
+    finetune_argv = ["--data_dir", args.data_dir, "--total_epoch", str(args.finetune_epochs),
+                     "--warmup_epoch", str(max(1, args.finetune_epochs // 20)), "--overwrite",
+                     "--output_model_path", os.path.join(args.out_dir, "classifier.pth"),
+                     "--log_dir", os.path.join(args.out_dir, "logs", "classifier")]
+    if args.pretrain_epochs:
+        mae_path = os.path.join(args.out_dir, "mae.pth")
+        log_dir = os.path.join(args.out_dir, "logs", "mae")
+        pretrain_argv = ["--data_dir", args.data_dir, "--total_epoch", str(args.pretrain_epochs),
+                         "--warmup_epoch", str(max(1, args.pretrain_epochs // 10)), "--model_path", mae_path,
+                         "--log_dir", log_dir, "--overwrite"] + shlex.split(args.pretrain_args)
+        _, report["pretrain_seconds"] = run_phase(mae_pretrain, pretrain_argv)
+        metrics = read_metrics(log_dir)
+        report["pretrain_final_loss"] = metrics[-1]["loss"]
+        report["pretrain_compile_seconds"] = metrics[0].get("compile_seconds")
+        report["pretrain_images_per_s"] = metrics[-1]["images_per_s"]
+        knn = [m["knn_acc"] for m in metrics if "knn_acc" in m]
+        if knn:
+            report["pretrain_knn_acc"] = knn[-1]
+        finetune_argv += ["--pretrained_model_path", mae_path]
+    result, report["finetune_seconds"] = run_phase(train_classifier, finetune_argv + shlex.split(args.finetune_args))
+    metrics = read_metrics(os.path.join(args.out_dir, "logs", "classifier"))
+    epochs = [m for m in metrics if "val_acc" in m]
+    report["finetune_images_per_s"] = epochs[-1]["images_per_s"]
+    report["finetune_compile_seconds"] = epochs[0].get("compile_seconds")
+    report["final_epoch_acc"] = epochs[-1]["val_acc"]
+    report["best_acc"] = result["best_acc"]
+    report["best_acc5"] = result["final"]["acc5"]
+    report["total_seconds"] = report.get("pretrain_seconds", 0) + report["finetune_seconds"]
+    print(json.dumps(report), flush=True)
+    return report
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())

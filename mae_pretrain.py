@@ -1,0 +1,229 @@
+"""MAE pretraining of a ViT on CIFAR-10 (or any small ImageFolder dataset).
+
+    python mae_pretrain.py                      # ViT-T/2, 2000 epochs, writes vit-t-mae.pth
+    tensorboard --logdir logs                   # mae_loss, lr, images/s, reconstructions
+"""
+import argparse
+import time
+
+import torch
+from einops import rearrange
+from timm.optim import param_groups_weight_decay
+
+import utils
+from model import MAE_ViT
+
+# flags that define a run: --resume takes them from the checkpoint and refuses a conflicting value
+RUN_KEYS = ["seed", "batch_size", "base_learning_rate", "weight_decay", "mask_ratio", "total_epoch", "warmup_epoch",
+            "image_size", "patch_size", "emb_dim", "encoder_layer", "encoder_head", "decoder_layer", "decoder_head",
+            "decoder_emb_dim", "pos_embed", "norm_pix_loss", "crop_scale", "flip", "loader", "model_path", "log_dir"]
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser("MAE pretraining", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("-bs", "--batch_size", type=int, default=4096, help="images per optimizer step (global)")
+    parser.add_argument("--max_device_batch_size", type=int, default=1024,
+                        help="micro-batch per forward/backward; gradients are averaged over micro-batches, so this "
+                             "changes memory use, not results")
+    parser.add_argument("--base_learning_rate", type=float, default=1.5e-4, help="lr = base * batch_size / 256")
+    parser.add_argument("--weight_decay", type=float, default=0.05)
+    parser.add_argument("--mask_ratio", type=float, default=0.75)
+    parser.add_argument("--total_epoch", type=int, default=2000)
+    parser.add_argument("--warmup_epoch", type=int, default=200)
+    parser.add_argument("--model_path", default="vit-t-mae.pth", help="checkpoint written after every epoch")
+    parser.add_argument("--data_dir", default="data", help="cifar-10-batches-py/ or train/ + test/ image folders")
+    parser.add_argument("--log_dir", default="logs/cifar10/mae-pretrain")
+    model = parser.add_argument_group("model")
+    model.add_argument("--image_size", type=int, default=32)
+    model.add_argument("--patch_size", type=int, default=2)
+    model.add_argument("--emb_dim", type=int, default=192)
+    model.add_argument("--encoder_layer", type=int, default=12)
+    model.add_argument("--encoder_head", type=int, default=3)
+    model.add_argument("--decoder_layer", type=int, default=4)
+    model.add_argument("--decoder_head", type=int, default=3)
+    model.add_argument("--decoder_emb_dim", type=int, default=None, help="decoder width (default: emb_dim)")
+    model.add_argument("--pos_embed", default="learned", choices=["learned", "sincos"])
+    model.add_argument("--norm_pix_loss", action="store_true", help="regress per-patch normalised pixels")
+    aug = parser.add_argument_group("augmentation (per sample)")
+    aug.add_argument("--crop_scale", type=float, nargs=2, default=[0.2, 1.0], metavar=("MIN", "MAX"),
+                     help="random-resized-crop area range; 1 1 turns cropping off")
+    aug.add_argument("--flip", default=True, action=argparse.BooleanOptionalAction, help="random horizontal flip")
+    monitor = parser.add_argument_group("monitoring")
+    monitor.add_argument("--knn_every", type=int, default=0, help="kNN accuracy every N epochs (0: never)")
+    monitor.add_argument("--knn_k", type=int, default=200)
+    monitor.add_argument("--knn_t", type=float, default=0.07)
+    return utils.add_runtime_args(parser)
+
+
+def validate(args):
+    utils.check_positive(args, "batch_size", "max_device_batch_size", "base_learning_rate", "total_epoch",
+                         "image_size", "patch_size", "emb_dim", "encoder_layer", "encoder_head", "decoder_layer",
+                         "decoder_head", "decoder_emb_dim", "log_interval", "knn_k", "knn_t")
+    if args.weight_decay < 0 or args.warmup_epoch < 0 or args.knn_every < 0 or args.num_workers < 0:
+        raise utils.UserError("--weight_decay, --warmup_epoch, --knn_every and --num_workers must not be negative")
+    if not 0.0 <= args.mask_ratio < 1.0:
+        raise utils.UserError(f"--mask_ratio must lie in [0, 1), got {args.mask_ratio}")
+    if not 0 < args.crop_scale[0] <= args.crop_scale[1] <= 1:
+        raise utils.UserError(f"--crop_scale needs 0 < MIN <= MAX <= 1, got {args.crop_scale}")
+
+
+def build_model(config):
+    try:
+        return MAE_ViT(**config)
+    except ValueError as e:
+        raise utils.UserError(str(e)) from None
+
+
+def model_config(args):
+    return dict(image_size=args.image_size, patch_size=args.patch_size, emb_dim=args.emb_dim,
+                encoder_layer=args.encoder_layer, encoder_head=args.encoder_head, decoder_layer=args.decoder_layer,
+                decoder_head=args.decoder_head, mask_ratio=args.mask_ratio, in_chans=3,
+                decoder_emb_dim=args.decoder_emb_dim or args.emb_dim, pos_embed=args.pos_embed,
+                norm_pix_loss=args.norm_pix_loss)
+
+
+def mae_loss(model, images, labels):
+    """Pretraining loss of one micro-batch -> (loss, no extra sums)."""
+    predicted, mask = model(images)
+    return utils.unwrap(model).loss(images, predicted, mask), images.new_zeros(0)
+
+
+@torch.no_grad()
+def reconstruction_grid(model, images, rt):
+    """First test images: masked input | reconstruction with visible patches | original, in [0, 1].
+
+    The mask is drawn from a fixed seed in a forked RNG, so every epoch shows the same masks and the
+    training RNG streams are untouched.
+    """
+    was_training = model.training
+    model.eval()
+    with torch.random.fork_rng(devices=[rt.device] if rt.device.type == "cuda" else []):
+        torch.manual_seed(0)
+        with rt.autocast():
+            predicted, mask = model(images)
+    model.train(was_training)
+    reconstruction = model.reconstruct(images, predicted, mask)
+    grid = torch.cat([images * (1 - mask), reconstruction, images], dim=0)
+    grid = rearrange(grid, "(v h1 w1) c h w -> c (h1 h) (w1 v w)", w1=2, v=3)
+    return utils.denormalize(grid)
+
+
+def save_checkpoint(args, rt, model, trainer, loader, *, epoch, step, epoch_state=None):
+    rng = utils.rng_state(rt, loader)  # a collective under torchrun: every rank takes part
+    if not rt.is_main:
+        return
+    utils.save_atomic({
+        "format": utils.CHECKPOINT_FORMAT, "kind": "mae_pretrain",
+        "model": model.state_dict(), "model_config": model.config,
+        "epoch": epoch, "step": step, "optimizer": trainer.optimizer.state_dict(),
+        "scaler": trainer.scaler.state_dict() if trainer.scaler else None,
+        "epoch_state": epoch_state.state_dict() if epoch_state is not None else None,
+        "rng": rng, "args": utils.plain_args(args), "world_size": rt.world_size,
+    }, args.model_path)
+
+
+@utils.cli_main
+def main(args):
+    parser = get_args_parser()
+    ckpt = None
+    if args.resume:
+        ckpt = utils.load_checkpoint(args.resume, "mae_pretrain", "--resume")
+        utils.resolve_resume_args(args, parser, ckpt["args"], RUN_KEYS)
+    validate(args)
+    config = model_config(args)
+    model = build_model(config)
+    rt = utils.setup_runtime(args)
+    if rt.is_main:
+        utils.check_fresh_output(args.model_path, args, "--model_path")
+        utils.check_writable(args.model_path, "--model_path")
+        utils.check_writable(args.log_dir, "--log_dir", is_dir=True)
+    local_batch, micro_batch = utils.split_batch(args, rt)
+    data = utils.load_data(args.data_dir, args.image_size, rt)
+    if len(data.train_images) < args.batch_size:
+        raise utils.UserError(f"--batch_size {args.batch_size} is larger than the training set "
+                              f"({len(data.train_images)} images)")
+    train_loader = utils.make_loader(args, rt, data.train_images, data.train_labels, args.batch_size, train=True,
+                                     crop_scale=None if args.crop_scale == [1.0, 1.0] else args.crop_scale,
+                                     flip=args.flip)
+    model.to(rt.device)
+    peak_lr = args.base_learning_rate * args.batch_size / 256
+    no_decay = {"encoder.cls_token", "encoder.pos_embed", "decoder.mask_token", "decoder.pos_embed"}
+    optimizer = utils.make_optimizer(param_groups_weight_decay(model, args.weight_decay, no_decay), peak_lr, rt,
+                                     betas=(0.9, 0.95))
+    steps_per_epoch = len(train_loader)
+    lr_fn = lambda step: utils.lr_at(step, peak_lr, args.warmup_epoch * steps_per_epoch,
+                                     args.total_epoch * steps_per_epoch)
+    trainer = utils.Trainer(utils.wrap_model(model, rt), mae_loss, optimizer, lr_fn, rt, micro_batch=micro_batch,
+                            skip_nonfinite=args.skip_nonfinite)
+    start_epoch, epoch_state = 0, None
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if trainer.scaler and ckpt["scaler"]:
+            trainer.scaler.load_state_dict(ckpt["scaler"])
+        utils.set_rng_state(ckpt["rng"], rt, train_loader)
+        start_epoch = ckpt["epoch"]
+        if ckpt["epoch_state"] is not None:
+            saved = ckpt["epoch_state"]
+            epoch_state = utils.EpochState(saved["order"].to(rt.device), saved["step"], saved["sums"].to(rt.device))
+        if rt.is_main:
+            print(f"resumed {args.resume} after epoch {start_epoch}"
+                  + (f" (+{epoch_state.step} steps)" if epoch_state else ""))
+    log = utils.MetricsLog(args.log_dir, rt.is_main, completed_epochs=start_epoch)
+    val_images = utils.normalize(data.test_images[:16]).to(rt.device)
+    knn_loaders = None
+    if args.knn_every:
+        knn_loaders = [utils.make_loader(args, rt, x, y, 1024, train=False)
+                       for x, y in ((data.train_images, data.train_labels), (data.test_images, data.test_labels))]
+    if rt.is_main:
+        print(f"pretraining {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters on {rt.device} "
+              f"({rt.world_size} process(es)), {steps_per_epoch} steps/epoch, micro-batch {micro_batch}, "
+              f"peak lr {peak_lr:.2e}, amp {rt.amp_dtype}, compile {rt.compile}, loader {args.loader}")
+
+    with utils.StopRequest() as stop:
+        for epoch in range(start_epoch, args.total_epoch):
+            if epoch_state is None:
+                epoch_state = utils.EpochState(train_loader.order.new_epoch())
+            model.train()
+            metrics = trainer.run_epoch(train_loader, epoch_state, epoch=epoch + 1, first_step=epoch * steps_per_epoch,
+                                        log_interval=args.log_interval, stop=stop,
+                                        desc=f"epoch {epoch + 1}/{args.total_epoch}", show=rt.is_main)
+            if metrics is None:  # SIGINT / SIGTERM: save where we are, exit 130 / 143
+                save_checkpoint(args, rt, model, trainer, train_loader, epoch=epoch,
+                                step=epoch * steps_per_epoch + epoch_state.step, epoch_state=epoch_state)
+                log.close()
+                if rt.is_main:
+                    utils.report_stop(args.model_path, "mae_pretrain.py", 128 + stop.signum)
+                raise SystemExit(128 + stop.signum)
+            epoch_state = None
+            record = {"epoch": epoch + 1, "loss": metrics["loss"], "lr": metrics["lr"],
+                      "images_per_s": metrics["images_per_s"], "seconds": metrics["seconds"]}
+            if trainer.compile_seconds is not None and epoch == start_epoch:
+                record["compile_seconds"] = trainer.compile_seconds
+            if args.knn_every and (epoch + 1) % args.knn_every == 0:
+                record["knn_acc"] = utils.knn_monitor(model.encoder, *knn_loaders, len(data.classes), rt,
+                                                      k=args.knn_k, temperature=args.knn_t)
+            log.scalars({"mae_loss": record["loss"], "lr": record["lr"], "images_per_s": record["images_per_s"],
+                         **({"knn_acc": record["knn_acc"]} if "knn_acc" in record else {})}, epoch + 1)
+            if rt.is_main:
+                log.image("mae_image", reconstruction_grid(model, val_images, rt), epoch + 1)
+            log.line(record)
+            save_checkpoint(args, rt, model, trainer, train_loader, epoch=epoch + 1,
+                            step=(epoch + 1) * steps_per_epoch)
+            if rt.is_main:
+                print(f"epoch {epoch + 1}/{args.total_epoch}: loss {record['loss']:.4f}, "
+                      f"{record['images_per_s']:.0f} images/s"
+                      + (f", kNN {record['knn_acc']:.2%}" if "knn_acc" in record else "")
+                      + (f", compile {record['compile_seconds']:.1f}s" if "compile_seconds" in record else ""))
+            if args.stop_after_epoch is not None and epoch + 1 >= args.stop_after_epoch \
+                    and epoch + 1 < args.total_epoch:
+                if rt.is_main:
+                    print(f"stopping after epoch {epoch + 1} as asked; resume with: python mae_pretrain.py "
+                          f"--resume {args.model_path}")
+                break
+    log.close()
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())

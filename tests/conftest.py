@@ -1,0 +1,71 @@
+"""Tiny datasets written by the tests themselves: real CIFAR-10 pickled batches and an ImageFolder tree."""
+import os
+import pickle
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+# a tiny model that still has every part (2 encoder blocks, 1 decoder block, 4x4 patches of 8x8 images)
+TINY_MODEL = ["--image_size", "8", "--patch_size", "2", "--emb_dim", "16", "--encoder_layer", "2",
+              "--encoder_head", "2"]
+TINY_MAE = TINY_MODEL + ["--decoder_layer", "1", "--decoder_head", "2"]
+
+
+def synthetic_images(n, size, seed):
+    """Images whose class is visible (a per-class colour tint) plus noise, uint8 (n, size, size, 3)."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % 10
+    tint = np.stack([np.linspace(0, 255, 10), np.linspace(255, 0, 10), (np.arange(10) * 77) % 256], 1)
+    images = tint[labels][:, None, None, :] * 0.6 + rng.uniform(0, 100, size=(n, size, size, 3))
+    return images.clip(0, 255).astype(np.uint8), labels
+
+
+def write_cifar_batches(root, per_batch=20, test=20, seed=0):
+    """Real cifar-10-batches-py files (pickled dicts, 3072-byte rows) that torchvision's reader reads."""
+    folder = os.path.join(root, "cifar-10-batches-py")
+    os.makedirs(folder, exist_ok=True)
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    for i, name in enumerate(names):
+        n = test if name == "test_batch" else per_batch
+        images, labels = synthetic_images(n, 32, seed + i)
+        entry = {"batch_label": name, "labels": labels.tolist(),
+                 "data": images.transpose(0, 3, 1, 2).reshape(n, 3072), "filenames": [f"{j}.png" for j in range(n)]}
+        with open(os.path.join(folder, name), "wb") as f:
+            pickle.dump(entry, f)
+    with open(os.path.join(folder, "batches.meta"), "wb") as f:
+        pickle.dump({"label_names": CLASSES, "num_cases_per_batch": per_batch, "num_vis": 3072}, f)
+    return root
+
+
+def write_image_folder(root, train=40, test=20, size=12, test_name="test", seed=0):
+    """root/train/<class>/N.jpg and root/<test_name>/<class>/N.jpg (size differs from 8 to test resizing)."""
+    from PIL import Image
+    for split, n in (("train", train), (test_name, test)):
+        images, labels = synthetic_images(n, size, seed + len(split))
+        for i, (image, label) in enumerate(zip(images, labels)):
+            folder = os.path.join(root, split, CLASSES[label])
+            os.makedirs(folder, exist_ok=True)
+            Image.fromarray(image).save(os.path.join(folder, f"{i:04d}.jpg"), quality=95)
+    return root
+
+
+@pytest.fixture
+def cifar_dir(tmp_path):
+    return write_cifar_batches(str(tmp_path / "data"))
+
+
+@pytest.fixture
+def folder_dir(tmp_path):
+    return write_image_folder(str(tmp_path / "folder"))
+
+
+@pytest.fixture(autouse=True)
+def _quiet_threads():
+    torch.set_num_threads(2)
+    yield

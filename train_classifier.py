@@ -1,0 +1,404 @@
+"""Train a ViT classifier on CIFAR-10: from scratch, fine-tuned from an MAE checkpoint, or as a linear probe.
+
+    python train_classifier.py                                            # from scratch
+    python train_classifier.py --pretrained_model_path vit-t-mae.pth      # fine-tune the MAE encoder
+    python train_classifier.py --eval_only vit-t-classifier.pth           # top-1, top-5, per-class table
+"""
+import argparse
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+from timm.data import Mixup
+from timm.loss import SoftTargetCrossEntropy
+from timm.optim import param_groups_layer_decay, param_groups_weight_decay
+from timm.utils import ModelEmaV3
+
+import utils
+from model import MAE_Encoder, ViT_Classifier
+
+SIZE_KEYS = ["image_size", "patch_size", "emb_dim", "encoder_layer", "encoder_head"]
+RUN_KEYS = ["seed", "batch_size", "base_learning_rate", "weight_decay", "total_epoch", "warmup_epoch",
+            "pretrained_model_path", "pos_embed", "crop_scale", "flip", "randaug", "mixup", "cutmix",
+            "label_smoothing", "drop_path", "layer_decay", "clip_grad", "ema", "ema_decay", "global_pool",
+            "linear_probe", "loader", "output_model_path", "log_dir"] + SIZE_KEYS
+NO_WEIGHT_DECAY = {"cls_token", "pos_embed"}
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser("ViT classifier", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--seed", type=int, default=2022)
+    parser.add_argument("--batch_size", type=int, default=128, help="images per optimizer step (global)")
+    parser.add_argument("--max_device_batch_size", type=int, default=256, help="micro-batch per forward/backward")
+    parser.add_argument("--base_learning_rate", type=float, default=1e-3, help="lr = base * batch_size / 256")
+    parser.add_argument("--weight_decay", type=float, default=0.05)
+    parser.add_argument("--total_epoch", type=int, default=100)
+    parser.add_argument("--warmup_epoch", type=int, default=5)
+    parser.add_argument("--pretrained_model_path", default=None, help="MAE checkpoint (default: from scratch)")
+    parser.add_argument("--output_model_path", default="vit-t-classifier-from_scratch.pth",
+                        help="best-accuracy weights; the full training state goes to NAME-last.pth beside it")
+    parser.add_argument("--data_dir", default="data", help="cifar-10-batches-py/ or train/ + test/ image folders")
+    parser.add_argument("--log_dir", default=None,
+                        help="default: logs/cifar10/pretrain-cls or logs/cifar10/scratch-cls")
+    model = parser.add_argument_group("model (from scratch; a pretrained checkpoint brings its own sizes)")
+    model.add_argument("--image_size", type=int, default=32)
+    model.add_argument("--patch_size", type=int, default=2)
+    model.add_argument("--emb_dim", type=int, default=192)
+    model.add_argument("--encoder_layer", type=int, default=12)
+    model.add_argument("--encoder_head", type=int, default=3)
+    model.add_argument("--pos_embed", default="learned", choices=["learned", "sincos"])
+    model.add_argument("--global_pool", action="store_true", help="mean of patch tokens + norm instead of cls")
+    model.add_argument("--drop_path", type=float, default=0.0, help="stochastic depth rate of the last block")
+    model.add_argument("--linear_probe", action="store_true",
+                       help="freeze the encoder (eval mode, no gradient); train BatchNorm + linear head")
+    recipe = parser.add_argument_group("recipe")
+    recipe.add_argument("--crop_scale", type=float, nargs=2, default=[0.35, 1.0], metavar=("MIN", "MAX"),
+                        help="random-resized-crop area range; 1 1 turns cropping off")
+    recipe.add_argument("--flip", default=True, action=argparse.BooleanOptionalAction, help="random horizontal flip")
+    recipe.add_argument("--randaug", default=None,
+                        help="timm RandAugment policy, e.g. rand-m9-mstd0.5-inc1 (--loader torch only)")
+    recipe.add_argument("--mixup", type=float, default=0.0, help="mixup alpha (0: off)")
+    recipe.add_argument("--cutmix", type=float, default=0.0, help="cutmix alpha (0: off)")
+    recipe.add_argument("--label_smoothing", type=float, default=0.0)
+    recipe.add_argument("--layer_decay", type=float, default=None, help="layer-wise lr decay, e.g. 0.75")
+    recipe.add_argument("--clip_grad", type=float, default=None, help="clip the gradient norm to this")
+    recipe.add_argument("--ema", action="store_true", help="keep an EMA of the weights; evaluate and save it")
+    recipe.add_argument("--ema_decay", type=float, default=0.9999)
+    actions = parser.add_argument_group("other jobs")
+    actions.add_argument("--eval_only", default=None, metavar="CHECKPOINT",
+                         help="evaluate a saved classifier on the test set and exit")
+    actions.add_argument("--export_timm", default=None, metavar="PATH",
+                         help="also write the classifier as a state_dict for timm's VisionTransformer")
+    return utils.add_runtime_args(parser)
+
+
+def validate(args):
+    utils.check_positive(args, "batch_size", "max_device_batch_size", "base_learning_rate", "total_epoch",
+                         "image_size", "patch_size", "emb_dim", "encoder_layer", "encoder_head", "log_interval",
+                         "clip_grad")
+    for name in ("weight_decay", "warmup_epoch", "mixup", "cutmix", "num_workers"):
+        if getattr(args, name) < 0:
+            raise utils.UserError(f"--{name} must not be negative, got {getattr(args, name)}")
+    for name in ("label_smoothing", "drop_path"):
+        if not 0 <= getattr(args, name) < 1:
+            raise utils.UserError(f"--{name} must lie in [0, 1), got {getattr(args, name)}")
+    if args.layer_decay is not None and not 0 < args.layer_decay <= 1:
+        raise utils.UserError(f"--layer_decay must lie in (0, 1], got {args.layer_decay}")
+    if not 0 < args.ema_decay < 1:
+        raise utils.UserError(f"--ema_decay must lie in (0, 1), got {args.ema_decay}")
+    if not 0 < args.crop_scale[0] <= args.crop_scale[1] <= 1:
+        raise utils.UserError(f"--crop_scale needs 0 < MIN <= MAX <= 1, got {args.crop_scale}")
+    if args.linear_probe and args.drop_path:
+        raise utils.UserError("--linear_probe keeps the encoder frozen; --drop_path would have nothing to act on")
+
+
+def build_classifier(config, drop_path=0.0):
+    """A ViT_Classifier from a plain config dict (as saved in checkpoints)."""
+    try:
+        encoder = MAE_Encoder(config["image_size"], config["patch_size"], config["emb_dim"], config["encoder_layer"],
+                              config["encoder_head"], mask_ratio=0.0, in_chans=config["in_chans"],
+                              pos_embed=config["pos_embed"], drop_path=drop_path)
+    except ValueError as e:
+        raise utils.UserError(str(e)) from None
+    return ViT_Classifier(encoder, config["num_classes"], global_pool=config["global_pool"],
+                          linear_probe=config["linear_probe"])
+
+
+def pretrained_sizes(args, parser, ckpt):
+    """Take the model sizes from an MAE checkpoint; an explicit size flag that differs is an error."""
+    mae = ckpt["model_config"]
+    utils.resolve_resume_args(args, parser, {key: mae[key] for key in SIZE_KEYS + ["pos_embed"]},
+                              SIZE_KEYS + ["pos_embed"], what=f"--pretrained_model_path {args.pretrained_model_path}")
+
+
+def load_pretrained(args, ckpt, num_classes):
+    """Classifier whose encoder holds an MAE checkpoint's weights; asserts exactly the head is new."""
+    config = classifier_config(args, num_classes, in_chans=ckpt["model_config"]["in_chans"])
+    model = build_classifier(config, args.drop_path)
+    encoder_state = {k[len("encoder."):]: v for k, v in ckpt["model"].items() if k.startswith("encoder.")}
+    missing, unexpected = model.load_state_dict(encoder_state, strict=False)
+    # BatchNorm fills a missing num_batches_tracked itself, so it is not reported
+    head = {k for k in model.state_dict() if (k.startswith("head.") or k.startswith("fc_norm."))
+            and not k.endswith("num_batches_tracked")}
+    expected_unexpected = {"norm.weight", "norm.bias"} if args.global_pool else set()
+    if set(missing) != head or set(unexpected) != expected_unexpected:
+        raise utils.UserError(f"--pretrained_model_path {args.pretrained_model_path}: encoder weights do not fit "
+                              f"(missing {sorted(set(missing) - head)}, unexpected "
+                              f"{sorted(set(unexpected) - expected_unexpected)})")
+    return model, config
+
+
+def classifier_config(args, num_classes, in_chans=3):
+    return dict(image_size=args.image_size, patch_size=args.patch_size, emb_dim=args.emb_dim,
+                encoder_layer=args.encoder_layer, encoder_head=args.encoder_head, in_chans=in_chans,
+                pos_embed=args.pos_embed, num_classes=num_classes, global_pool=args.global_pool,
+                linear_probe=args.linear_probe)
+
+
+class ClassificationLoss:
+    """Cross-entropy (soft targets under mixup/cutmix) -> (loss, [correct top-1 against the true labels])."""
+
+    def __init__(self, args, num_classes):
+        self.mixup = None
+        if args.mixup > 0 or args.cutmix > 0:
+            self.mixup = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, label_smoothing=args.label_smoothing,
+                               num_classes=num_classes)
+            self.criterion = SoftTargetCrossEntropy()
+        else:
+            self.criterion = torch.nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
+
+    def __call__(self, model, images, labels):
+        targets = labels
+        if self.mixup is not None:
+            images, targets = self.mixup(images, labels)
+        logits = model(images)
+        loss = self.criterion(logits.float(), targets)
+        return loss, (logits.argmax(dim=-1) == labels).sum().reshape(1)
+
+
+@torch.no_grad()
+def evaluate(model, loader, rt, num_classes):
+    """Test-set loss, top-1, top-5 and confusion matrix, summed per image over all ranks."""
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(4, dtype=torch.float64, device=rt.device)  # loss, images, top-1, top-5
+    confusion = torch.zeros(num_classes * num_classes, dtype=torch.float64, device=rt.device)
+    for images, labels in loader.batches(loader.order.new_epoch()):
+        with rt.autocast():
+            logits = model(images).float()
+        top = logits.topk(min(5, num_classes), dim=1).indices
+        sums += torch.stack([F.cross_entropy(logits, labels, reduction="sum").double(),
+                             torch.tensor(float(len(labels)), dtype=torch.float64, device=rt.device),
+                             (top[:, 0] == labels).sum().double(), (top == labels[:, None]).any(1).sum().double()])
+        confusion += torch.bincount(labels * num_classes + top[:, 0], minlength=num_classes ** 2).double()
+    model.train(was_training)
+    loss, count, top1, top5 = utils.all_reduce_sum(sums, rt).tolist()
+    confusion = utils.all_reduce_sum(confusion, rt).view(num_classes, num_classes).cpu()
+    per_class = (confusion.diag() / confusion.sum(1).clamp(min=1)).tolist()
+    return {"loss": loss / count, "acc": top1 / count, "acc5": top5 / count, "per_class": per_class,
+            "confusion": confusion}
+
+
+def per_class_table(result, classes):
+    lines = [f"top-1 {result['acc']:.2%}  top-5 {result['acc5']:.2%}  (loss {result['loss']:.4f})",
+             f"{'class':<14}accuracy"]
+    lines += [f"{name:<14}{acc:.2%}" for name, acc in zip(classes, result["per_class"])]
+    return "\n".join(lines)
+
+
+def confusion_image(confusion, cell=16):
+    """Row-normalised confusion matrix as a (1, K*cell, K*cell) grey image, true class per row."""
+    rows = confusion / confusion.sum(1, keepdim=True).clamp(min=1)
+    return rows.repeat_interleave(cell, 0).repeat_interleave(cell, 1)[None].float()
+
+
+def timm_export(model, config):
+    """(state_dict, create_model kwargs) for timm's VisionTransformer; a linear-probe BatchNorm is folded."""
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    if config["linear_probe"]:  # head = BN(no affine) then Linear: fold (x - mean) / std into the linear layer
+        bn = model.head[0]
+        scale = (state.pop("head.0.running_var") + bn.eps).rsqrt()
+        mean = state.pop("head.0.running_mean")
+        state.pop("head.0.num_batches_tracked")
+        weight, bias = state.pop("head.1.weight"), state.pop("head.1.bias")
+        state["head.weight"] = weight * scale
+        state["head.bias"] = bias - (weight * scale) @ mean
+    kwargs = dict(img_size=config["image_size"], patch_size=config["patch_size"], in_chans=config["in_chans"],
+                  embed_dim=config["emb_dim"], depth=config["encoder_layer"], num_heads=config["encoder_head"],
+                  num_classes=config["num_classes"], global_pool="avg" if config["global_pool"] else "token")
+    return state, kwargs
+
+
+def write_timm_export(model, config, path):
+    state, kwargs = timm_export(model, config)
+    utils.save_atomic(state, path)
+    call = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+    print(f"wrote {path}; load it with:\n  model = timm.create_model('vit_tiny_patch16_224', pretrained=False, "
+          f"{call})\n  model.load_state_dict(torch.load({path!r}, weights_only=True))")
+
+
+def eval_only(args):
+    ckpt = utils.load_checkpoint(args.eval_only, "classifier", "--eval_only")
+    rt = utils.setup_runtime(args)
+    config = ckpt["model_config"]
+    model = build_classifier(config)
+    model.load_state_dict(ckpt["model"])
+    model.to(rt.device)
+    data = utils.load_data(args.data_dir, config["image_size"], rt)
+    loader = utils.make_loader(args, rt, data.test_images, data.test_labels, 1024, train=False)
+    result = evaluate(model, loader, rt, config["num_classes"])
+    if rt.is_main:
+        print(per_class_table(result, ckpt.get("classes") or data.classes))
+        if args.export_timm:
+            write_timm_export(model, config, args.export_timm)
+    return result
+
+
+def make_param_groups(model, args):
+    if args.layer_decay is not None and args.layer_decay < 1:
+        return param_groups_layer_decay(model, args.weight_decay, no_weight_decay_list=NO_WEIGHT_DECAY,
+                                        layer_decay=args.layer_decay)
+    return param_groups_weight_decay(model, args.weight_decay, no_weight_decay_list=NO_WEIGHT_DECAY)
+
+
+def checkpoint(model_state, config, classes, epoch, **extra):
+    return {"format": utils.CHECKPOINT_FORMAT, "kind": "classifier", "model": model_state, "model_config": config,
+            "classes": list(classes), "epoch": epoch, **extra}
+
+
+@utils.cli_main
+def main(args):
+    if args.eval_only:
+        return eval_only(args)
+    parser = get_args_parser()
+    last_path = utils.last_checkpoint_path(args.output_model_path)
+    ckpt = None
+    if args.resume:
+        ckpt = utils.load_checkpoint(args.resume, "classifier", "--resume")
+        if "optimizer" not in ckpt:
+            raise utils.UserError(f"--resume {args.resume} holds only weights; resume from the training state "
+                                  f"written beside it ({utils.last_checkpoint_path(args.resume)})")
+        utils.resolve_resume_args(args, parser, ckpt["args"], RUN_KEYS)
+    validate(args)
+    args.log_dir = args.log_dir or ("logs/cifar10/pretrain-cls" if args.pretrained_model_path
+                                    else "logs/cifar10/scratch-cls")
+    rt = utils.setup_runtime(args)
+    if rt.is_main:
+        for path in (args.output_model_path, last_path):
+            utils.check_fresh_output(path, args, "--output_model_path")
+        utils.check_writable(args.output_model_path, "--output_model_path")
+        utils.check_writable(args.log_dir, "--log_dir", is_dir=True)
+        if args.export_timm:
+            utils.check_writable(args.export_timm, "--export_timm")
+    local_batch, micro_batch = utils.split_batch(args, rt)
+    if (args.mixup or args.cutmix) and micro_batch % 2:
+        raise utils.UserError(f"mixup/cutmix need an even micro-batch, got {micro_batch}")
+    pretrained = None
+    if args.pretrained_model_path and ckpt is None:  # before the data: a wrong path fails in a second
+        pretrained = utils.load_checkpoint(args.pretrained_model_path, "mae_pretrain", "--pretrained_model_path")
+        pretrained_sizes(args, parser, pretrained)
+    data = utils.load_data(args.data_dir, args.image_size, rt)
+    num_classes = len(data.classes)
+    if len(data.train_images) < args.batch_size:
+        raise utils.UserError(f"--batch_size {args.batch_size} is larger than the training set "
+                              f"({len(data.train_images)} images)")
+    if ckpt is not None:
+        config = ckpt["model_config"]
+        model = build_classifier(config, args.drop_path)
+    elif pretrained is not None:
+        model, config = load_pretrained(args, pretrained, num_classes)
+    else:
+        config = classifier_config(args, num_classes)
+        model = build_classifier(config, args.drop_path)
+    model.to(rt.device)
+    train_loader = utils.make_loader(args, rt, data.train_images, data.train_labels, args.batch_size, train=True,
+                                     crop_scale=None if args.crop_scale == [1.0, 1.0] else args.crop_scale,
+                                     flip=args.flip, randaug=args.randaug)
+    test_loader = utils.make_loader(args, rt, data.test_images, data.test_labels, 1024, train=False)
+    peak_lr = args.base_learning_rate * args.batch_size / 256
+    optimizer = utils.make_optimizer(make_param_groups(model, args), peak_lr, rt)
+    ema = ModelEmaV3(model, decay=args.ema_decay) if args.ema else None
+    steps_per_epoch = len(train_loader)
+    lr_fn = lambda step: utils.lr_at(step, peak_lr, args.warmup_epoch * steps_per_epoch,
+                                     args.total_epoch * steps_per_epoch)
+    trainer = utils.Trainer(utils.wrap_model(model, rt), ClassificationLoss(args, num_classes), optimizer, lr_fn, rt,
+                            micro_batch=micro_batch, clip_grad=args.clip_grad, ema=ema,
+                            skip_nonfinite=args.skip_nonfinite, num_extra=1)
+    start_epoch, epoch_state, best_acc, best_state = 0, None, 0.0, None
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if trainer.scaler and ckpt["scaler"]:
+            trainer.scaler.load_state_dict(ckpt["scaler"])
+        if ema is not None:
+            ema.module.load_state_dict(ckpt["ema"])
+        utils.set_rng_state(ckpt["rng"], rt, train_loader)
+        start_epoch, best_acc = ckpt["epoch"], ckpt["best_acc"]
+        if os.path.isfile(args.output_model_path):
+            best_state = utils.load_checkpoint(args.output_model_path, "classifier")["model"]
+        if ckpt["epoch_state"] is not None:
+            saved = ckpt["epoch_state"]
+            epoch_state = utils.EpochState(saved["order"].to(rt.device), saved["step"], saved["sums"].to(rt.device))
+        if rt.is_main:
+            print(f"resumed {args.resume} after epoch {start_epoch} (best accuracy so far {best_acc:.2%})")
+    eval_model = ema.module if ema is not None else model
+    log = utils.MetricsLog(args.log_dir, rt.is_main, completed_epochs=start_epoch)
+    if rt.is_main:
+        mode = "linear probe" if args.linear_probe else ("fine-tuning" if args.pretrained_model_path else "scratch")
+        print(f"training a classifier ({mode}), {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters "
+              f"on {rt.device} ({rt.world_size} process(es)), {steps_per_epoch} steps/epoch, micro-batch "
+              f"{micro_batch}, peak lr {peak_lr:.2e}, amp {rt.amp_dtype}, compile {rt.compile}")
+
+    def save_last(epoch, epoch_state=None):
+        rng = utils.rng_state(rt, train_loader)
+        if rt.is_main:
+            utils.save_atomic(checkpoint(
+                model.state_dict(), config, data.classes, epoch, optimizer=optimizer.state_dict(),
+                scaler=trainer.scaler.state_dict() if trainer.scaler else None,
+                ema=ema.module.state_dict() if ema is not None else None, best_acc=best_acc,
+                epoch_state=epoch_state.state_dict() if epoch_state is not None else None, rng=rng,
+                args=utils.plain_args(args), world_size=rt.world_size), last_path)
+
+    with utils.StopRequest() as stop:
+        for epoch in range(start_epoch, args.total_epoch):
+            if epoch_state is None:
+                epoch_state = utils.EpochState(train_loader.order.new_epoch())
+            model.train()
+            train = trainer.run_epoch(train_loader, epoch_state, epoch=epoch + 1, first_step=epoch * steps_per_epoch,
+                                      log_interval=args.log_interval, stop=stop,
+                                      desc=f"epoch {epoch + 1}/{args.total_epoch}", show=rt.is_main)
+            if train is None:
+                save_last(epoch, epoch_state)
+                log.close()
+                if rt.is_main:
+                    utils.report_stop(last_path, "train_classifier.py", 128 + stop.signum)
+                raise SystemExit(128 + stop.signum)
+            epoch_state = None
+            val = evaluate(eval_model, test_loader, rt, num_classes)
+            train_acc = train["extra_sums"][0] / max(train["images"], 1)
+            record = {"epoch": epoch + 1, "train_loss": train["loss"], "train_acc": train_acc,
+                      "val_loss": val["loss"], "val_acc": val["acc"], "val_acc5": val["acc5"], "lr": train["lr"],
+                      "images_per_s": train["images_per_s"], "seconds": train["seconds"]}
+            if trainer.compile_seconds is not None and epoch == start_epoch:
+                record["compile_seconds"] = trainer.compile_seconds
+            log.scalars({"cls/loss/train": train["loss"], "cls/loss/val": val["loss"], "cls/acc/train": train_acc,
+                         "cls/acc/val": val["acc"], "cls/acc5/val": val["acc5"], "lr": train["lr"],
+                         "images_per_s": train["images_per_s"]}, epoch + 1)
+            if val["acc"] > best_acc or best_state is None:
+                best_acc, best_epoch = val["acc"], epoch + 1
+                best_state = {k: v.detach().clone() for k, v in eval_model.state_dict().items()}
+                if rt.is_main:
+                    utils.save_atomic(checkpoint(best_state, config, data.classes, best_epoch, acc=best_acc),
+                                      args.output_model_path)
+            record["best_acc"] = best_acc
+            log.line(record)
+            save_last(epoch + 1)
+            if rt.is_main:
+                print(f"epoch {epoch + 1}/{args.total_epoch}: train loss {train['loss']:.4f} acc {train_acc:.2%}, "
+                      f"val loss {val['loss']:.4f} acc {val['acc']:.2%} (best {best_acc:.2%}), "
+                      f"{train['images_per_s']:.0f} images/s")
+            if args.stop_after_epoch is not None and epoch + 1 >= args.stop_after_epoch \
+                    and epoch + 1 < args.total_epoch:
+                if rt.is_main:
+                    print(f"stopping after epoch {epoch + 1} as asked; resume with: python train_classifier.py "
+                          f"--resume {last_path}")
+                log.close()
+                return {"best_acc": best_acc}
+
+    # the final report is of the best weights, as saved (every rank kept a copy: no shared disk needed)
+    eval_model.load_state_dict(best_state)
+    result = evaluate(eval_model, test_loader, rt, num_classes)
+    if rt.is_main:
+        print(f"best accuracy {best_acc:.2%}\n" + per_class_table(result, data.classes))
+        log.image("cls/confusion", confusion_image(result["confusion"]), args.total_epoch)
+        log.line({"final": True, "epoch": args.total_epoch, "acc": result["acc"], "acc5": result["acc5"],
+                  "per_class": dict(zip(data.classes, result["per_class"]))})
+        if args.export_timm:
+            write_timm_export(eval_model, config, args.export_timm)
+    log.close()
+    return {"best_acc": best_acc, "final": result}
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())

@@ -1,0 +1,985 @@
+"""What both training scripts share: data, device-side loaders and augmentation, the optimizer step with
+gradient accumulation, the learning-rate schedule, checkpoints, logging, signals and distributed setup."""
+import argparse
+import contextlib
+import functools
+import json
+import math
+import os
+import pickle
+import random
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm import tqdm
+
+CHECKPOINT_FORMAT = "cifar-mae/1"
+
+
+# ---------------------------------------------------------------------------------------------- errors
+
+class UserError(Exception):
+    """A problem the user can fix (bad flag, missing data, wrong checkpoint): one line on stderr, no traceback."""
+
+    def __init__(self, message, code=2):
+        super().__init__(message)
+        self.code = code
+
+
+class NonFiniteLoss(Exception):
+    def __init__(self, epoch, step):
+        super().__init__(f"non-finite loss in epoch {epoch} at optimizer step {step}; stopping without saving "
+                         "(the last checkpoint on disk is the last good one). Lower the learning rate, use "
+                         "--amp bf16 instead of fp16, or pass --skip_nonfinite N to skip a few bad steps")
+        self.epoch, self.step = epoch, step
+
+
+class Interrupted(Exception):
+    def __init__(self, signum):
+        super().__init__(signal.Signals(signum).name)
+        self.code = 128 + signum
+
+
+def cli_main(main):
+    """Wrap a script's main(args): a UserError or NonFiniteLoss ends with one line on stderr and an exit code."""
+
+    @functools.wraps(main)
+    def wrapper(args):
+        try:
+            return main(args)
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(e.code)
+        except NonFiniteLoss as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(3)
+        finally:
+            if dist.is_available() and dist.is_initialized():
+                dist.destroy_process_group()
+    return wrapper
+
+
+def check_positive(args, *names):
+    for name in names:
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
+            raise UserError(f"--{name} must be positive, got {getattr(args, name)}")
+
+
+def check_writable(path, flag, is_dir=False):
+    """Fail before training, not after the first epoch, when an output path cannot be written."""
+    folder = os.path.abspath(path if is_dir else os.path.dirname(os.path.abspath(path)))
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        raise UserError(f"{flag} {path}: cannot write to {folder} ({e.strerror or e})") from None
+    if not is_dir and os.path.isdir(path):
+        raise UserError(f"{flag} {path} is a folder, not a file")
+
+
+# ---------------------------------------------------------------------------------------------- runtime
+
+@dataclass
+class Runtime:
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+    amp_dtype: torch.dtype = None  # None: full precision
+    compile: bool = False
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+    @property
+    def distributed(self):
+        return self.world_size > 1
+
+    def autocast(self):
+        """One autocast context for the whole run: bf16/fp16 on CUDA, nothing on CPU."""
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+
+def setup_runtime(args):
+    """Pick the device, join the process group under torchrun, seed every RNG, choose amp and compile."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    name = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name!r} is not a device torch knows (try cuda or cpu)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda was asked for, but torch sees no CUDA device")
+        if world_size > 1 or device.index is None:
+            device = torch.device("cuda", local_rank if world_size > 1 else torch.cuda.current_device())
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", device_id=device
+                                if device.type == "cuda" else None)
+    amp = args.amp or ("bf16" if device.type == "cuda" else "off")
+    if amp != "off" and device.type != "cuda":
+        raise UserError(f"--amp {amp} needs a CUDA device; use --amp off on {device.type}")
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
+    use_compile = device.type == "cuda" if args.compile is None else args.compile
+    seed_everything(args.seed + rank)
+    return Runtime(device, rank, world_size, amp_dtype, use_compile)
+
+
+def seed_everything(seed):
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2 ** 32)  # timm's Mixup draws from numpy
+    random.seed(seed)  # timm's RandAugment draws from Python's random
+
+
+def all_reduce_sum(values, rt):
+    """Sum a 1-D float tensor over ranks (a copy; the input is left alone)."""
+    values = values.clone()
+    if rt.distributed:
+        dist.all_reduce(values)
+    return values
+
+
+def add_runtime_args(parser):
+    group = parser.add_argument_group("runtime")
+    group.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda when available)")
+    group.add_argument("--amp", default=None, choices=["bf16", "fp16", "off"],
+                       help="mixed precision (default: bf16 on CUDA, off on CPU)")
+    group.add_argument("--compile", default=None, action=argparse.BooleanOptionalAction,
+                       help="torch.compile the model (default: on for CUDA, off for CPU)")
+    group.add_argument("--loader", default="device", choices=["device", "torch"],
+                       help="device: whole dataset on the device, augmented there (fast, default); "
+                            "torch: torchvision DataLoader with PIL transforms (slow, supports --randaug)")
+    group.add_argument("--num_workers", type=int, default=4, help="DataLoader workers (--loader torch only)")
+    group.add_argument("--log_interval", type=int, default=50,
+                       help="optimizer steps between loss read-backs (the only host-device syncs)")
+    group.add_argument("--resume", default=None, help="checkpoint to resume from (everything is restored)")
+    group.add_argument("--overwrite", action="store_true", help="allow starting over an existing output checkpoint")
+    group.add_argument("--stop_after_epoch", type=int, default=None,
+                       help="save and stop once this epoch is done (to split a long run; go on with --resume)")
+    group.add_argument("--skip_nonfinite", type=int, default=0,
+                       help="skip up to N optimizer steps whose loss is NaN/inf before stopping "
+                            "(checks every step, one sync each, only when N > 0)")
+    return parser
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+@dataclass
+class ImageData:
+    """A whole labelled dataset as uint8 tensors: train/test images (N, C, H, W), labels (N,) int64."""
+    train_images: torch.Tensor
+    train_labels: torch.Tensor
+    test_images: torch.Tensor
+    test_labels: torch.Tensor
+    classes: list
+
+
+def load_data(data_dir, image_size, rt=None):
+    """CIFAR-10 batches (cifar-10-batches-py/), an ImageFolder tree (train/ and test/ or val/), or a download."""
+    if rt is not None and rt.distributed and not rt.is_main:
+        dist.barrier()  # rank 0 downloads or decodes (and caches) first
+    try:
+        data = _find_and_load(data_dir, image_size)
+    finally:
+        if rt is not None and rt.distributed and rt.is_main:
+            dist.barrier()
+    return data
+
+
+def _find_and_load(data_dir, image_size):
+    if os.path.isdir(os.path.join(data_dir, "cifar-10-batches-py")):
+        return _load_cifar_batches(data_dir, image_size)
+    if os.path.isdir(os.path.join(data_dir, "train")):
+        for test_name in ("test", "val"):
+            if os.path.isdir(os.path.join(data_dir, test_name)):
+                return _load_image_folders(data_dir, test_name, image_size)
+        raise UserError(f"{data_dir} has train/ but neither test/ nor val/ beside it")
+    _download_cifar(data_dir)
+    return _load_cifar_batches(data_dir, image_size)
+
+
+def _download_cifar(data_dir):
+    """torchvision's download into a temporary folder, moved into place only when complete."""
+    from torchvision.datasets import CIFAR10
+    looked = (f"no CIFAR-10 in {os.path.abspath(data_dir)} (looked for cifar-10-batches-py/, and for train/ "
+              "with test/ or val/ class folders)")
+    tmp = tempfile.mkdtemp(prefix="cifar-download-")
+    try:
+        print(f"{looked}; downloading CIFAR-10 with torchvision ...", file=sys.stderr)
+        with contextlib.redirect_stdout(sys.stderr):
+            CIFAR10(tmp, train=True, download=True)
+        os.makedirs(data_dir, exist_ok=True)
+        shutil.move(os.path.join(tmp, "cifar-10-batches-py"), os.path.join(data_dir, "cifar-10-batches-py"))
+    except Exception as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"{looked}, and downloading it failed ({reason}); pass --data_dir with a folder holding "
+                        "cifar-10-batches-py/ or train/ + test/ image folders (see README, 'Local or offline "
+                        "data')") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _resize(images, image_size):
+    """uint8 (N, C, h, w) -> uint8 (N, C, image_size, image_size); a no-op at the same size."""
+    if images.shape[-1] == image_size and images.shape[-2] == image_size:
+        return images
+    out = F.interpolate(images.float(), size=(image_size, image_size), mode="bilinear", antialias=True,
+                        align_corners=False)
+    return out.round().clamp(0, 255).to(torch.uint8)
+
+
+def _load_cifar_batches(data_dir, image_size):
+    from torchvision.datasets import CIFAR10
+
+    class LocalCIFAR10(CIFAR10):
+        """torchvision's reader without its md5 checks, so subsets and copies of the batches load too."""
+
+        def _check_integrity(self):
+            return all(os.path.isfile(os.path.join(self.root, self.base_folder, name))
+                       for name, _ in self.train_list + self.test_list)
+
+        def _load_meta(self):
+            path = os.path.join(self.root, self.base_folder, self.meta["filename"])
+            with open(path, "rb") as f:
+                self.classes = pickle.load(f, encoding="latin1")[self.meta["key"]]
+
+    folder = os.path.join(data_dir, "cifar-10-batches-py")
+    splits = []
+    for train in (True, False):
+        try:
+            ds = LocalCIFAR10(data_dir, train=train)
+        except RuntimeError:
+            missing = [n for n, _ in CIFAR10.train_list + CIFAR10.test_list + [(CIFAR10.meta["filename"], 0)]
+                       if not os.path.isfile(os.path.join(folder, n))]
+            raise UserError(f"{folder} is incomplete: missing {', '.join(missing)}") from None
+        except Exception:
+            split_list = CIFAR10.train_list if train else CIFAR10.test_list
+            bad = _first_unreadable_pickle(folder, [n for n, _ in split_list] + [CIFAR10.meta["filename"]])
+            raise UserError(f"cannot read {bad}: the file is corrupt or truncated") from None
+        images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
+        splits += [_resize(images, image_size), torch.tensor(ds.targets, dtype=torch.int64)]
+    return ImageData(*splits, classes=list(ds.classes))
+
+
+def _first_unreadable_pickle(folder, names):
+    for name in names:
+        path = os.path.join(folder, name)
+        try:
+            with open(path, "rb") as f:
+                entry = pickle.load(f, encoding="latin1")
+            if name.endswith("meta"):
+                continue
+            np.asarray(entry["data"]).reshape(-1, 3, 32, 32)
+            assert len(entry["labels"]) == len(entry["data"])
+        except Exception:
+            return path
+    return folder
+
+
+def _load_image_folders(data_dir, test_name, image_size):
+    train = _decode_folder(os.path.join(data_dir, "train"), image_size)
+    test = _decode_folder(os.path.join(data_dir, test_name), image_size)
+    if train[2] != test[2]:
+        raise UserError(f"the class folders of {data_dir}/train and {data_dir}/{test_name} differ")
+    return ImageData(train[0], train[1], test[0], test[1], classes=train[2])
+
+
+def _decode_folder(root, image_size):
+    """Decode an ImageFolder tree once into uint8 tensors, cached beside it for later runs."""
+    from PIL import Image
+    from torchvision.datasets import ImageFolder
+
+    def load_rgb(path):
+        try:
+            with Image.open(path) as img:
+                return img.convert("RGB")
+        except Exception as e:
+            raise UserError(f"cannot read image {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") \
+                from None
+
+    try:
+        folder = ImageFolder(root, loader=load_rgb)
+    except FileNotFoundError as e:
+        raise UserError(f"{root}: {str(e).splitlines()[0]} (an ImageFolder tree needs one non-empty folder of "
+                        "images per class)") from None
+    empty = [c for c in folder.classes if not any(label == folder.class_to_idx[c] for _, label in folder.samples)]
+    if empty:
+        raise UserError(f"{root}: class folder {empty[0]!r} holds no images")
+    # the cache is keyed by the file list and sizes, so an edited tree is decoded again
+    listing = [(os.path.relpath(p, root), os.path.getsize(p)) for p, _ in folder.samples]
+    key = f"{image_size}:{hash_json(listing)}"
+    cache = os.path.join(os.path.dirname(os.path.abspath(root)), ".cache",
+                         f"{os.path.basename(os.path.abspath(root))}-{image_size}.pt")
+    if os.path.isfile(cache):
+        try:
+            cached = torch.load(cache, map_location="cpu", weights_only=True)
+            if cached.get("key") == key:
+                return cached["images"], cached["labels"], cached["classes"]
+        except Exception:
+            pass  # a broken cache is rebuilt
+    def decode(path):
+        img = load_rgb(path)
+        if img.size != (image_size, image_size):
+            img = img.resize((image_size, image_size), Image.BICUBIC)
+        return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)
+
+    from concurrent.futures import ThreadPoolExecutor
+    images = torch.empty(len(folder), 3, image_size, image_size, dtype=torch.uint8)
+    with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1)) as pool:  # PIL decodes outside the GIL
+        decoded = pool.map(decode, [path for path, _ in folder.samples], chunksize=256)
+        for i, image in enumerate(tqdm(decoded, total=len(folder), desc=f"decoding {root} (once, then cached)",
+                                       leave=False, mininterval=1.0)):
+            images[i] = image
+    labels = torch.tensor(folder.targets, dtype=torch.int64)
+    try:
+        save_atomic({"key": key, "images": images, "labels": labels, "classes": folder.classes}, cache)
+    except OSError as e:
+        print(f"note: could not cache decoded images at {cache} ({e.strerror}); the next run decodes again",
+              file=sys.stderr)
+    return images, labels, folder.classes
+
+
+def hash_json(obj):
+    import hashlib
+    return hashlib.sha256(json.dumps(obj).encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------- augmentation
+
+def sample_crop_boxes(n, height, width, scale, ratio=(3 / 4, 4 / 3), generator=None, device=None):
+    """Random-resized-crop boxes for n images -> (n, 4) as (x0, y0, w, h) in pixels.
+
+    Area fraction uniform in `scale`, log aspect uniform in `ratio` (as torchvision), but a box that does
+    not fit is clamped to the image instead of redrawn, so every sample costs the same fixed work.
+    """
+    u = torch.rand(n, 4, generator=generator, device=device)
+    area = height * width * (scale[0] + (scale[1] - scale[0]) * u[:, 0])
+    log_ratio = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * u[:, 1]
+    aspect = torch.exp(log_ratio)
+    w = torch.sqrt(area * aspect).clamp(1, width)
+    h = torch.sqrt(area / aspect).clamp(1, height)
+    return torch.stack([(width - w) * u[:, 2], (height - h) * u[:, 3], w, h], dim=1)
+
+
+def crop_resize_flip(images, boxes, flip, out_size):
+    """Crop each box, resize it bilinearly to out_size and mirror it where flip, in one grid_sample.
+
+    images: float (n, C, H, W); boxes: (n, 4) (x0, y0, w, h) pixels; flip: bool (n,) -> (n, C, out, out).
+    A box whose size equals out_size at integer offsets reproduces the slice exactly.
+    """
+    n, channels, height, width = images.shape
+    x0, y0, w, h = boxes.to(images.dtype).unbind(1)
+    theta = torch.zeros(n, 2, 3, dtype=images.dtype, device=images.device)
+    theta[:, 0, 0] = torch.where(flip, -w / width, w / width)
+    theta[:, 0, 2] = (2 * x0 + w) / width - 1
+    theta[:, 1, 1] = h / height
+    theta[:, 1, 2] = (2 * y0 + h) / height - 1
+    grid = F.affine_grid(theta, [n, channels, out_size, out_size], align_corners=False)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def normalize(images):
+    """uint8 or 0-255 float (N, C, H, W) -> float in [-1, 1] (mean 0.5, std 0.5 per channel, as the original)."""
+    return images.float().div(127.5).sub(1.0)
+
+
+def denormalize(images):
+    """[-1, 1] -> [0, 1], for pictures."""
+    return (images.float() * 0.5 + 0.5).clamp(0, 1)
+
+
+# ---------------------------------------------------------------------------------------------- loaders
+
+class BatchOrder:
+    """Which images each optimizer step takes: a permutation per epoch, the global batch split over ranks."""
+
+    def __init__(self, num_images, batch_size, *, train, generator, rank=0, world_size=1):
+        self.num_images, self.batch_size, self.train = num_images, batch_size, train
+        self.generator, self.rank, self.world_size = generator, rank, world_size
+        self.local_batch = batch_size // world_size
+
+    def __len__(self):
+        # training drops the last partial batch (a different one each epoch), so every step has equal weight
+        if self.train:
+            return self.num_images // self.batch_size
+        return math.ceil(math.ceil(self.num_images / self.world_size) / self.local_batch)
+
+    def new_epoch(self):
+        """The order of this epoch: a permutation (training, on the generator's device) or 0..N-1."""
+        if self.train:
+            return torch.randperm(self.num_images, generator=self.generator, device=self.generator.device)
+        return torch.arange(self.num_images, device=self.generator.device)
+
+    def steps(self, order, start=0):
+        """Yields this rank's index tensor for each step from `start`."""
+        if self.train:  # step s takes the global batch order[s*B:(s+1)*B]; this rank its own slice of it
+            for s in range(start, len(self)):
+                begin = s * self.batch_size + self.rank * self.local_batch
+                yield order[begin:begin + self.local_batch]
+        else:
+            shard = order[self.rank::self.world_size]
+            for s in range(start, len(self)):
+                idx = shard[s * self.local_batch:(s + 1) * self.local_batch]
+                if len(idx):  # a shorter shard may run out one step early
+                    yield idx
+
+
+class DeviceLoader:
+    """The whole dataset as uint8 on the device; batches are gathered, augmented and normalised there.
+
+    Augmentation is per sample: random-resized-crop with area in `crop_scale` (None: no crop) and a
+    horizontal flip with probability 0.5, drawn from this loader's own generator.
+    """
+
+    def __init__(self, images, labels, batch_size, *, device, train, seed=0, crop_scale=None, flip=False,
+                 rank=0, world_size=1):
+        self.images, self.labels = images.to(device), labels.to(device)
+        self.image_size = images.shape[-1]
+        self.crop_scale, self.flip = (tuple(crop_scale) if crop_scale else None), flip
+        self.order_generator = torch.Generator(device=device)
+        self.order_generator.manual_seed(seed)  # the same on every rank: one permutation split over ranks
+        self.aug_generator = torch.Generator(device=device)
+        self.aug_generator.manual_seed(seed + 1 + rank)
+        self.order = BatchOrder(len(images), batch_size, train=train, generator=self.order_generator,
+                                rank=rank, world_size=world_size)
+
+    def __len__(self):
+        return len(self.order)
+
+    def augment(self, images):
+        """float 0-255 (n, C, H, W) -> augmented (n, C, H, W)."""
+        n, _, height, width = images.shape
+        if self.crop_scale is not None:
+            boxes = sample_crop_boxes(n, height, width, self.crop_scale, generator=self.aug_generator,
+                                      device=images.device)
+        else:
+            boxes = torch.tensor([0.0, 0.0, width, height], device=images.device).expand(n, 4)
+        flip = torch.rand(n, generator=self.aug_generator, device=images.device) < 0.5 if self.flip else \
+            torch.zeros(n, dtype=torch.bool, device=images.device)
+        return crop_resize_flip(images, boxes, flip, self.image_size)
+
+    def batches(self, order, start=0):
+        """Yields (images (n, C, H, W) normalised float, labels (n,)) per step, from step `start`."""
+        for idx in self.order.steps(order, start):
+            images = self.images[idx].float()
+            if self.crop_scale is not None or self.flip:
+                images = self.augment(images)
+            yield normalize(images), self.labels[idx]
+
+    def state_dict(self):
+        return {"order": self.order_generator.get_state(), "aug": self.aug_generator.get_state()}
+
+    def load_state_dict(self, state):
+        self.order_generator.set_state(state["order"])
+        self.aug_generator.set_state(state["aug"])
+
+
+class ArrayDataset(torch.utils.data.Dataset):
+    """uint8 images (N, C, H, W) as PIL images through torchvision transforms: the plain, per-sample path."""
+
+    def __init__(self, images, labels, transform):
+        self.images, self.labels, self.transform = images, labels, transform
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        from PIL import Image
+        image = Image.fromarray(self.images[i].permute(1, 2, 0).numpy())
+        return self.transform(image), self.labels[i]
+
+
+class TorchLoader:
+    """torchvision DataLoader with PIL transforms and worker processes (the original repository's way)."""
+
+    def __init__(self, images, labels, batch_size, *, device, train, seed=0, crop_scale=None, flip=False,
+                 randaug=None, num_workers=0, rank=0, world_size=1):
+        from torchvision import transforms
+        steps = []
+        if crop_scale:
+            steps.append(transforms.RandomResizedCrop(images.shape[-1], scale=tuple(crop_scale)))
+        if flip:
+            steps.append(transforms.RandomHorizontalFlip())
+        if randaug:
+            from timm.data import rand_augment_transform
+            steps.append(rand_augment_transform(randaug, {"img_mean": (128, 128, 128)}))
+        steps += [transforms.ToTensor(), transforms.Normalize([0.5] * 3, [0.5] * 3)]
+        self.dataset = ArrayDataset(images.cpu(), labels.cpu(), transforms.Compose(steps))
+        self.device, self.num_workers = device, num_workers
+        self.order_generator = torch.Generator().manual_seed(seed)
+        self.order = BatchOrder(len(images), batch_size, train=train, generator=self.order_generator,
+                                rank=rank, world_size=world_size)
+
+    def __len__(self):
+        return len(self.order)
+
+    def batches(self, order, start=0):
+        batch_sampler = [idx.tolist() for idx in self.order.steps(order, start)]
+        loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=batch_sampler, num_workers=self.num_workers,
+                                             pin_memory=self.device.type == "cuda",
+                                             persistent_workers=False)
+        for images, labels in loader:
+            yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+
+    def state_dict(self):
+        return {"order": self.order_generator.get_state()}
+
+    def load_state_dict(self, state):
+        self.order_generator.set_state(state["order"])
+
+
+def make_loader(args, rt, images, labels, batch_size, *, train, crop_scale=None, flip=False, randaug=None):
+    """The loader that --loader names, for one split."""
+    common = dict(device=rt.device, train=train, seed=args.seed, crop_scale=crop_scale if train else None,
+                  flip=flip and train, rank=rt.rank, world_size=rt.world_size)
+    if args.loader == "torch":
+        return TorchLoader(images, labels, batch_size, randaug=randaug if train else None,
+                           num_workers=args.num_workers, **common)
+    if randaug:
+        raise UserError("--randaug runs on PIL images: use it with --loader torch")
+    return DeviceLoader(images, labels, batch_size, **common)
+
+
+# ---------------------------------------------------------------------------------------------- schedule
+
+def lr_at(step, peak_lr, warmup_steps, total_steps, min_lr=0.0):
+    """Learning rate of optimizer step `step` (0-based): linear warmup to peak_lr, then cosine to min_lr.
+
+    Step 0 gets peak_lr / warmup_steps, step warmup_steps - 1 and step warmup_steps get peak_lr,
+    step total_steps gets min_lr.
+    """
+    if step < warmup_steps:
+        return peak_lr * (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_lr + (peak_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def set_lr(optimizer, lr):
+    """Apply lr to every group, times the group's lr_scale (layer-wise decay) where it has one."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
+def make_optimizer(param_groups, lr, rt, betas=(0.9, 0.999)):
+    """AdamW (fused on CUDA) over groups that carry their own weight decay (and lr_scale)."""
+    fused = rt.device.type == "cuda"
+    return torch.optim.AdamW(param_groups, lr=lr, betas=betas, fused=fused)
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+class StopRequest:
+    """SIGINT / SIGTERM ask the run to finish its step, save and exit 130 / 143; a second SIGINT aborts."""
+
+    def __init__(self):
+        self.signum = None
+        self._previous = {}
+
+    def __enter__(self):
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def _handle(self, signum, frame):
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(f"\n{signal.Signals(signum).name} received: finishing this step, then saving a checkpoint "
+              "(press Ctrl-C again to abort without saving)", file=sys.stderr)
+
+
+@dataclass
+class EpochState:
+    """Where an epoch stands: its order, how many steps are done, the on-device sums so far."""
+    order: torch.Tensor
+    step: int = 0
+    sums: torch.Tensor = None  # float64 [sum of loss * n, n, extra sums ...] on the device
+
+    def state_dict(self):
+        return {"order": self.order.cpu(), "step": self.step, "sums": self.sums.cpu()}
+
+
+class Trainer:
+    """One optimizer step per global batch: micro-batches, averaged gradients, amp, clipping, EMA, lr.
+
+    loss_fn(model, images, labels) -> (mean loss over the micro-batch, extra per-sample sums (k,) float).
+    """
+
+    def __init__(self, model, loss_fn, optimizer, lr_fn, rt, *, micro_batch, clip_grad=None, ema=None,
+                 skip_nonfinite=0, num_extra=0):
+        self.model, self.loss_fn, self.optimizer, self.lr_fn, self.rt = model, loss_fn, optimizer, lr_fn, rt
+        self.micro_batch, self.clip_grad, self.ema = micro_batch, clip_grad, ema
+        self.skip_nonfinite, self.skipped, self.num_extra = skip_nonfinite, 0, num_extra
+        self.scaler = torch.amp.GradScaler(rt.device.type) if rt.amp_dtype == torch.float16 else None
+        self.params = [p for group in optimizer.param_groups for p in group["params"]]
+        self.compile_seconds = None
+
+    def step(self, images, labels, step):
+        """One optimizer step on this rank's share of the global batch -> sums (2 + k,) float64 on the device."""
+        set_lr(self.optimizer, self.lr_fn(step))
+        total = images.shape[0]
+        chunks = list(zip(images.split(self.micro_batch), labels.split(self.micro_batch)))
+        sums = torch.zeros(2 + self.num_extra, dtype=torch.float64, device=images.device)
+        for i, (x, y) in enumerate(chunks):
+            sync = not self.rt.distributed or i == len(chunks) - 1
+            with contextlib.nullcontext() if sync else self.model.no_sync():
+                with self.rt.autocast():
+                    loss, extra = self.loss_fn(self.model, x, y)
+                # mean over the global batch = sum of micro-batch means weighted by their share
+                scaled = loss * (x.shape[0] / total)
+                (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+            n = torch.tensor([x.shape[0]], dtype=torch.float64, device=x.device)
+            sums += torch.cat([loss.detach().double().reshape(1) * x.shape[0], n, extra.double().reshape(-1)])
+        if self.skip_nonfinite and not torch.isfinite(sums[0]).item():
+            self.skipped += 1
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.skipped > self.skip_nonfinite:
+                raise NonFiniteLoss("?", step)
+            print(f"warning: skipped optimizer step {step} (non-finite loss), {self.skipped} of "
+                  f"{self.skip_nonfinite} allowed", file=sys.stderr)
+            return sums.zero_()
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        if self.clip_grad:
+            torch.nn.utils.clip_grad_norm_(self.params, self.clip_grad)
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update(unwrap(self.model), step=step)
+        return sums
+
+    def run_epoch(self, loader, state, *, epoch, first_step, log_interval, stop, desc, show):
+        """Train one epoch from state.step. -> dict of epoch metrics, or None when a stop was requested.
+
+        first_step is the global optimizer step of this epoch's step 0. Losses stay on the device and are
+        read back every log_interval steps (and at the end), which is also when non-finite losses stop it.
+        """
+        steps = len(loader)
+        if state.sums is None:
+            state.sums = torch.zeros(2 + self.num_extra, dtype=torch.float64, device=self.rt.device)
+        bar = tqdm(total=steps, initial=state.step, desc=desc, disable=not show, dynamic_ncols=True, leave=False)
+        start_time, timed_images, timed_from = time.perf_counter(), 0, state.step
+        for images, labels in loader.batches(state.order, state.step):
+            state.sums += self.step(images, labels, first_step + state.step)
+            state.step += 1
+            timed_images += images.shape[0] * self.rt.world_size
+            if self.rt.compile and self.compile_seconds is None:  # compile time kept out of images/s
+                synchronize(self.rt.device)
+                self.compile_seconds = time.perf_counter() - start_time
+                start_time, timed_images, timed_from = time.perf_counter(), 0, state.step
+            bar.update(1)
+            if state.step % log_interval == 0 or state.step == steps:
+                totals = all_reduce_sum(state.sums, self.rt).tolist()
+                if not math.isfinite(totals[0]):
+                    raise NonFiniteLoss(epoch, first_step + state.step)
+                bar.set_postfix(loss=f"{totals[0] / max(totals[1], 1):.4f}",
+                                lr=f"{self.lr_fn(first_step + state.step - 1):.2e}")
+            if self.stop_requested(stop, state.step, log_interval, steps):
+                bar.close()
+                return None
+        bar.close()
+        synchronize(self.rt.device)
+        seconds = time.perf_counter() - start_time
+        totals = all_reduce_sum(state.sums, self.rt).tolist()
+        metrics = {"loss": totals[0] / max(totals[1], 1), "images": int(totals[1]),
+                   "lr": self.lr_fn(first_step + steps - 1), "seconds": seconds,
+                   "images_per_s": timed_images / seconds if state.step > timed_from else float("nan")}
+        metrics["extra_sums"] = totals[2:]
+        return metrics
+
+    def stop_requested(self, stop, step, log_interval, steps):
+        if not self.rt.distributed:
+            return stop.signum is not None
+        if step % log_interval and step != steps:
+            return False  # ranks agree on stopping only where they already sync
+        flag = torch.tensor([0 if stop.signum is None else stop.signum], device=self.rt.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        stop.signum = int(flag.item()) or None
+        return stop.signum is not None
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def unwrap(model):
+    """The plain module behind DDP and torch.compile wrappers."""
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)
+
+
+def wrap_model(model, rt):
+    """DDP under torchrun, then torch.compile when on."""
+    if rt.distributed:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[rt.device.index]
+                                                          if rt.device.type == "cuda" else None)
+    if rt.compile:
+        model = torch.compile(model)
+    return model
+
+
+def split_batch(args, rt):
+    """(local batch per rank, micro-batch) with the checks gradient accumulation needs."""
+    if args.batch_size % rt.world_size:
+        raise UserError(f"--batch_size {args.batch_size} must be a multiple of the number of processes "
+                        f"({rt.world_size})")
+    local = args.batch_size // rt.world_size
+    micro = min(args.max_device_batch_size, local)
+    if local % micro:
+        raise UserError(f"--batch_size {args.batch_size} ({local} per process) is not a multiple of the "
+                        f"micro-batch {micro} (--max_device_batch_size); pick sizes that divide")
+    return local, micro
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+
+def save_atomic(obj, path):
+    """torch.save to a temporary file in the same folder, fsync, then rename over `path`.
+
+    A crash at any moment leaves either the previous complete file or the new one, never a torn one.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide checkpoints from a shared group
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    with contextlib.suppress(OSError):  # make the rename itself durable
+        dir_fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+LEGACY_HELP = ("it is a whole pickled model (torch.save(model)) like the original repository wrote; loading it "
+               "would run code stored in the file, so it is refused. If you trust the file, convert it once with "
+               "`python tools/convert_legacy.py {path} converted.pth --execute_pickled_code`")
+
+
+def load_checkpoint(path, kind=None, what="checkpoint"):
+    """Load a checkpoint of this project with weights_only=True; a clear UserError for anything else."""
+    if not path or not os.path.isfile(path):
+        raise UserError(f"{what} {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "GLOBAL" in str(e):
+            raise UserError(f"{what} {path}: " + LEGACY_HELP.format(path=path)) from None
+        raise UserError(f"{what} {path} cannot be read safely: not a checkpoint of this project") from None
+    except Exception:
+        raise UserError(f"{what} {path} cannot be read: the file is truncated or not a PyTorch checkpoint") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise UserError(f"{what} {path} is not a checkpoint of this project (no '{CHECKPOINT_FORMAT}' format tag)")
+    if kind is not None and ckpt.get("kind") != kind:
+        names = {"mae_pretrain": "an MAE pretraining", "classifier": "a classifier"}
+        raise UserError(f"{what} {path} is {names.get(ckpt.get('kind'), repr(ckpt.get('kind')))} checkpoint, "
+                        f"but {names[kind]} checkpoint is needed here")
+    return ckpt
+
+
+def plain_args(args):
+    """argparse values as plain types, safe for weights_only checkpoints."""
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()
+            if v is None or isinstance(v, (bool, int, float, str, list, tuple))}
+
+
+def rng_state(rt, loader):
+    """Every RNG stream a run draws from, as tensors and plain values; gathered from all ranks."""
+    keys, pos, has_gauss, cached = np.random.get_state()[1:]
+    version, internal, gauss = random.getstate()
+    state = {"torch": torch.get_rng_state(),
+             "cuda": torch.cuda.get_rng_state(rt.device) if rt.device.type == "cuda" else None,
+             "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+             "python": [version, list(internal), gauss],
+             "loader": loader.state_dict()}
+    if rt.distributed:
+        gathered = [None] * rt.world_size
+        dist.all_gather_object(gathered, state)
+        return gathered
+    return [state]
+
+
+def set_rng_state(states, rt, loader):
+    if len(states) != rt.world_size:
+        print(f"warning: the checkpoint holds RNG states of {len(states)} processes, this run has "
+              f"{rt.world_size}; the random streams start afresh", file=sys.stderr)
+        return
+    state = states[rt.rank]
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and rt.device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], rt.device)
+    np_state = state["numpy"]
+    np.random.set_state(("MT19937", np_state["keys"].numpy().astype(np.uint32), np_state["pos"],
+                         np_state["has_gauss"], np_state["cached_gaussian"]))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    loader.load_state_dict({k: v for k, v in state["loader"].items()})
+
+
+def resolve_resume_args(args, parser, saved_args, keys, what="the checkpoint being resumed"):
+    """Take a checkpoint's value of each key (a resumed run keeps its settings, a pretrained encoder its
+    sizes); a flag given with a different value (not the default) is an error rather than a silent change."""
+    for key in keys:
+        default, current = parser.get_default(key), getattr(args, key)
+        saved = saved_args.get(key, default)
+        norm = (lambda v: list(v) if isinstance(v, tuple) else v)
+        if norm(current) != norm(default) and norm(current) != norm(saved):
+            raise UserError(f"--{key} {current} conflicts with {what}, which has {saved}; drop the flag "
+                            "(or start a new run to change it)")
+        setattr(args, key, saved)
+
+
+def last_checkpoint_path(path):
+    """Where the full training state lives beside a classifier's best-weights file: name-last.pth."""
+    root, ext = os.path.splitext(path)
+    return f"{root}-last{ext or '.pth'}"
+
+
+def check_fresh_output(path, args, flag):
+    if os.path.exists(path) and not args.resume and not args.overwrite:
+        raise UserError(f"{flag} {path} already exists; pass --resume {path} to continue that run or "
+                        "--overwrite to start over")
+
+
+# ---------------------------------------------------------------------------------------------- logging
+
+class MetricsLog:
+    """TensorBoard scalars/images plus one JSON line per epoch in log_dir/metrics.jsonl; main rank only.
+
+    On resume after epoch k, TensorBoard events and JSON lines past epoch k are discarded, so a resumed run's
+    logs read as one run.
+    """
+
+    def __init__(self, log_dir, enabled, completed_epochs=0):
+        self.writer = None
+        if not enabled:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+        os.makedirs(log_dir, exist_ok=True)
+        self.path = os.path.join(log_dir, "metrics.jsonl")
+        kept = []
+        if completed_epochs and os.path.isfile(self.path):
+            with open(self.path) as f:
+                kept = [line for line in f if line.strip() and json.loads(line).get("epoch", 0) <= completed_epochs]
+        with open(self.path, "w") as f:
+            f.writelines(kept)
+        self.writer = SummaryWriter(log_dir, purge_step=completed_epochs + 1)
+
+    def scalars(self, values, epoch):
+        if self.writer:
+            for tag, value in values.items():
+                self.writer.add_scalar(tag, value, global_step=epoch)
+
+    def image(self, tag, image, epoch):
+        if self.writer:
+            self.writer.add_image(tag, image, global_step=epoch)
+
+    def line(self, record):
+        if self.writer:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            self.writer.flush()
+
+    def close(self):
+        if self.writer:
+            self.writer.close()
+
+
+def report_stop(path, script, code):
+    print(f"stopped; checkpoint saved to {path}. Resume with: python {script} --resume {path}", file=sys.stderr)
+    sys.exit(code)
+
+
+# ---------------------------------------------------------------------------------------------- kNN monitor
+
+@torch.no_grad()
+def extract_features(forward, loader, rt):
+    """Features and labels of a whole split (no augmentation), gathered from all ranks in dataset order."""
+    feats, labels = [], []
+    order = loader.order.new_epoch()
+    for images, y in loader.batches(order):
+        with rt.autocast():
+            feats.append(forward(images).float())
+        labels.append(y)
+    feats, labels = torch.cat(feats), torch.cat(labels)
+    if rt.distributed:  # shards are order[rank::world]: interleave them back
+        sizes = [None] * rt.world_size
+        dist.all_gather_object(sizes, feats.shape[0])
+        width = max(sizes)
+        pad = lambda t: torch.cat([t, t.new_zeros((width - t.shape[0],) + t.shape[1:])])
+        all_f = [torch.empty_like(pad(feats)) for _ in sizes]
+        all_y = [torch.empty_like(pad(labels)) for _ in sizes]
+        dist.all_gather(all_f, pad(feats))
+        dist.all_gather(all_y, pad(labels))
+        feats = torch.stack(all_f, 1).flatten(0, 1)
+        labels = torch.stack(all_y, 1).flatten(0, 1)
+        keep = torch.stack([torch.arange(width, device=feats.device) < s for s in sizes], 1).flatten()
+        feats, labels = feats[keep], labels[keep]
+    return feats, labels
+
+
+@torch.no_grad()
+def knn_accuracy(train_feats, train_labels, test_feats, test_labels, num_classes, k=200, temperature=0.07,
+                 chunk=1024):
+    """Weighted kNN (InstDisc / MoCo monitor): cosine similarity, top-k neighbours voting exp(sim / T)."""
+    train_feats = F.normalize(train_feats.float(), dim=1)
+    test_feats = F.normalize(test_feats.float(), dim=1)
+    k = min(k, train_feats.shape[0])
+    correct = 0
+    for start in range(0, test_feats.shape[0], chunk):
+        sim = test_feats[start:start + chunk] @ train_feats.T
+        top_sim, top_idx = sim.topk(k, dim=1)
+        votes = torch.zeros(sim.shape[0], num_classes, device=sim.device)
+        votes.scatter_add_(1, train_labels[top_idx], (top_sim / temperature).exp())
+        correct += (votes.argmax(dim=1) == test_labels[start:start + chunk]).sum()
+    return float(correct) / test_feats.shape[0]
+
+
+def knn_monitor(encoder, train_loader, test_loader, num_classes, rt, k=200, temperature=0.07):
+    """kNN accuracy of the encoder's cls feature; no gradients, mode restored, no global RNG drawn."""
+    was_training = encoder.training
+    encoder.eval()
+    try:
+        forward = lambda x: encoder.forward_features(x)[:, 0]
+        train = extract_features(forward, train_loader, rt)
+        test = extract_features(forward, test_loader, rt)
+        return knn_accuracy(*train, *test, num_classes, k=k, temperature=temperature)
+    finally:
+        encoder.train(was_training)
