@@ -25,6 +25,8 @@ def get_args_parser():
     parser.add_argument("--data_dir", default="data")
     parser.add_argument("--out_dir", default="runs/time-to-accuracy", help="checkpoints and logs of this run")
     parser.add_argument("--pretrain_epochs", type=int, default=100, help="0: fine-tune from scratch")
+    parser.add_argument("--pretrained_model_path", default=None,
+                        help="skip pretraining and fine-tune (or probe) this MAE checkpoint")
     parser.add_argument("--finetune_epochs", type=int, default=30)
     parser.add_argument("--pretrain_args", default="", help="more mae_pretrain.py flags, quoted")
     parser.add_argument("--finetune_args", default="", help="more train_classifier.py flags, quoted")
@@ -45,13 +47,16 @@ def read_metrics(log_dir):
 
 def main(args):
     os.makedirs(args.out_dir, exist_ok=True)
-    report = {"pretrain_epochs": args.pretrain_epochs, "finetune_epochs": args.finetune_epochs,
+    report = {"pretrain_epochs": None if args.pretrained_model_path else args.pretrain_epochs,
+              "pretrained_model_path": args.pretrained_model_path, "finetune_epochs": args.finetune_epochs,
               "pretrain_args": args.pretrain_args, "finetune_args": args.finetune_args}
     finetune_argv = ["--data_dir", args.data_dir, "--total_epoch", str(args.finetune_epochs),
                      "--warmup_epoch", str(max(1, args.finetune_epochs // 20)), "--overwrite",
                      "--output_model_path", os.path.join(args.out_dir, "classifier.pth"),
                      "--log_dir", os.path.join(args.out_dir, "logs", "classifier")]
-    if args.pretrain_epochs:
+    if args.pretrained_model_path:
+        finetune_argv += ["--pretrained_model_path", args.pretrained_model_path]
+    elif args.pretrain_epochs:
         mae_path = os.path.join(args.out_dir, "mae.pth")
         log_dir = os.path.join(args.out_dir, "logs", "mae")
         pretrain_argv = ["--data_dir", args.data_dir, "--total_epoch", str(args.pretrain_epochs),
