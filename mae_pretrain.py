@@ -16,7 +16,7 @@ from model import MAE_ViT
 # flags that define a run: --resume takes them from the checkpoint and refuses a conflicting value
 RUN_KEYS = ["seed", "batch_size", "base_learning_rate", "weight_decay", "mask_ratio", "total_epoch", "warmup_epoch",
             "image_size", "patch_size", "emb_dim", "encoder_layer", "encoder_head", "decoder_layer", "decoder_head",
-            "decoder_emb_dim", "pos_embed", "norm_pix_loss", "crop_scale", "flip", "loader", "model_path", "log_dir"]
+            "decoder_emb_dim", "pos_embed", "norm_pix_loss", "crop_scale", "flip", "model_path", "log_dir"]
 
 
 def get_args_parser():
@@ -129,11 +129,12 @@ def main(args):
     ckpt = None
     if args.resume:
         ckpt = utils.load_checkpoint(args.resume, "mae_pretrain", "--resume")
-        utils.resolve_resume_args(args, parser, ckpt["args"], RUN_KEYS)
+        utils.resolve_resume_args(args, parser, ckpt["args"], RUN_KEYS, soft_keys=utils.SOFT_RESUME_KEYS)
     validate(args)
     config = model_config(args)
+    build_model(config)  # a bad configuration fails here, before any process group or data
+    rt = utils.setup_runtime(args)  # seeds every RNG, so the model's initial weights repeat
     model = build_model(config)
-    rt = utils.setup_runtime(args)
     if rt.is_main:
         utils.check_fresh_output(args.model_path, args, "--model_path")
         utils.check_writable(args.model_path, "--model_path")
@@ -149,7 +150,7 @@ def main(args):
     model.to(rt.device)
     peak_lr = args.base_learning_rate * args.batch_size / 256
     no_decay = {"encoder.cls_token", "encoder.pos_embed", "decoder.mask_token", "decoder.pos_embed"}
-    optimizer = utils.make_optimizer(param_groups_weight_decay(model, args.weight_decay, no_decay), peak_lr, rt,
+    optimizer = utils.make_optimizer(param_groups_weight_decay(model, args.weight_decay, no_weight_decay_list=no_decay), peak_lr, rt,
                                      betas=(0.9, 0.95))
     steps_per_epoch = len(train_loader)
     lr_fn = lambda step: utils.lr_at(step, peak_lr, args.warmup_epoch * steps_per_epoch,

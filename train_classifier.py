@@ -22,7 +22,7 @@ SIZE_KEYS = ["image_size", "patch_size", "emb_dim", "encoder_layer", "encoder_he
 RUN_KEYS = ["seed", "batch_size", "base_learning_rate", "weight_decay", "total_epoch", "warmup_epoch",
             "pretrained_model_path", "pos_embed", "crop_scale", "flip", "randaug", "mixup", "cutmix",
             "label_smoothing", "drop_path", "layer_decay", "clip_grad", "ema", "ema_decay", "global_pool",
-            "linear_probe", "loader", "output_model_path", "log_dir"] + SIZE_KEYS
+            "linear_probe", "output_model_path", "log_dir"] + SIZE_KEYS
 NO_WEIGHT_DECAY = {"cls_token", "pos_embed"}
 
 
@@ -168,9 +168,10 @@ def evaluate(model, loader, rt, num_classes):
         with rt.autocast():
             logits = model(images).float()
         top = logits.topk(min(5, num_classes), dim=1).indices
-        sums += torch.stack([F.cross_entropy(logits, labels, reduction="sum").double(),
-                             torch.tensor(float(len(labels)), dtype=torch.float64, device=rt.device),
-                             (top[:, 0] == labels).sum().double(), (top == labels[:, None]).any(1).sum().double()])
+        sums[0] += F.cross_entropy(logits, labels, reduction="sum").double()
+        sums[1] += len(labels)
+        sums[2] += (top[:, 0] == labels).sum().double()
+        sums[3] += (top == labels[:, None]).any(1).sum().double()
         confusion += torch.bincount(labels * num_classes + top[:, 0], minlength=num_classes ** 2).double()
     model.train(was_training)
     loss, count, top1, top5 = utils.all_reduce_sum(sums, rt).tolist()
@@ -252,15 +253,15 @@ def main(args):
     if args.eval_only:
         return eval_only(args)
     parser = get_args_parser()
-    last_path = utils.last_checkpoint_path(args.output_model_path)
     ckpt = None
     if args.resume:
         ckpt = utils.load_checkpoint(args.resume, "classifier", "--resume")
         if "optimizer" not in ckpt:
             raise utils.UserError(f"--resume {args.resume} holds only weights; resume from the training state "
                                   f"written beside it ({utils.last_checkpoint_path(args.resume)})")
-        utils.resolve_resume_args(args, parser, ckpt["args"], RUN_KEYS)
+        utils.resolve_resume_args(args, parser, ckpt["args"], RUN_KEYS, soft_keys=utils.SOFT_RESUME_KEYS)
     validate(args)
+    last_path = utils.last_checkpoint_path(args.output_model_path)
     args.log_dir = args.log_dir or ("logs/cifar10/pretrain-cls" if args.pretrained_model_path
                                     else "logs/cifar10/scratch-cls")
     rt = utils.setup_runtime(args)

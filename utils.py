@@ -304,6 +304,7 @@ def _decode_folder(root, image_size):
     """Decode an ImageFolder tree once into uint8 tensors, cached beside it for later runs."""
     from PIL import Image
     from torchvision.datasets import ImageFolder
+    from torchvision.datasets.folder import IMG_EXTENSIONS
 
     def load_rgb(path):
         try:
@@ -313,14 +314,14 @@ def _decode_folder(root, image_size):
             raise UserError(f"cannot read image {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") \
                 from None
 
-    try:
-        folder = ImageFolder(root, loader=load_rgb)
-    except FileNotFoundError as e:
-        raise UserError(f"{root}: {str(e).splitlines()[0]} (an ImageFolder tree needs one non-empty folder of "
-                        "images per class)") from None
-    empty = [c for c in folder.classes if not any(label == folder.class_to_idx[c] for _, label in folder.samples)]
-    if empty:
-        raise UserError(f"{root}: class folder {empty[0]!r} holds no images")
+    classes = sorted(e.name for e in os.scandir(root) if e.is_dir()) if os.path.isdir(root) else []
+    if not classes:
+        raise UserError(f"{root} holds no class folders (an ImageFolder tree has one folder of images per class)")
+    for name in classes:
+        if not any(f.lower().endswith(IMG_EXTENSIONS) for _, _, files in os.walk(os.path.join(root, name))
+                   for f in files):
+            raise UserError(f"{root}: class folder {name!r} holds no images")
+    folder = ImageFolder(root, loader=load_rgb)
     # the cache is keyed by the file list and sizes, so an edited tree is decoded again
     listing = [(os.path.relpath(p, root), os.path.getsize(p)) for p, _ in folder.samples]
     key = f"{image_size}:{hash_json(listing)}"
@@ -648,8 +649,11 @@ class Trainer:
                 # mean over the global batch = sum of micro-batch means weighted by their share
                 scaled = loss * (x.shape[0] / total)
                 (self.scaler.scale(scaled) if self.scaler else scaled).backward()
-            n = torch.tensor([x.shape[0]], dtype=torch.float64, device=x.device)
-            sums += torch.cat([loss.detach().double().reshape(1) * x.shape[0], n, extra.double().reshape(-1)])
+            # device-side sums only: adding Python numbers launches kernels, it copies nothing to the host
+            sums[0] += loss.detach().double() * x.shape[0]
+            sums[1] += x.shape[0]
+            if self.num_extra:
+                sums[2:] += extra.double().reshape(-1)
         if self.skip_nonfinite and not torch.isfinite(sums[0]).item():
             self.skipped += 1
             self.optimizer.zero_grad(set_to_none=True)
@@ -669,7 +673,7 @@ class Trainer:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None:
-            self.ema.update(unwrap(self.model), step=step)
+            self.ema.update(unwrap(self.model))  # ema = decay * ema + (1 - decay) * live, from the first step
         return sums
 
     def run_epoch(self, loader, state, *, epoch, first_step, log_interval, stop, desc, show):
@@ -681,27 +685,26 @@ class Trainer:
         steps = len(loader)
         if state.sums is None:
             state.sums = torch.zeros(2 + self.num_extra, dtype=torch.float64, device=self.rt.device)
-        bar = tqdm(total=steps, initial=state.step, desc=desc, disable=not show, dynamic_ncols=True, leave=False)
-        start_time, timed_images, timed_from = time.perf_counter(), 0, state.step
-        for images, labels in loader.batches(state.order, state.step):
-            state.sums += self.step(images, labels, first_step + state.step)
-            state.step += 1
-            timed_images += images.shape[0] * self.rt.world_size
-            if self.rt.compile and self.compile_seconds is None:  # compile time kept out of images/s
-                synchronize(self.rt.device)
-                self.compile_seconds = time.perf_counter() - start_time
-                start_time, timed_images, timed_from = time.perf_counter(), 0, state.step
-            bar.update(1)
-            if state.step % log_interval == 0 or state.step == steps:
-                totals = all_reduce_sum(state.sums, self.rt).tolist()
-                if not math.isfinite(totals[0]):
-                    raise NonFiniteLoss(epoch, first_step + state.step)
-                bar.set_postfix(loss=f"{totals[0] / max(totals[1], 1):.4f}",
-                                lr=f"{self.lr_fn(first_step + state.step - 1):.2e}")
-            if self.stop_requested(stop, state.step, log_interval, steps):
-                bar.close()
-                return None
-        bar.close()
+        with tqdm(total=steps, initial=state.step, desc=desc, disable=not show, dynamic_ncols=True,
+                  leave=False) as bar:  # closed (and cleared) on every way out, errors included
+            start_time, timed_images, timed_from = time.perf_counter(), 0, state.step
+            for images, labels in loader.batches(state.order, state.step):
+                state.sums += self.step(images, labels, first_step + state.step)
+                state.step += 1
+                timed_images += images.shape[0] * self.rt.world_size
+                if self.rt.compile and self.compile_seconds is None:  # compile time kept out of images/s
+                    synchronize(self.rt.device)
+                    self.compile_seconds = time.perf_counter() - start_time
+                    start_time, timed_images, timed_from = time.perf_counter(), 0, state.step
+                bar.update(1)
+                if state.step % log_interval == 0 or state.step == steps:
+                    totals = all_reduce_sum(state.sums, self.rt).tolist()
+                    if not math.isfinite(totals[0]):
+                        raise NonFiniteLoss(epoch, first_step + state.step)
+                    bar.set_postfix(loss=f"{totals[0] / max(totals[1], 1):.4f}",
+                                    lr=f"{self.lr_fn(first_step + state.step - 1):.2e}")
+                if self.stop_requested(stop, state.step, log_interval, steps):
+                    return None
         synchronize(self.rt.device)
         seconds = time.perf_counter() - start_time
         totals = all_reduce_sum(state.sums, self.rt).tolist()
@@ -853,14 +856,22 @@ def set_rng_state(states, rt, loader):
     loader.load_state_dict({k: v for k, v in state["loader"].items()})
 
 
-def resolve_resume_args(args, parser, saved_args, keys, what="the checkpoint being resumed"):
+# settings a resumed run takes from its checkpoint unless given again: they change speed or rounding only
+SOFT_RESUME_KEYS = ["max_device_batch_size", "amp", "compile", "loader", "num_workers", "log_interval",
+                    "skip_nonfinite"]
+
+
+def resolve_resume_args(args, parser, saved_args, keys, what="the checkpoint being resumed", soft_keys=()):
     """Take a checkpoint's value of each key (a resumed run keeps its settings, a pretrained encoder its
-    sizes); a flag given with a different value (not the default) is an error rather than a silent change."""
-    for key in keys:
+    sizes); a flag of `keys` given with a different value (not the default) is an error rather than a silent
+    change, while a flag of `soft_keys` given explicitly simply wins."""
+    norm = (lambda v: list(v) if isinstance(v, tuple) else v)
+    for key in list(keys) + list(soft_keys):
         default, current = parser.get_default(key), getattr(args, key)
         saved = saved_args.get(key, default)
-        norm = (lambda v: list(v) if isinstance(v, tuple) else v)
         if norm(current) != norm(default) and norm(current) != norm(saved):
+            if key in soft_keys:
+                continue
             raise UserError(f"--{key} {current} conflicts with {what}, which has {saved}; drop the flag "
                             "(or start a new run to change it)")
         setattr(args, key, saved)

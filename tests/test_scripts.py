@@ -1,0 +1,455 @@
+"""Both scripts end to end, as a user runs them: files, logs, exit codes, resume, signals, bad inputs."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+
+import pytest
+import torch
+
+from conftest import ROOT, TINY_MAE, TINY_MODEL, write_cifar_batches, write_image_folder
+
+SHARED_CIFAR = os.path.join(ROOT, "..", "shared", "data", "cifar10-jpeg.tar.gz")
+OFFLINE = {"http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9",
+           "HTTP_PROXY": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9"}
+
+
+def run(script, *args, env=None, timeout=240):
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **OFFLINE, **(env or {})}
+    return subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout, env=full_env, cwd=ROOT)
+
+
+def pretrain(tmp_path, data, *extra, name="mae"):
+    ckpt, logs = tmp_path / f"{name}.pth", tmp_path / "logs" / name
+    result = run("mae_pretrain.py", "--data_dir", data, *TINY_MAE, "-bs", 16, "--max_device_batch_size", 8,
+                 "--total_epoch", 2, "--warmup_epoch", 1, "--model_path", ckpt, "--log_dir", logs, *extra)
+    return result, ckpt, logs
+
+
+def classify(tmp_path, data, *extra, name="cls"):
+    ckpt, logs = tmp_path / f"{name}.pth", tmp_path / "logs" / name
+    result = run("train_classifier.py", "--data_dir", data, "--batch_size", 16, "--max_device_batch_size", 8,
+                 "--total_epoch", 2, "--warmup_epoch", 1, "--output_model_path", ckpt, "--log_dir", logs, *extra)
+    return result, ckpt, logs
+
+
+def events(log_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0, "images": 0})
+    acc.Reload()
+    return acc
+
+
+def metrics(log_dir):
+    with open(os.path.join(log_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def assert_clean_error(result, code, *fragments):
+    """One line on stderr (after any progress output), the exit code, no traceback."""
+    assert result.returncode == code, result.stderr
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in last, last
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def assert_same_tensors(a, b, path=""):
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), path
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), path
+        for key in a:
+            assert_same_tensors(a[key], b[key], f"{path}.{key}")
+    elif isinstance(a, (list, tuple)):
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_tensors(x, y, f"{path}[{i}]")
+
+
+# ------------------------------------------------------------------------------------------- end to end
+
+@pytest.mark.parametrize("layout", ["cifar", "folder"])
+def test_pretraining_end_to_end(tmp_path, layout):
+    data = write_cifar_batches(str(tmp_path / "data")) if layout == "cifar" else \
+        write_image_folder(str(tmp_path / "data"))
+    result, ckpt_path, logs = pretrain(tmp_path, data, "--knn_every", 1)
+    assert result.returncode == 0, result.stderr
+    ckpt = load(ckpt_path)
+    assert ckpt["kind"] == "mae_pretrain" and ckpt["epoch"] == 2 and ckpt["model_config"]["emb_dim"] == 16
+    assert ckpt["step"] == 2 * (100 // 16 if layout == "cifar" else 40 // 16)
+    lines = metrics(logs)
+    assert [line["epoch"] for line in lines] == [1, 2]
+    assert all({"loss", "lr", "images_per_s", "seconds", "knn_acc"} <= set(line) for line in lines)
+    tb = events(logs)
+    assert {"mae_loss", "lr", "images_per_s", "knn_acc"} <= set(tb.Tags()["scalars"])
+    assert [e.step for e in tb.Scalars("mae_loss")] == [1, 2]
+    assert tb.Scalars("mae_loss")[-1].value == pytest.approx(lines[-1]["loss"], rel=1e-6)
+    image = tb.Images("mae_image")[-1]
+    assert (image.height, image.width) == (8 * 8, 2 * 3 * 8)  # 8 rows of 2 x (masked | reconstruction | original)
+
+
+def test_classifier_from_scratch_and_pretrained_end_to_end(tmp_path, cifar_dir):
+    result, mae_path, _ = pretrain(tmp_path, cifar_dir)
+    assert result.returncode == 0, result.stderr
+    result, ckpt_path, logs = classify(tmp_path, cifar_dir, "--pretrained_model_path", mae_path)
+    assert result.returncode == 0, result.stderr
+    assert "best accuracy" in result.stdout and "airplane" in result.stdout
+    lines = metrics(logs)
+    epochs = [line for line in lines if "val_acc" in line]
+    assert [line["epoch"] for line in epochs] == [1, 2]
+    # accuracy weighted per image: 20 test images, so a multiple of 1/20
+    assert all(round(line["val_acc"] * 20, 6) == round(line["val_acc"] * 20) for line in epochs)
+    assert lines[-1]["final"] and set(lines[-1]["per_class"]) == {"airplane", "automobile", "bird", "cat", "deer",
+                                                                  "dog", "frog", "horse", "ship", "truck"}
+    tb = events(logs)
+    assert {"cls/loss/train", "cls/loss/val", "cls/acc/train", "cls/acc/val"} <= set(tb.Tags()["scalars"])
+    assert "cls/confusion" in tb.Tags()["images"]
+    best = load(ckpt_path)
+    assert best["kind"] == "classifier" and best["acc"] == max(line["val_acc"] for line in epochs)
+    last = load(tmp_path / "cls-last.pth")
+    assert last["epoch"] == 2 and "optimizer" in last
+    # scratch: its own default log dir name, sizes from flags
+    result, scratch, _ = classify(tmp_path, cifar_dir, *TINY_MODEL, "--total_epoch", 1, name="scratch")
+    assert result.returncode == 0, result.stderr
+    assert load(scratch)["model_config"]["emb_dim"] == 16
+    # eval_only reports top-1, top-5 and the per-class table of the saved weights
+    result = run("train_classifier.py", "--data_dir", cifar_dir, "--eval_only", ckpt_path)
+    assert result.returncode == 0, result.stderr
+    assert f"top-1 {best['acc']:.2%}" in result.stdout and "top-5" in result.stdout and "truck" in result.stdout
+
+
+def test_classifier_holds_pretrained_encoder_weights(tmp_path, cifar_dir):
+    import train_classifier
+    result, mae_path, _ = pretrain(tmp_path, cifar_dir)
+    assert result.returncode == 0, result.stderr
+    mae = load(mae_path)
+    args = train_classifier.get_args_parser().parse_args(["--pretrained_model_path", str(mae_path)])
+    train_classifier.pretrained_sizes(args, train_classifier.get_args_parser(), mae)
+    model, config = train_classifier.load_pretrained(args, mae, 10)
+    assert config["emb_dim"] == 16 and config["encoder_layer"] == 2
+    state = model.state_dict()
+    encoder = {k[len("encoder."):]: v for k, v in mae["model"].items() if k.startswith("encoder.")}
+    assert encoder.keys() <= state.keys()
+    for key, value in encoder.items():
+        assert torch.equal(state[key], value), key
+
+
+def test_torch_loader_path_with_randaug(tmp_path, folder_dir):
+    result, ckpt, logs = classify(tmp_path, folder_dir, *TINY_MODEL, "--loader", "torch", "--num_workers", 0,
+                                  "--randaug", "rand-m9-mstd0.5-inc1", "--total_epoch", 1)
+    assert result.returncode == 0, result.stderr
+    assert load(ckpt)["epoch"] == 1
+    result, _, _ = classify(tmp_path, folder_dir, *TINY_MODEL, "--randaug", "rand-m9", name="bad")
+    assert_clean_error(result, 2, "--loader torch")
+
+
+def test_recipe_flags_and_timm_export(tmp_path, cifar_dir):
+    import timm
+    result, mae_path, _ = pretrain(tmp_path, cifar_dir, "--norm_pix_loss", "--pos_embed", "sincos",
+                                   "--decoder_emb_dim", 8)
+    assert result.returncode == 0, result.stderr
+    result, ckpt, _ = classify(tmp_path, cifar_dir, "--pretrained_model_path", mae_path, "--mixup", 0.8, "--cutmix",
+                               1.0, "--label_smoothing", 0.1, "--drop_path", 0.1, "--layer_decay", 0.75,
+                               "--clip_grad", 1.0, "--ema", "--ema_decay", 0.9, "--global_pool",
+                               "--export_timm", tmp_path / "timm.pth")
+    assert result.returncode == 0, result.stderr
+    assert "timm.create_model('vit_tiny_patch16_224'" in result.stdout
+    best = load(ckpt)
+    import train_classifier
+    model = train_classifier.build_classifier(best["model_config"])
+    model.load_state_dict(best["model"])
+    model.eval()
+    _, kwargs = train_classifier.timm_export(model, best["model_config"])
+    reference = timm.create_model("vit_tiny_patch16_224", pretrained=False, **kwargs)
+    reference.load_state_dict(load(tmp_path / "timm.pth"), strict=True)
+    reference.eval()
+    x = torch.randn(3, 3, 8, 8)
+    torch.testing.assert_close(reference(x), model(x), rtol=1e-4, atol=1e-5)
+    last = load(tmp_path / "cls-last.pth")  # EMA weights saved apart from the live ones, and they differ
+    assert not torch.equal(last["ema"]["head.weight"], last["model"]["head.weight"])
+
+
+def test_linear_probe_leaves_encoder_bit_identical(tmp_path, cifar_dir):
+    result, mae_path, _ = pretrain(tmp_path, cifar_dir)
+    assert result.returncode == 0, result.stderr
+    result, ckpt, _ = classify(tmp_path, cifar_dir, "--pretrained_model_path", mae_path, "--linear_probe",
+                               "--weight_decay", 0.05)
+    assert result.returncode == 0, result.stderr
+    encoder = {k[len("encoder."):]: v for k, v in load(mae_path)["model"].items() if k.startswith("encoder.")}
+    trained = load(tmp_path / "cls-last.pth")["model"]
+    for key, value in encoder.items():
+        assert torch.equal(trained[key], value), key
+    assert not torch.equal(trained["head.0.running_mean"], torch.zeros_like(trained["head.0.running_mean"]))
+
+
+def test_reconstruction_figure_at_several_mask_ratios(tmp_path, cifar_dir):
+    from PIL import Image
+    result, mae_path, _ = pretrain(tmp_path, cifar_dir, "--norm_pix_loss")
+    assert result.returncode == 0, result.stderr
+    out = tmp_path / "fig.png"
+    result = run("tools/reconstruct.py", mae_path, "--out", out, "--data_dir", cifar_dir, "--num_images", 4,
+                 "--mask_ratios", 0.25, 0.5, 0.75)
+    assert result.returncode == 0, result.stderr
+    width, height = Image.open(out).size
+    assert (width, height) == (7 * 9 + 1, 4 * 9 + 1)  # 7 columns x 4 rows of 8-pixel images, 1-pixel padding
+
+
+def test_offline_without_data_exits_2_with_message(tmp_path):
+    data = tmp_path / "nothing" / "here"
+    result = run("mae_pretrain.py", "--data_dir", data, *TINY_MAE, "--model_path", tmp_path / "m.pth",
+                 "--log_dir", tmp_path / "logs")
+    assert_clean_error(result, 2, str(data), "downloading it failed", "--data_dir")
+    assert not (tmp_path / "nothing").exists() and not (tmp_path / "m.pth").exists()
+
+
+@pytest.mark.skipif(not os.path.isfile(SHARED_CIFAR), reason="../shared/data/cifar10-jpeg.tar.gz not present")
+def test_short_run_on_real_cifar_images(tmp_path):
+    """A few hundred real CIFAR-10 JPEGs: 30 per class for training, 10 per class for testing."""
+    data = tmp_path / "real"
+    with tarfile.open(SHARED_CIFAR) as tar:
+        by_class = {}
+        for member in (m for m in tar.getmembers() if m.isfile()):
+            parts = member.name.split("/")  # cifar10/<split>/<class>/<file>
+            key = (parts[1], parts[2])
+            if len(by_class.setdefault(key, [])) < (30 if parts[1] == "train" else 10):
+                by_class[key].append(member)
+        tar.extractall(data, members=[m for ms in by_class.values() for m in ms], filter="data")
+    root = data / "cifar10"
+    result, mae_path, _ = pretrain(tmp_path, root, "--image_size", 32, "--patch_size", 4, "--total_epoch", 1)
+    assert result.returncode == 0, result.stderr
+    result, _, logs = classify(tmp_path, root, "--pretrained_model_path", mae_path, "--total_epoch", 1)
+    assert result.returncode == 0, result.stderr
+    assert metrics(logs)[0]["val_acc"] >= 0
+
+
+# ------------------------------------------------------------------------------------------- resume and faults
+
+def test_pretraining_resume_is_bit_identical(tmp_path, cifar_dir):
+    common = ["--total_epoch", 3]
+    result, full, _ = pretrain(tmp_path, cifar_dir, *common, name="full")
+    assert result.returncode == 0, result.stderr
+    result, part, logs = pretrain(tmp_path, cifar_dir, *common, "--stop_after_epoch", 1, name="part")
+    assert result.returncode == 0 and "--resume" in result.stdout, result.stderr
+    assert load(part)["epoch"] == 1
+    result = run("mae_pretrain.py", "--data_dir", cifar_dir, "--resume", part)
+    assert result.returncode == 0, result.stderr
+    a, b = load(full), load(part)
+    assert b["epoch"] == 3
+    assert_same_tensors(a["model"], b["model"])
+    assert_same_tensors(a["optimizer"]["state"], b["optimizer"]["state"])
+    assert [line["epoch"] for line in metrics(logs)] == [1, 2, 3]
+
+
+def test_classifier_resume_is_bit_identical(tmp_path, cifar_dir):
+    flags = [*TINY_MODEL, "--total_epoch", 3, "--ema", "--ema_decay", 0.9, "--mixup", 0.5, "--cutmix", 0.5,
+             "--drop_path", 0.1, "--layer_decay", 0.8]
+    result, _, _ = classify(tmp_path, cifar_dir, *flags, name="full")
+    assert result.returncode == 0, result.stderr
+    result, _, _ = classify(tmp_path, cifar_dir, *flags, "--stop_after_epoch", 1, name="part")
+    assert result.returncode == 0, result.stderr
+    result = run("train_classifier.py", "--data_dir", cifar_dir, "--resume", tmp_path / "part-last.pth")
+    assert result.returncode == 0, result.stderr
+    a, b = load(tmp_path / "full-last.pth"), load(tmp_path / "part-last.pth")
+    for key in ("model", "ema"):
+        assert_same_tensors(a[key], b[key], key)
+    assert a["best_acc"] == b["best_acc"]
+
+
+@pytest.mark.parametrize("signum,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_saves_checkpoint_and_resume_matches_uninterrupted(tmp_path, signum, code):
+    data = write_cifar_batches(str(tmp_path / "data"), per_batch=40)
+    flags = ["--data_dir", data, *TINY_MAE, "-bs", 4, "--total_epoch", 30, "--warmup_epoch", 1,
+             "--log_interval", 1]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **OFFLINE}
+    part = tmp_path / "part.pth"
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "mae_pretrain.py"), *map(str, flags),
+                             "--model_path", str(part), "--log_dir", str(tmp_path / "logs-part")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    deadline = time.time() + 120
+    while not part.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    time.sleep(0.3)  # somewhere inside a later epoch
+    proc.send_signal(signum)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == code, stderr
+    assert f"python mae_pretrain.py --resume {part}" in stderr and "Traceback" not in stderr
+    ckpt = load(part)
+    assert ckpt["epoch"] < 30
+    result = run("mae_pretrain.py", "--resume", part, "--data_dir", data)
+    assert result.returncode == 0, result.stderr
+    full = tmp_path / "full.pth"
+    result = run("mae_pretrain.py", *flags, "--model_path", full, "--log_dir", tmp_path / "logs-full")
+    assert result.returncode == 0, result.stderr
+    assert_same_tensors(load(full)["model"], load(part)["model"])
+
+
+def test_nonfinite_loss_stops_without_overwriting_checkpoint(tmp_path, cifar_dir):
+    result, ckpt, _ = pretrain(tmp_path, cifar_dir)
+    assert result.returncode == 0, result.stderr
+    before = ckpt.read_bytes()
+    result, _, _ = pretrain(tmp_path, cifar_dir, "--overwrite", "--base_learning_rate", 1e35, "--warmup_epoch", 0,
+                            "--log_interval", 1)
+    assert_clean_error(result, 3, "non-finite loss in epoch 1 at optimizer step")
+    assert ckpt.read_bytes() == before
+
+
+# ------------------------------------------------------------------------------------------- bad inputs
+
+def run_main(module, argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        module.main(module.get_args_parser().parse_args([str(a) for a in argv]))
+    err = capsys.readouterr().err.strip().splitlines()
+    return exit_info.value.code, err[-1] if err else ""
+
+
+@pytest.fixture
+def trained(tmp_path_factory):
+    """A tiny pretraining and classifier checkpoint, made once per test that asks."""
+    tmp = tmp_path_factory.mktemp("trained")
+    data = write_cifar_batches(str(tmp / "data"))
+    result, mae, _ = pretrain(tmp, data, "--total_epoch", 1)
+    assert result.returncode == 0, result.stderr
+    result, cls, _ = classify(tmp, data, *TINY_MODEL, "--total_epoch", 1)
+    assert result.returncode == 0, result.stderr
+    return {"data": data, "mae": mae, "cls": cls, "tmp": tmp}
+
+
+def test_bad_inputs_each_end_with_one_clear_line(tmp_path, trained, capsys):
+    import mae_pretrain
+    import train_classifier
+    data, tmp = trained["data"], trained["tmp"]
+    truncated = tmp_path / "truncated.pth"
+    truncated.write_bytes(trained["mae"].read_bytes()[:1000])
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(data, corrupt)
+    with open(corrupt / "cifar-10-batches-py" / "data_batch_3", "r+b") as f:
+        f.truncate(100)
+    broken_image = tmp_path / "broken-image"
+    write_image_folder(str(broken_image))
+    bad_file = broken_image / "train" / "cat" / "0003.jpg"
+    bad_file.write_bytes(b"not a jpeg")
+    no_classes = tmp_path / "no-classes"
+    (no_classes / "train").mkdir(parents=True)
+    (no_classes / "test").mkdir()
+    empty_class = tmp_path / "empty-class"
+    write_image_folder(str(empty_class))
+    shutil.rmtree(empty_class / "train" / "dog")
+    (empty_class / "train" / "dog").mkdir()
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    mae_out = ["--model_path", tmp_path / "new.pth", "--log_dir", tmp_path / "logs"]
+    cls_out = ["--output_model_path", tmp_path / "new-cls.pth", "--log_dir", tmp_path / "logs"]
+    cases = [
+        (mae_pretrain, ["--data_dir", corrupt, *TINY_MAE, *mae_out], "data_batch_3"),
+        (mae_pretrain, ["--data_dir", broken_image, *TINY_MAE, *mae_out], str(bad_file)),
+        (mae_pretrain, ["--data_dir", no_classes, *TINY_MAE, *mae_out], "holds no class folders"),
+        (mae_pretrain, ["--data_dir", empty_class, *TINY_MAE, *mae_out], "'dog' holds no images"),
+        (train_classifier, ["--data_dir", data, "--pretrained_model_path", tmp_path / "nope.pth", *cls_out],
+         "does not exist"),
+        (train_classifier, ["--data_dir", data, "--pretrained_model_path", truncated, *cls_out], "truncated"),
+        (train_classifier, ["--data_dir", data, "--pretrained_model_path", trained["cls"], *cls_out],
+         "is a classifier checkpoint, but an MAE pretraining checkpoint is needed"),
+        (train_classifier, ["--data_dir", data, "--pretrained_model_path", trained["mae"], "--emb_dim", 32, *cls_out],
+         "--emb_dim 32 conflicts"),
+        (train_classifier, ["--data_dir", data, "--eval_only", trained["mae"]], "classifier checkpoint is needed"),
+        (mae_pretrain, ["--data_dir", data, *TINY_MAE, "-bs", 12, "--max_device_batch_size", 8, *mae_out],
+         "not a multiple of the micro-batch"),
+        (mae_pretrain, ["--data_dir", data, *TINY_MAE, "--mask_ratio", 1.0, *mae_out], "--mask_ratio"),
+        (mae_pretrain, ["--data_dir", data, *TINY_MAE, "--image_size", 9, *mae_out], "multiple of patch_size"),
+        (mae_pretrain, ["--data_dir", data, *TINY_MAE, "--model_path", a_file / "m.pth"], "--model_path"),
+        (train_classifier, ["--data_dir", data, *TINY_MODEL, "--log_dir", a_file / "logs",
+                            "--output_model_path", tmp_path / "x.pth"], "--log_dir"),
+        (mae_pretrain, ["--data_dir", data, "--resume", trained["mae"], "--emb_dim", 32], "conflicts with"),
+        (mae_pretrain, ["--data_dir", data, *TINY_MAE, "--model_path", trained["mae"]], "already exists"),
+        (train_classifier, ["--data_dir", data, "--resume", trained["cls"]], "holds only weights"),
+        (mae_pretrain, ["--data_dir", data, *TINY_MAE, "-bs", 4096, *mae_out], "larger than the training set"),
+    ]
+    mae_bytes = trained["mae"].read_bytes()
+    for module, argv, fragment in cases:
+        code, line = run_main(module, argv, capsys)
+        assert code == 2, (argv, line)
+        assert line.startswith("error: ") and fragment in line, (fragment, line)
+    assert trained["mae"].read_bytes() == mae_bytes
+    assert not (tmp_path / "new.pth").exists() and not (tmp_path / "new-cls.pth").exists()
+
+
+def test_legacy_whole_model_pickle_is_refused_then_converted(tmp_path, trained):
+    from model import MAE_ViT
+    legacy = tmp_path / "legacy.pt"
+    torch.manual_seed(0)
+    model = MAE_ViT(image_size=8, patch_size=2, emb_dim=16, encoder_layer=2, encoder_head=2, decoder_layer=1,
+                    decoder_head=2)
+    torch.save(model, legacy)  # what the original repository wrote
+    result, _, _ = classify(tmp_path, trained["data"], "--pretrained_model_path", legacy)
+    assert_clean_error(result, 2, "whole pickled model", "convert_legacy.py")
+    converted = tmp_path / "converted.pth"
+    result = run("tools/convert_legacy.py", legacy, converted)
+    assert_clean_error(result, 2, "--execute_pickled_code")
+    assert not converted.exists()
+    result = run("tools/convert_legacy.py", legacy, converted, "--execute_pickled_code")
+    assert result.returncode == 0, result.stderr
+    ckpt = load(converted)
+    assert ckpt["kind"] == "mae_pretrain"
+    assert_same_tensors(ckpt["model"], model.state_dict())
+    result, _, _ = classify(tmp_path, trained["data"], "--pretrained_model_path", converted, "--total_epoch", 1)
+    assert result.returncode == 0, result.stderr
+
+
+def test_convert_original_parameter_names():
+    """The original repository's names and (T, 1, D) position tables map onto ours."""
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    from convert_legacy import convert_state_dict
+    original = {"encoder.cls_token": torch.zeros(1, 1, 4), "encoder.pos_embedding": torch.ones(16, 1, 4),
+                "encoder.patchify.weight": torch.zeros(4, 3, 2, 2), "encoder.transformer.0.attn.qkv.weight":
+                torch.zeros(12, 4), "encoder.layer_norm.weight": torch.ones(4),
+                "decoder.pos_embedding": torch.ones(17, 1, 4), "decoder.mask_token": torch.zeros(1, 1, 4),
+                "decoder.head.weight": torch.zeros(12, 4)}
+    out = convert_state_dict(original)
+    assert out["encoder.pos_embed"].shape == (1, 17, 4) and out["encoder.pos_embed"][0, 0].abs().sum() == 0
+    assert out["decoder.pos_embed"].shape == (1, 17, 4)
+    assert {"encoder.patch_embed.proj.weight", "encoder.blocks.0.attn.qkv.weight", "encoder.norm.weight",
+            "decoder.decoder_embed.weight", "decoder.norm.weight"} <= out.keys()
+
+
+# ------------------------------------------------------------------------------------------- multi-process
+
+def test_two_processes_match_one_with_the_same_global_batch(tmp_path, cifar_dir):
+    flags = ["--data_dir", cifar_dir, *TINY_MODEL, "--batch_size", 16, "--max_device_batch_size", 8,
+             "--total_epoch", 2, "--warmup_epoch", 1, "--crop_scale", 1, 1, "--no-flip", "--device", "cpu"]
+    one = run("train_classifier.py", *flags, "--output_model_path", tmp_path / "one.pth",
+              "--log_dir", tmp_path / "logs-one")
+    assert one.returncode == 0, one.stderr
+    env = {**os.environ, **OFFLINE, "OMP_NUM_THREADS": "1"}
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          os.path.join(ROOT, "train_classifier.py"), *map(str, flags),
+                          "--output_model_path", str(tmp_path / "two.pth"), "--log_dir", str(tmp_path / "logs-two")],
+                         capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = load(tmp_path / "one-last.pth"), load(tmp_path / "two-last.pth")
+    for key in a["model"]:
+        torch.testing.assert_close(a["model"][key], b["model"][key], rtol=1e-4, atol=1e-5, msg=key)
+    assert b["world_size"] == 2 and len(b["rng"]) == 2
+    m1, m2 = metrics(tmp_path / "logs-one"), metrics(tmp_path / "logs-two")
+    assert m1[1]["val_acc"] == m2[1]["val_acc"]  # evaluation gathered over both ranks
+    assert m1[0]["train_loss"] == pytest.approx(m2[0]["train_loss"], rel=1e-5)
+
+
+def test_throughput_benchmark_tiny_preset_runs():
+    result = run("benchmarks/throughput.py", "--preset", "tiny", "--steps", 1, "--warmup", 1, "--num_workers", 0)
+    assert result.returncode == 0, result.stderr
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    cases = [line["case"] for line in lines[:-1]]
+    assert cases == ["data-plain", "data-fast", "pretrain-plain", "pretrain-fast", "finetune-plain", "finetune-fast"]
+    pretrain_fast = lines[3]
+    assert pretrain_fast["gflop_per_image"] > 0 and pretrain_fast["images_per_s"] > 0
+    assert set(lines[-1]) == {"summary", "data", "pretrain", "finetune"}

@@ -1,0 +1,326 @@
+"""Training machinery: accumulation, schedule, optimizer groups, EMA, mixup, augmentation, loaders, checkpoints."""
+import argparse
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+
+import mae_pretrain
+import train_classifier
+import utils
+from model import MAE_Encoder, MAE_ViT, ViT_Classifier
+
+CPU = utils.Runtime(torch.device("cpu"))
+TINY = dict(image_size=8, patch_size=2, emb_dim=16, encoder_layer=2, encoder_head=2, decoder_layer=1, decoder_head=2)
+
+
+def tiny_classifier(seed=0, **kwargs):
+    torch.manual_seed(seed)
+    return ViT_Classifier(MAE_Encoder(8, 2, 16, 2, 2), 10, **kwargs)
+
+
+def ce_loss(model, images, labels):
+    logits = model(images)
+    return torch.nn.functional.cross_entropy(logits, labels), (logits.argmax(1) == labels).sum().reshape(1)
+
+
+def make_trainer(model, micro, loss_fn=ce_loss, sgd=False, **kwargs):
+    # SGD makes the update linear in the gradient, so gradient equality shows through the weights; Adam's
+    # first step g / (|g| + eps) would magnify rounding in near-zero gradients
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1) if sgd else torch.optim.AdamW(model.parameters(), lr=1e-3)
+    return utils.Trainer(model, loss_fn, optimizer, lambda step: 1e-3, CPU, micro_batch=micro, num_extra=1, **kwargs)
+
+
+@pytest.mark.parametrize("k,n", [(4, 2), (2, 3)])
+def test_accumulated_micro_batches_equal_one_big_batch(k, n):
+    images, labels = torch.randn(k * n, 3, 8, 8), torch.arange(k * n) % 10
+    big, small = tiny_classifier(), tiny_classifier()
+    sums_big = make_trainer(big, k * n, sgd=True).step(images, labels, 0)
+    sums_small = make_trainer(small, n, sgd=True).step(images, labels, 0)
+    torch.testing.assert_close(sums_small, sums_big)
+    for (name, a), b in zip(big.named_parameters(), small.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    assert any((a != p).any() for a, p in zip(big.parameters(), tiny_classifier().parameters()))
+
+
+def test_accumulation_for_mae_loss():
+    """The MAE loss is a mean over an equal number of masked patches per image, so micro-batch means average
+    to the big-batch mean; the masks match because CPU torch.rand draws the same stream in pieces."""
+    images = torch.randn(8, 3, 8, 8)
+    models = []
+    for micro in (8, 2):
+        torch.manual_seed(0)
+        model = MAE_ViT(**TINY)
+        trainer = utils.Trainer(model, mae_pretrain.mae_loss, torch.optim.SGD(model.parameters(), lr=0.1),
+                                lambda step: 0.1, CPU, micro_batch=micro)
+        torch.manual_seed(1)
+        trainer.step(images, torch.zeros(8, dtype=torch.long), 0)
+        models.append(model)
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_lr_schedule_points():
+    peak, warmup, total = 1e-3, 10, 100
+    assert utils.lr_at(0, peak, warmup, total) == pytest.approx(peak / warmup)
+    assert utils.lr_at(warmup - 1, peak, warmup, total) == pytest.approx(peak)
+    assert utils.lr_at(warmup, peak, warmup, total) == pytest.approx(peak)
+    assert utils.lr_at(55, peak, warmup, total) == pytest.approx(peak * 0.5)
+    assert utils.lr_at(total, peak, warmup, total) == pytest.approx(0.0, abs=1e-15)
+    assert utils.lr_at(0, peak, 0, total) == pytest.approx(peak)
+    values = [utils.lr_at(s, peak, warmup, total) for s in range(total + 1)]
+    assert values[:warmup] == sorted(values[:warmup]) and values[warmup:] == sorted(values[warmup:], reverse=True)
+
+
+def test_layer_decay_gives_expected_effective_learning_rates():
+    model = tiny_classifier()  # 2 blocks: layer 0 = embeddings, 1-2 = blocks (timm puts the final norm with the
+    # last block), 3 = head
+    args = argparse.Namespace(layer_decay=0.5, weight_decay=0.05)
+    optimizer = utils.make_optimizer(train_classifier.make_param_groups(model, args), 1.0, CPU)
+    utils.set_lr(optimizer, 0.1)
+    lr_of = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+    wd_of = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    expected = {"cls_token": 0.1 * 0.5 ** 3, "patch_embed.proj.weight": 0.1 * 0.5 ** 3,
+                "blocks.0.attn.qkv.weight": 0.1 * 0.5 ** 2, "blocks.1.mlp.fc1.weight": 0.1 * 0.5,
+                "norm.weight": 0.1 * 0.5, "head.weight": 0.1}
+    for name, lr in expected.items():
+        assert lr_of[id(named[name])] == pytest.approx(lr), name
+    assert wd_of[id(named["cls_token"])] == 0 and wd_of[id(named["pos_embed"])] == 0
+    assert wd_of[id(named["blocks.0.attn.qkv.bias"])] == 0 and wd_of[id(named["head.weight"])] == 0.05
+    # and the trainer applies them: one step changes lr in every group by its scale
+    trainer = utils.Trainer(model, ce_loss, optimizer, lambda step: 0.2, CPU, micro_batch=4, num_extra=1)
+    trainer.step(torch.randn(4, 3, 8, 8), torch.arange(4), 0)
+    for group in optimizer.param_groups:
+        assert group["lr"] == pytest.approx(0.2 * group["lr_scale"])
+
+
+def test_pretraining_param_groups_skip_tokens_and_norms():
+    model = MAE_ViT(**TINY)
+    from timm.optim import param_groups_weight_decay
+    groups = param_groups_weight_decay(model, 0.05, no_weight_decay_list={"encoder.cls_token", "encoder.pos_embed", "decoder.mask_token",
+                                                     "decoder.pos_embed"})
+    decayed = {id(p) for g in groups if g["weight_decay"] for p in g["params"]}
+    for name, param in model.named_parameters():
+        assert (id(param) in decayed) == (param.ndim >= 2 and "token" not in name and "pos_embed" not in name), name
+
+
+def test_ema_follows_decay_formula_and_differs_from_live_weights():
+    from timm.utils import ModelEmaV3
+    model = tiny_classifier()
+    ema = ModelEmaV3(model, decay=0.9)
+    before = {k: v.clone() for k, v in ema.module.state_dict().items()}
+    trainer = make_trainer(model, 4, ema=ema)
+    trainer.step(torch.randn(4, 3, 8, 8), torch.arange(4), 0)
+    live = model.state_dict()
+    for key, value in ema.module.state_dict().items():
+        if value.is_floating_point():
+            torch.testing.assert_close(value, 0.9 * before[key] + 0.1 * live[key])
+    assert not torch.equal(ema.module.head.weight, model.head.weight)
+
+
+def test_mixup_changes_targets_and_images():
+    args = argparse.Namespace(mixup=0.8, cutmix=0.0, label_smoothing=0.1)
+    loss = train_classifier.ClassificationLoss(args, 10)
+    seen = {}
+
+    def model(images):
+        seen["images"] = images
+        return torch.zeros(images.shape[0], 10, requires_grad=True)
+
+    np.random.seed(0)
+    images, labels = torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 3])
+    value, correct = loss(model, images.clone(), labels)
+    assert not torch.equal(seen["images"], images)
+    mixed_images, targets = loss.mixup(images.clone(), labels)
+    smoothed = torch.nn.functional.one_hot(labels, 10) * 0.9 + 0.01
+    assert targets.shape == (4, 10) and not torch.allclose(targets, smoothed)
+    torch.testing.assert_close(targets.sum(1), torch.ones(4))
+    assert value.item() == pytest.approx(math.log(10), rel=1e-4)  # zero logits: loss log(10) whatever the targets
+
+
+def test_skip_nonfinite_keeps_weights_and_stops_after_n():
+    model = tiny_classifier()
+    calls = {"n": 0}
+
+    def bad_loss(model, images, labels):
+        calls["n"] += 1
+        loss, correct = ce_loss(model, images, labels)
+        return loss * float("nan"), correct
+
+    trainer = make_trainer(model, 4, loss_fn=bad_loss, skip_nonfinite=1)
+    before = [p.clone() for p in model.parameters()]
+    trainer.step(torch.randn(4, 3, 8, 8), torch.arange(4), 0)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    with pytest.raises(utils.NonFiniteLoss):
+        trainer.step(torch.randn(4, 3, 8, 8), torch.arange(4), 1)
+
+
+def test_nonfinite_loss_stops_run_epoch_with_epoch_and_step():
+    model = tiny_classifier()
+    trainer = make_trainer(model, 4, loss_fn=lambda m, x, y: (ce_loss(m, x, y)[0] * float("inf"),
+                                                            torch.zeros(1)))
+    loader = utils.DeviceLoader(torch.zeros(8, 3, 8, 8, dtype=torch.uint8), torch.zeros(8, dtype=torch.long), 4,
+                                device=torch.device("cpu"), train=True)
+    state = utils.EpochState(loader.order.new_epoch())
+    with pytest.raises(utils.NonFiniteLoss, match="epoch 3 at optimizer step 11"):
+        with utils.StopRequest() as stop:
+            trainer.run_epoch(loader, state, epoch=3, first_step=10, log_interval=1, stop=stop, desc="", show=False)
+
+
+# ------------------------------------------------------------------------------------------- augmentation
+
+def test_crop_of_known_image_equals_slice_and_flip_mirrors():
+    image = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).view(2, 3, 8, 8)
+    boxes = torch.tensor([[2.0, 1.0, 4.0, 4.0], [0.0, 4.0, 4.0, 4.0]])
+    out = utils.crop_resize_flip(image, boxes, torch.tensor([False, True]), 4)
+    torch.testing.assert_close(out[0], image[0, :, 1:5, 2:6])
+    torch.testing.assert_close(out[1], image[1, :, 4:8, 0:4].flip(-1))
+    whole = utils.crop_resize_flip(image, torch.tensor([[0.0, 0.0, 8.0, 8.0]] * 2), torch.tensor([True, False]), 8)
+    torch.testing.assert_close(whole[0], image[0].flip(-1))
+    torch.testing.assert_close(whole[1], image[1])
+
+
+def test_crop_boxes_within_image_and_scale():
+    g = torch.Generator().manual_seed(0)
+    boxes = utils.sample_crop_boxes(1000, 32, 32, (0.2, 1.0), generator=g)
+    x0, y0, w, h = boxes.unbind(1)
+    assert (x0 >= 0).all() and (y0 >= 0).all() and (x0 + w <= 32 + 1e-4).all() and (y0 + h <= 32 + 1e-4).all()
+    area = w * h / 1024
+    assert area.min() >= 0.2 * 0.74 and area.max() <= 1.0 + 1e-4  # clamping only shrinks the longer side
+    assert area.std() > 0.1
+
+
+def make_loader(seed=0, **kwargs):
+    images = torch.randint(0, 256, (16, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(5))
+    return utils.DeviceLoader(images, torch.arange(16) % 10, 8, device=torch.device("cpu"), train=True, seed=seed,
+                              **kwargs), images
+
+
+def test_device_augmentation_shapes_range_variation_and_determinism():
+    loader, images = make_loader(crop_scale=(0.2, 1.0), flip=True)
+    order = loader.order.new_epoch()
+    x, y = next(loader.batches(order))
+    assert x.shape == (8, 3, 8, 8) and y.shape == (8,) and x.dtype == torch.float32
+    assert x.min() >= -1 and x.max() <= 1
+    # per-sample: the same image twice gets two different augmentations
+    same = utils.DeviceLoader(images[:1].expand(8, -1, -1, -1), torch.zeros(8, dtype=torch.long), 8,
+                              device=torch.device("cpu"), train=True, crop_scale=(0.2, 1.0), flip=True)
+    batch, _ = next(same.batches(same.order.new_epoch()))
+    assert len({tuple(b.flatten().tolist()) for b in batch}) == 8
+    again, _ = make_loader(crop_scale=(0.2, 1.0), flip=True)
+    x2, _ = next(again.batches(again.order.new_epoch()))
+    assert torch.equal(x, x2)
+    other, _ = make_loader(seed=1, crop_scale=(0.2, 1.0), flip=True)
+    assert not torch.equal(x, next(other.batches(other.order.new_epoch()))[0])
+
+
+def test_device_loader_without_augmentation_is_normalised_slice():
+    loader, images = make_loader()
+    order = loader.order.new_epoch()
+    assert sorted(order.tolist()) == list(range(16))
+    batches = list(loader.batches(order))
+    assert len(batches) == 2
+    torch.testing.assert_close(batches[1][0], images[order[8:16]].float() / 127.5 - 1)
+
+
+def test_batch_order_splits_global_batches_over_ranks():
+    g = torch.Generator().manual_seed(0)
+    order = torch.randperm(20, generator=g)
+    single = utils.BatchOrder(20, 8, train=True, generator=g)
+    ranks = [utils.BatchOrder(20, 8, train=True, generator=g, rank=r, world_size=2) for r in range(2)]
+    assert len(single) == 2 and all(len(r) == 2 for r in ranks)  # 4 images dropped each epoch
+    for step, whole in enumerate(single.steps(order)):
+        parts = [list(r.steps(order))[step] for r in ranks]
+        assert torch.equal(torch.cat(parts), whole)
+    evals = [utils.BatchOrder(11, 4, train=False, generator=g, rank=r, world_size=2) for r in range(2)]
+    seen = torch.cat([i for e in evals for i in e.steps(torch.arange(11))])
+    assert sorted(seen.tolist()) == list(range(11))
+
+
+def test_fast_and_plain_paths_train_the_same_model():
+    """Device loader vs torchvision DataLoader, augmentation off, same seed: same batches, same losses."""
+    images = torch.randint(0, 256, (32, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(32) % 10
+    losses = []
+    for loader_cls in (utils.DeviceLoader, utils.TorchLoader):
+        loader = loader_cls(images, labels, 8, device=torch.device("cpu"), train=True, seed=3)
+        model = tiny_classifier()
+        trainer = make_trainer(model, 4)
+        run = []
+        for step, (x, y) in enumerate(loader.batches(loader.order.new_epoch())):
+            sums = trainer.step(x, y, step)
+            run.append(float(sums[0] / sums[1]))
+        losses.append(run)
+    assert len(losses[0]) == 4
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
+# ------------------------------------------------------------------------------------------- checkpoints, kNN, export
+
+def test_atomic_checkpoint_roundtrip_weights_only(tmp_path):
+    model = MAE_ViT(**TINY)
+    path = tmp_path / "ckpt.pth"
+    args = mae_pretrain.get_args_parser().parse_args([])
+    loader, _ = make_loader()
+    utils.save_atomic({"format": utils.CHECKPOINT_FORMAT, "kind": "mae_pretrain", "model": model.state_dict(),
+                       "model_config": model.config, "args": utils.plain_args(args),
+                       "rng": utils.rng_state(CPU, loader)}, str(path))
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pth"]  # no temporary file left
+    ckpt = torch.load(path, weights_only=True)
+    restored = MAE_ViT(**ckpt["model_config"])
+    restored.load_state_dict(ckpt["model"])
+    for (name, a), b in zip(model.state_dict().items(), restored.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert ckpt["args"]["crop_scale"] == [0.2, 1.0]
+
+
+def test_rng_state_restores_every_stream():
+    loader, _ = make_loader(crop_scale=(0.2, 1.0), flip=True)
+    state = utils.rng_state(CPU, loader)
+    draws = lambda: (torch.rand(3), np.random.rand(3).tolist(), random.random(), loader.order.new_epoch(),
+                     next(loader.batches(loader.order.new_epoch()))[0])
+    first = draws()
+    utils.set_rng_state(state, CPU, loader)
+    second = draws()
+    assert torch.equal(first[0], second[0]) and first[1] == second[1] and first[2] == second[2]
+    assert torch.equal(first[3], second[3]) and torch.equal(first[4], second[4])
+
+
+def test_knn_accuracy_and_monitor_leaves_rng_and_mode_alone():
+    feats = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]])
+    labels = torch.tensor([0, 0, 1, 1])
+    assert utils.knn_accuracy(feats, labels, torch.tensor([[1.0, 0.05], [0.0, 1.0]]), torch.tensor([0, 1]), 2,
+                              k=2) == 1.0
+    encoder = MAE_ViT(**TINY).encoder.train()
+    images = torch.randint(0, 256, (12, 3, 8, 8), dtype=torch.uint8)
+    loaders = [utils.DeviceLoader(images, torch.arange(12) % 3, 5, device=torch.device("cpu"), train=False)
+               for _ in range(2)]
+    torch.manual_seed(0)
+    expected = torch.rand(1)
+    torch.manual_seed(0)
+    with torch.enable_grad():
+        acc = utils.knn_monitor(encoder, *loaders, 3, CPU, k=3)
+    assert 0 <= acc <= 1 and encoder.training
+    assert torch.equal(torch.rand(1), expected)
+    assert all(p.grad is None for p in encoder.parameters())
+
+
+@pytest.mark.parametrize("global_pool,linear_probe", [(False, False), (True, False), (False, True)])
+def test_timm_export_gives_same_logits(global_pool, linear_probe):
+    import timm
+    model = tiny_classifier(global_pool=global_pool, linear_probe=linear_probe)
+    if linear_probe:  # give the BatchNorm real statistics
+        model.train()
+        model(torch.randn(16, 3, 8, 8) * 3 + 1)
+    model.eval()
+    config = dict(image_size=8, patch_size=2, emb_dim=16, encoder_layer=2, encoder_head=2, in_chans=3,
+                  pos_embed="learned", num_classes=10, global_pool=global_pool, linear_probe=linear_probe)
+    state, kwargs = train_classifier.timm_export(model, config)
+    reference = timm.create_model("vit_tiny_patch16_224", pretrained=False, **kwargs)
+    reference.load_state_dict(state, strict=True)
+    reference.eval()
+    x = torch.randn(4, 3, 8, 8)
+    torch.testing.assert_close(reference(x), model(x), rtol=1e-4, atol=1e-5)

@@ -1,0 +1,98 @@
+"""Convert a whole pickled model from the original repository (torch.save(model)) to this project's format.
+
+    python tools/convert_legacy.py old-vit-t-mae.pt vit-t-mae.pth --execute_pickled_code
+
+Loading such a file runs code stored in it (that is how pickle rebuilds a module), so this tool refuses
+unless --execute_pickled_code is given: use it only on files you trust. The result is a plain state_dict
+checkpoint that loads with weights_only=True. An MAE_ViT becomes a pretraining checkpoint, a
+ViT_Classifier a classifier checkpoint. The original's layer norms used eps 1e-5 (ours 1e-6) and its decoder
+had no final norm (ours is set to identity-like weights 1, 0), so a converted decoder is close, not exact;
+the encoder, which fine-tuning uses, carries over weight for weight.
+"""
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import utils  # noqa: E402
+
+# original name -> ours; pos_embedding tensors are (T, 1, D) there, (1, 1 + T, D) here
+RENAMES = [("patchify.", "patch_embed.proj."), ("transformer.", "blocks."), ("layer_norm.", "norm.")]
+
+
+def convert_state_dict(state):
+    """The original repository's parameter names and shapes -> this project's (an MAE_ViT or classifier)."""
+    out = {}
+    for key, value in state.items():
+        prefix = next((p for p in ("encoder.", "decoder.") if key.startswith(p)), "")
+        name = key[len(prefix):]
+        for old, new in RENAMES:
+            if name.startswith(old):
+                name = new + name[len(old):]
+        if name == "pos_embedding":
+            table = value.permute(1, 0, 2)  # (1, T or 1 + T, D)
+            if prefix != "decoder.":  # encoder / classifier: the cls token had no position there
+                table = torch.cat([torch.zeros_like(table[:, :1]), table], dim=1)
+            name, value = "pos_embed", table
+        out[prefix + name] = value
+    if any(k.startswith("decoder.") for k in out) and "decoder.decoder_embed.weight" not in out:
+        width = out["decoder.mask_token"].shape[-1]
+        out["decoder.decoder_embed.weight"] = torch.eye(width)
+        out["decoder.decoder_embed.bias"] = torch.zeros(width)
+        out["decoder.norm.weight"] = torch.ones(width)
+        out["decoder.norm.bias"] = torch.zeros(width)
+    return out
+
+
+def model_config(state):
+    """Sizes read off the weights."""
+    prefix = "encoder." if "encoder.cls_token" in state else ""
+    emb_dim = state[prefix + "cls_token"].shape[-1]
+    patch = state[prefix + "patch_embed.proj.weight"].shape[-1]
+    tokens = state[prefix + "pos_embed"].shape[1] - 1
+    blocks = lambda p: len({k.split(".")[1 + p.count(".")] for k in state if k.startswith(p + "blocks.")})
+    config = dict(image_size=int(round(tokens ** 0.5)) * patch, patch_size=patch, emb_dim=emb_dim,
+                  in_chans=state[prefix + "patch_embed.proj.weight"].shape[1], pos_embed="learned")
+    heads = lambda width: max(1, width // 64)  # the original always used 3 heads of 64 for ViT-T
+    if prefix:
+        dec_dim = state["decoder.mask_token"].shape[-1]
+        config.update(encoder_layer=blocks("encoder."), encoder_head=heads(emb_dim), decoder_layer=blocks("decoder."),
+                      decoder_head=heads(dec_dim), mask_ratio=0.75, decoder_emb_dim=dec_dim, norm_pix_loss=False)
+    else:
+        config.update(encoder_layer=blocks(""), encoder_head=heads(emb_dim),
+                      num_classes=state["head.weight"].shape[0], global_pool=False, linear_probe=False)
+    return config
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser("convert a legacy whole-model pickle")
+    parser.add_argument("source")
+    parser.add_argument("destination")
+    parser.add_argument("--execute_pickled_code", action="store_true",
+                        help="required: loading the source runs code stored in it; only for files you trust")
+    return parser
+
+
+@utils.cli_main
+def main(args):
+    if not args.execute_pickled_code:
+        raise utils.UserError("loading a pickled model runs code stored in the file; pass --execute_pickled_code "
+                              "if you trust it")
+    if not os.path.isfile(args.source):
+        raise utils.UserError(f"{args.source} does not exist")
+    module = torch.load(args.source, map_location="cpu", weights_only=False)
+    if not isinstance(module, torch.nn.Module):
+        raise utils.UserError(f"{args.source} holds a {type(module).__name__}, not a pickled model")
+    state = convert_state_dict(module.state_dict())
+    config = getattr(module, "config", None) or model_config(state)  # our own classes carry their config
+    kind = "mae_pretrain" if "encoder.cls_token" in state else "classifier"
+    utils.check_writable(args.destination, "destination")
+    utils.save_atomic({"format": utils.CHECKPOINT_FORMAT, "kind": kind, "model": state, "model_config": config,
+                       "epoch": 0, "converted_from": os.path.basename(args.source)}, args.destination)
+    print(f"wrote {args.destination} ({kind} checkpoint); it loads with weights_only=True")
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())

@@ -1,0 +1,62 @@
+"""Reconstructions of test images at several mask ratios from an MAE checkpoint, as one PNG.
+
+    python tools/reconstruct.py vit-t-mae.pth --out reconstructions.png --mask_ratios 0.25 0.5 0.75
+
+Rows are images; for each mask ratio two columns (masked input, reconstruction with the visible patches
+pasted back), then the original.
+"""
+import argparse
+import os
+import sys
+
+import torch
+from torchvision.utils import save_image
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import utils  # noqa: E402
+from model import MAE_ViT  # noqa: E402
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser("MAE reconstructions at several mask ratios")
+    parser.add_argument("checkpoint", help="an MAE pretraining checkpoint (mae_pretrain.py --model_path)")
+    parser.add_argument("--out", default="reconstructions.png")
+    parser.add_argument("--mask_ratios", type=float, nargs="+", default=[0.25, 0.5, 0.75])
+    parser.add_argument("--num_images", type=int, default=8, help="the first N test images")
+    parser.add_argument("--data_dir", default="data")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random masks")
+    return parser
+
+
+@torch.no_grad()
+def reconstruction_rows(model, images, mask_ratios, seed=0):
+    """images (N, C, H, W) in [-1, 1] -> (N * (2 * len(ratios) + 1), C, H, W) in [0, 1], row by row."""
+    model.eval()
+    columns = []
+    for ratio in mask_ratios:
+        torch.manual_seed(seed)
+        predicted, mask = model(images, mask_ratio=ratio)
+        columns += [images * (1 - mask), model.reconstruct(images, predicted, mask)]
+    columns.append(images)
+    return utils.denormalize(torch.stack(columns, dim=1).flatten(0, 1)), len(columns)
+
+
+@utils.cli_main
+def main(args):
+    for ratio in args.mask_ratios:
+        if not 0 <= ratio < 1:
+            raise utils.UserError(f"--mask_ratios must lie in [0, 1), got {ratio}")
+    ckpt = utils.load_checkpoint(args.checkpoint, "mae_pretrain", "checkpoint")
+    model = MAE_ViT(**ckpt["model_config"])
+    model.load_state_dict(ckpt["model"])
+    data = utils.load_data(args.data_dir, model.config["image_size"])
+    images = utils.normalize(data.test_images[:args.num_images])
+    grid, per_row = reconstruction_rows(model, images, args.mask_ratios, args.seed)
+    utils.check_writable(args.out, "--out")
+    save_image(grid, args.out, nrow=per_row, padding=1, pad_value=1.0)
+    print(f"wrote {args.out}: {len(images)} images x (masked, reconstruction) at mask ratios "
+          f"{', '.join(map(str, args.mask_ratios))}, then the original")
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())
