@@ -34,21 +34,12 @@ def get_args_parser():
     parser.add_argument("--model_path", default="vit-t-mae.pth", help="checkpoint written after every epoch")
     parser.add_argument("--data_dir", default="data", help="cifar-10-batches-py/ or train/ + test/ image folders")
     parser.add_argument("--log_dir", default="logs/cifar10/mae-pretrain")
-    model = parser.add_argument_group("model")
-    model.add_argument("--image_size", type=int, default=32)
-    model.add_argument("--patch_size", type=int, default=2)
-    model.add_argument("--emb_dim", type=int, default=192)
-    model.add_argument("--encoder_layer", type=int, default=12)
-    model.add_argument("--encoder_head", type=int, default=3)
+    model = utils.add_encoder_args(parser.add_argument_group("model"))
     model.add_argument("--decoder_layer", type=int, default=4)
     model.add_argument("--decoder_head", type=int, default=3)
     model.add_argument("--decoder_emb_dim", type=int, default=None, help="decoder width (default: emb_dim)")
-    model.add_argument("--pos_embed", default="learned", choices=["learned", "sincos"])
     model.add_argument("--norm_pix_loss", action="store_true", help="regress per-patch normalised pixels")
-    aug = parser.add_argument_group("augmentation (per sample)")
-    aug.add_argument("--crop_scale", type=float, nargs=2, default=[0.2, 1.0], metavar=("MIN", "MAX"),
-                     help="random-resized-crop area range; 1 1 turns cropping off")
-    aug.add_argument("--flip", default=True, action=argparse.BooleanOptionalAction, help="random horizontal flip")
+    utils.add_augmentation_args(parser.add_argument_group("augmentation (per sample)"), [0.2, 1.0])
     monitor = parser.add_argument_group("monitoring")
     monitor.add_argument("--knn_every", type=int, default=0, help="kNN accuracy every N epochs (0: never)")
     monitor.add_argument("--knn_k", type=int, default=200)
@@ -110,17 +101,10 @@ def reconstruction_grid(model, images, rt):
 
 
 def save_checkpoint(args, rt, model, trainer, loader, *, epoch, step, epoch_state=None):
-    rng = utils.rng_state(rt, loader)  # a collective under torchrun: every rank takes part
-    if not rt.is_main:
-        return
-    utils.save_atomic({
-        "format": utils.CHECKPOINT_FORMAT, "kind": "mae_pretrain",
-        "model": model.state_dict(), "model_config": model.config,
-        "epoch": epoch, "step": step, "optimizer": trainer.optimizer.state_dict(),
-        "scaler": trainer.scaler.state_dict() if trainer.scaler else None,
-        "epoch_state": epoch_state.state_dict() if epoch_state is not None else None,
-        "rng": rng, "args": utils.plain_args(args), "world_size": rt.world_size,
-    }, args.model_path)
+    state = utils.training_state(trainer, loader, rt, args, epoch_state)  # every rank takes part
+    if rt.is_main:
+        utils.save_atomic({"format": utils.CHECKPOINT_FORMAT, "kind": "mae_pretrain", "model": model.state_dict(),
+                           "model_config": model.config, "epoch": epoch, "step": step, **state}, args.model_path)
 
 
 @utils.cli_main
@@ -159,15 +143,7 @@ def main(args):
                             skip_nonfinite=args.skip_nonfinite)
     start_epoch, epoch_state = 0, None
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if trainer.scaler and ckpt["scaler"]:
-            trainer.scaler.load_state_dict(ckpt["scaler"])
-        utils.set_rng_state(ckpt["rng"], rt, train_loader)
-        start_epoch = ckpt["epoch"]
-        if ckpt["epoch_state"] is not None:
-            saved = ckpt["epoch_state"]
-            epoch_state = utils.EpochState(saved["order"].to(rt.device), saved["step"], saved["sums"].to(rt.device))
+        start_epoch, epoch_state = utils.restore_training_state(ckpt, model, trainer, train_loader, rt)
         if rt.is_main:
             print(f"resumed {args.resume} after epoch {start_epoch}"
                   + (f" (+{epoch_state.step} steps)" if epoch_state else ""))
@@ -184,19 +160,13 @@ def main(args):
 
     with utils.StopRequest() as stop:
         for epoch in range(start_epoch, args.total_epoch):
-            if epoch_state is None:
-                epoch_state = utils.EpochState(train_loader.order.new_epoch())
-            model.train()
-            metrics = trainer.run_epoch(train_loader, epoch_state, epoch=epoch + 1, first_step=epoch * steps_per_epoch,
-                                        log_interval=args.log_interval, stop=stop,
-                                        desc=f"epoch {epoch + 1}/{args.total_epoch}", show=rt.is_main)
+            metrics, epoch_state = trainer.train_epoch(model, train_loader, epoch_state, epoch=epoch,
+                                                       total_epoch=args.total_epoch, log_interval=args.log_interval,
+                                                       stop=stop)
             if metrics is None:  # SIGINT / SIGTERM: save where we are, exit 130 / 143
                 save_checkpoint(args, rt, model, trainer, train_loader, epoch=epoch,
                                 step=epoch * steps_per_epoch + epoch_state.step, epoch_state=epoch_state)
-                log.close()
-                if rt.is_main:
-                    utils.report_stop(args.model_path, "mae_pretrain.py", 128 + stop.signum)
-                raise SystemExit(128 + stop.signum)
+                utils.exit_after_signal(args.model_path, "mae_pretrain.py", stop.signum, rt, log)
             epoch_state = None
             record = {"epoch": epoch + 1, "loss": metrics["loss"], "lr": metrics["lr"],
                       "images_per_s": metrics["images_per_s"], "seconds": metrics["seconds"]}

@@ -41,21 +41,13 @@ def get_args_parser():
     parser.add_argument("--data_dir", default="data", help="cifar-10-batches-py/ or train/ + test/ image folders")
     parser.add_argument("--log_dir", default=None,
                         help="default: logs/cifar10/pretrain-cls or logs/cifar10/scratch-cls")
-    model = parser.add_argument_group("model (from scratch; a pretrained checkpoint brings its own sizes)")
-    model.add_argument("--image_size", type=int, default=32)
-    model.add_argument("--patch_size", type=int, default=2)
-    model.add_argument("--emb_dim", type=int, default=192)
-    model.add_argument("--encoder_layer", type=int, default=12)
-    model.add_argument("--encoder_head", type=int, default=3)
-    model.add_argument("--pos_embed", default="learned", choices=["learned", "sincos"])
+    model = utils.add_encoder_args(
+        parser.add_argument_group("model (from scratch; a pretrained checkpoint brings its own sizes)"))
     model.add_argument("--global_pool", action="store_true", help="mean of patch tokens + norm instead of cls")
     model.add_argument("--drop_path", type=float, default=0.0, help="stochastic depth rate of the last block")
     model.add_argument("--linear_probe", action="store_true",
                        help="freeze the encoder (eval mode, no gradient); train BatchNorm + linear head")
-    recipe = parser.add_argument_group("recipe")
-    recipe.add_argument("--crop_scale", type=float, nargs=2, default=[0.35, 1.0], metavar=("MIN", "MAX"),
-                        help="random-resized-crop area range; 1 1 turns cropping off")
-    recipe.add_argument("--flip", default=True, action=argparse.BooleanOptionalAction, help="random horizontal flip")
+    recipe = utils.add_augmentation_args(parser.add_argument_group("recipe"), [0.35, 1.0])
     recipe.add_argument("--randaug", default=None,
                         help="timm RandAugment policy, e.g. rand-m9-mstd0.5-inc1 (--loader torch only)")
     recipe.add_argument("--mixup", type=float, default=0.0, help="mixup alpha (0: off)")
@@ -308,19 +300,10 @@ def main(args):
                             skip_nonfinite=args.skip_nonfinite, num_extra=1)
     start_epoch, epoch_state, best_acc, best_state = 0, None, 0.0, None
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if trainer.scaler and ckpt["scaler"]:
-            trainer.scaler.load_state_dict(ckpt["scaler"])
-        if ema is not None:
-            ema.module.load_state_dict(ckpt["ema"])
-        utils.set_rng_state(ckpt["rng"], rt, train_loader)
-        start_epoch, best_acc = ckpt["epoch"], ckpt["best_acc"]
+        start_epoch, epoch_state = utils.restore_training_state(ckpt, model, trainer, train_loader, rt, ema)
+        best_acc = ckpt["best_acc"]
         if os.path.isfile(args.output_model_path):
             best_state = utils.load_checkpoint(args.output_model_path, "classifier")["model"]
-        if ckpt["epoch_state"] is not None:
-            saved = ckpt["epoch_state"]
-            epoch_state = utils.EpochState(saved["order"].to(rt.device), saved["step"], saved["sums"].to(rt.device))
         if rt.is_main:
             print(f"resumed {args.resume} after epoch {start_epoch} (best accuracy so far {best_acc:.2%})")
     eval_model = ema.module if ema is not None else model
@@ -332,29 +315,19 @@ def main(args):
               f"{micro_batch}, peak lr {peak_lr:.2e}, amp {rt.amp_dtype}, compile {rt.compile}")
 
     def save_last(epoch, epoch_state=None):
-        rng = utils.rng_state(rt, train_loader)
+        state = utils.training_state(trainer, train_loader, rt, args, epoch_state, ema)  # every rank takes part
         if rt.is_main:
-            utils.save_atomic(checkpoint(
-                model.state_dict(), config, data.classes, epoch, optimizer=optimizer.state_dict(),
-                scaler=trainer.scaler.state_dict() if trainer.scaler else None,
-                ema=ema.module.state_dict() if ema is not None else None, best_acc=best_acc,
-                epoch_state=epoch_state.state_dict() if epoch_state is not None else None, rng=rng,
-                args=utils.plain_args(args), world_size=rt.world_size), last_path)
+            utils.save_atomic(checkpoint(model.state_dict(), config, data.classes, epoch, best_acc=best_acc, **state),
+                              last_path)
 
     with utils.StopRequest() as stop:
         for epoch in range(start_epoch, args.total_epoch):
-            if epoch_state is None:
-                epoch_state = utils.EpochState(train_loader.order.new_epoch())
-            model.train()
-            train = trainer.run_epoch(train_loader, epoch_state, epoch=epoch + 1, first_step=epoch * steps_per_epoch,
-                                      log_interval=args.log_interval, stop=stop,
-                                      desc=f"epoch {epoch + 1}/{args.total_epoch}", show=rt.is_main)
-            if train is None:
+            train, epoch_state = trainer.train_epoch(model, train_loader, epoch_state, epoch=epoch,
+                                                     total_epoch=args.total_epoch, log_interval=args.log_interval,
+                                                     stop=stop)
+            if train is None:  # SIGINT / SIGTERM: save where we are, exit 130 / 143
                 save_last(epoch, epoch_state)
-                log.close()
-                if rt.is_main:
-                    utils.report_stop(last_path, "train_classifier.py", 128 + stop.signum)
-                raise SystemExit(128 + stop.signum)
+                utils.exit_after_signal(last_path, "train_classifier.py", stop.signum, rt, log)
             epoch_state = None
             val = evaluate(eval_model, test_loader, rt, num_classes)
             train_acc = train["extra_sums"][0] / max(train["images"], 1)

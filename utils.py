@@ -155,6 +155,25 @@ def all_reduce_sum(values, rt):
     return values
 
 
+def add_encoder_args(group):
+    """The encoder's size flags, shared by both scripts (defaults: ViT-T/2 on 32x32 images)."""
+    group.add_argument("--image_size", type=int, default=32)
+    group.add_argument("--patch_size", type=int, default=2)
+    group.add_argument("--emb_dim", type=int, default=192)
+    group.add_argument("--encoder_layer", type=int, default=12)
+    group.add_argument("--encoder_head", type=int, default=3)
+    group.add_argument("--pos_embed", default="learned", choices=["learned", "sincos"],
+                       help="learned, or fixed 2-D sin-cos position embeddings")
+    return group
+
+
+def add_augmentation_args(group, crop_scale):
+    group.add_argument("--crop_scale", type=float, nargs=2, default=crop_scale, metavar=("MIN", "MAX"),
+                       help="random-resized-crop area range; 1 1 turns cropping off")
+    group.add_argument("--flip", default=True, action=argparse.BooleanOptionalAction, help="random horizontal flip")
+    return group
+
+
 def add_runtime_args(parser):
     group = parser.add_argument_group("runtime")
     group.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda when available)")
@@ -714,6 +733,15 @@ class Trainer:
         metrics["extra_sums"] = totals[2:]
         return metrics
 
+    def train_epoch(self, model, loader, state, *, epoch, total_epoch, log_interval, stop):
+        """Train epoch `epoch` (0-based) from `state` (a fresh one when None). -> (metrics or None, state)."""
+        state = state or EpochState(loader.order.new_epoch())
+        model.train()
+        metrics = self.run_epoch(loader, state, epoch=epoch + 1, first_step=epoch * len(loader),
+                                 log_interval=log_interval, stop=stop, desc=f"epoch {epoch + 1}/{total_epoch}",
+                                 show=self.rt.is_main)
+        return metrics, state
+
     def stop_requested(self, stop, step, log_interval, steps):
         if not self.rt.distributed:
             return stop.signum is not None
@@ -814,6 +842,30 @@ def load_checkpoint(path, kind=None, what="checkpoint"):
         raise UserError(f"{what} {path} is {names.get(ckpt.get('kind'), repr(ckpt.get('kind')))} checkpoint, "
                         f"but {names[kind]} checkpoint is needed here")
     return ckpt
+
+
+def training_state(trainer, loader, rt, args, epoch_state=None, ema=None):
+    """What --resume needs beyond the weights, as plain values and tensors (a collective under torchrun)."""
+    return {"optimizer": trainer.optimizer.state_dict(),
+            "scaler": trainer.scaler.state_dict() if trainer.scaler else None,
+            "ema": ema.module.state_dict() if ema is not None else None,
+            "epoch_state": epoch_state.state_dict() if epoch_state is not None else None,
+            "rng": rng_state(rt, loader), "args": plain_args(args), "world_size": rt.world_size}
+
+
+def restore_training_state(ckpt, model, trainer, loader, rt, ema=None):
+    """Load what training_state saved (and the weights). -> (completed epochs, EpochState or None)."""
+    model.load_state_dict(ckpt["model"])
+    trainer.optimizer.load_state_dict(ckpt["optimizer"])
+    if trainer.scaler is not None and ckpt["scaler"]:
+        trainer.scaler.load_state_dict(ckpt["scaler"])
+    if ema is not None:
+        ema.module.load_state_dict(ckpt["ema"])
+    set_rng_state(ckpt["rng"], rt, loader)
+    saved = ckpt["epoch_state"]
+    if saved is None:
+        return ckpt["epoch"], None
+    return ckpt["epoch"], EpochState(saved["order"].to(rt.device), saved["step"], saved["sums"].to(rt.device))
 
 
 def plain_args(args):
@@ -933,9 +985,12 @@ class MetricsLog:
             self.writer.close()
 
 
-def report_stop(path, script, code):
-    print(f"stopped; checkpoint saved to {path}. Resume with: python {script} --resume {path}", file=sys.stderr)
-    sys.exit(code)
+def exit_after_signal(path, script, signum, rt, log):
+    """After the checkpoint of an interrupted run is written: say how to resume, exit 128 + signal number."""
+    log.close()
+    if rt.is_main:
+        print(f"stopped; checkpoint saved to {path}. Resume with: python {script} --resume {path}", file=sys.stderr)
+    sys.exit(128 + signum)
 
 
 # ---------------------------------------------------------------------------------------------- kNN monitor

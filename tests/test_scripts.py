@@ -305,81 +305,98 @@ def test_nonfinite_loss_stops_without_overwriting_checkpoint(tmp_path, cifar_dir
 
 # ------------------------------------------------------------------------------------------- bad inputs
 
-def run_main(module, argv, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        module.main(module.get_args_parser().parse_args([str(a) for a in argv]))
-    err = capsys.readouterr().err.strip().splitlines()
-    return exit_info.value.code, err[-1] if err else ""
-
-
-@pytest.fixture
+@pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A tiny pretraining and classifier checkpoint, made once per test that asks."""
+    """Tiny pretraining and classifier checkpoints and a set of broken inputs, made once for this module."""
     tmp = tmp_path_factory.mktemp("trained")
     data = write_cifar_batches(str(tmp / "data"))
     result, mae, _ = pretrain(tmp, data, "--total_epoch", 1)
     assert result.returncode == 0, result.stderr
     result, cls, _ = classify(tmp, data, *TINY_MODEL, "--total_epoch", 1)
     assert result.returncode == 0, result.stderr
-    return {"data": data, "mae": mae, "cls": cls, "tmp": tmp}
+    world = {"data": data, "mae": mae, "cls": cls, "tmp": tmp}
+    world["truncated"] = tmp / "truncated.pth"
+    world["truncated"].write_bytes(mae.read_bytes()[:1000])
+    world["corrupt"] = tmp / "corrupt"
+    shutil.copytree(data, world["corrupt"])
+    with open(world["corrupt"] / "cifar-10-batches-py" / "data_batch_3", "r+b") as f:
+        f.truncate(100)
+    world["broken_image"] = tmp / "broken-image"
+    write_image_folder(str(world["broken_image"]))
+    world["bad_file"] = world["broken_image"] / "train" / "cat" / "0003.jpg"
+    world["bad_file"].write_bytes(b"not a jpeg")
+    world["no_classes"] = tmp / "no-classes"
+    (world["no_classes"] / "train").mkdir(parents=True)
+    (world["no_classes"] / "test").mkdir()
+    world["empty_class"] = tmp / "empty-class"
+    write_image_folder(str(world["empty_class"]))
+    shutil.rmtree(world["empty_class"] / "train" / "dog")
+    (world["empty_class"] / "train" / "dog").mkdir()
+    world["a_file"] = tmp / "a-file"
+    world["a_file"].write_text("x")
+    return world
 
 
-def test_bad_inputs_each_end_with_one_clear_line(tmp_path, trained, capsys):
+MAE_OUT = lambda w, t: ["--model_path", t / "new.pth", "--log_dir", t / "logs"]
+CLS_OUT = lambda w, t: ["--output_model_path", t / "new-cls.pth", "--log_dir", t / "logs"]
+BAD_INPUTS = {  # name: (script, argv from (world, tmp_path), what the error line must say)
+    "corrupt dataset file": ("mae", lambda w, t: ["--data_dir", w["corrupt"], *TINY_MAE, *MAE_OUT(w, t)],
+                             lambda w: "data_batch_3"),
+    "corrupt image": ("mae", lambda w, t: ["--data_dir", w["broken_image"], *TINY_MAE, *MAE_OUT(w, t)],
+                      lambda w: str(w["bad_file"])),
+    "no class folders": ("mae", lambda w, t: ["--data_dir", w["no_classes"], *TINY_MAE, *MAE_OUT(w, t)],
+                         lambda w: "holds no class folders"),
+    "empty class": ("mae", lambda w, t: ["--data_dir", w["empty_class"], *TINY_MAE, *MAE_OUT(w, t)],
+                    lambda w: "'dog' holds no images"),
+    "missing checkpoint": ("cls", lambda w, t: ["--data_dir", w["data"], "--pretrained_model_path", t / "nope.pth",
+                                                *CLS_OUT(w, t)], lambda w: "does not exist"),
+    "truncated checkpoint": ("cls", lambda w, t: ["--data_dir", w["data"], "--pretrained_model_path", w["truncated"],
+                                                  *CLS_OUT(w, t)], lambda w: "truncated"),
+    "classifier as pretrained": ("cls", lambda w, t: ["--data_dir", w["data"], "--pretrained_model_path", w["cls"],
+                                                      *CLS_OUT(w, t)],
+                                 lambda w: "is a classifier checkpoint, but an MAE pretraining checkpoint is needed"),
+    "sizes differ from flags": ("cls", lambda w, t: ["--data_dir", w["data"], "--pretrained_model_path", w["mae"],
+                                                     "--emb_dim", 32, *CLS_OUT(w, t)], lambda w: "--emb_dim 32 conflicts"),
+    "pretraining checkpoint to eval": ("cls", lambda w, t: ["--data_dir", w["data"], "--eval_only", w["mae"]],
+                                       lambda w: "classifier checkpoint is needed"),
+    "batch not multiple of micro": ("mae", lambda w, t: ["--data_dir", w["data"], *TINY_MAE, "-bs", 12,
+                                                         "--max_device_batch_size", 8, *MAE_OUT(w, t)],
+                                    lambda w: "not a multiple of the micro-batch"),
+    "mask ratio": ("mae", lambda w, t: ["--data_dir", w["data"], *TINY_MAE, "--mask_ratio", 1.0, *MAE_OUT(w, t)],
+                   lambda w: "--mask_ratio"),
+    "image size vs patch": ("mae", lambda w, t: ["--data_dir", w["data"], *TINY_MAE, "--image_size", 9,
+                                                 *MAE_OUT(w, t)], lambda w: "multiple of patch_size"),
+    "unwritable model path": ("mae", lambda w, t: ["--data_dir", w["data"], *TINY_MAE, "--model_path",
+                                                   w["a_file"] / "m.pth", "--log_dir", t / "logs"],
+                              lambda w: "--model_path"),
+    "unwritable log dir": ("cls", lambda w, t: ["--data_dir", w["data"], *TINY_MODEL, "--log_dir", w["a_file"] / "logs",
+                                                "--output_model_path", t / "x.pth"], lambda w: "--log_dir"),
+    "resume with conflicting flag": ("mae", lambda w, t: ["--data_dir", w["data"], "--resume", w["mae"],
+                                                          "--emb_dim", 32], lambda w: "conflicts with"),
+    "existing checkpoint": ("mae", lambda w, t: ["--data_dir", w["data"], *TINY_MAE, "--model_path", w["mae"]],
+                            lambda w: "already exists"),
+    "resume from best weights": ("cls", lambda w, t: ["--data_dir", w["data"], "--resume", w["cls"]],
+                                 lambda w: "holds only weights"),
+    "batch larger than data": ("mae", lambda w, t: ["--data_dir", w["data"], *TINY_MAE, "-bs", 4096,
+                                                    *MAE_OUT(w, t)], lambda w: "larger than the training set"),
+    "negative flag": ("cls", lambda w, t: ["--data_dir", w["data"], "--mixup", -1, *CLS_OUT(w, t)],
+                      lambda w: "--mixup must not be negative"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_ends_with_one_clear_line(case, tmp_path, trained, capsys):
     import mae_pretrain
     import train_classifier
-    data, tmp = trained["data"], trained["tmp"]
-    truncated = tmp_path / "truncated.pth"
-    truncated.write_bytes(trained["mae"].read_bytes()[:1000])
-    corrupt = tmp_path / "corrupt"
-    shutil.copytree(data, corrupt)
-    with open(corrupt / "cifar-10-batches-py" / "data_batch_3", "r+b") as f:
-        f.truncate(100)
-    broken_image = tmp_path / "broken-image"
-    write_image_folder(str(broken_image))
-    bad_file = broken_image / "train" / "cat" / "0003.jpg"
-    bad_file.write_bytes(b"not a jpeg")
-    no_classes = tmp_path / "no-classes"
-    (no_classes / "train").mkdir(parents=True)
-    (no_classes / "test").mkdir()
-    empty_class = tmp_path / "empty-class"
-    write_image_folder(str(empty_class))
-    shutil.rmtree(empty_class / "train" / "dog")
-    (empty_class / "train" / "dog").mkdir()
-    a_file = tmp_path / "a-file"
-    a_file.write_text("x")
-    mae_out = ["--model_path", tmp_path / "new.pth", "--log_dir", tmp_path / "logs"]
-    cls_out = ["--output_model_path", tmp_path / "new-cls.pth", "--log_dir", tmp_path / "logs"]
-    cases = [
-        (mae_pretrain, ["--data_dir", corrupt, *TINY_MAE, *mae_out], "data_batch_3"),
-        (mae_pretrain, ["--data_dir", broken_image, *TINY_MAE, *mae_out], str(bad_file)),
-        (mae_pretrain, ["--data_dir", no_classes, *TINY_MAE, *mae_out], "holds no class folders"),
-        (mae_pretrain, ["--data_dir", empty_class, *TINY_MAE, *mae_out], "'dog' holds no images"),
-        (train_classifier, ["--data_dir", data, "--pretrained_model_path", tmp_path / "nope.pth", *cls_out],
-         "does not exist"),
-        (train_classifier, ["--data_dir", data, "--pretrained_model_path", truncated, *cls_out], "truncated"),
-        (train_classifier, ["--data_dir", data, "--pretrained_model_path", trained["cls"], *cls_out],
-         "is a classifier checkpoint, but an MAE pretraining checkpoint is needed"),
-        (train_classifier, ["--data_dir", data, "--pretrained_model_path", trained["mae"], "--emb_dim", 32, *cls_out],
-         "--emb_dim 32 conflicts"),
-        (train_classifier, ["--data_dir", data, "--eval_only", trained["mae"]], "classifier checkpoint is needed"),
-        (mae_pretrain, ["--data_dir", data, *TINY_MAE, "-bs", 12, "--max_device_batch_size", 8, *mae_out],
-         "not a multiple of the micro-batch"),
-        (mae_pretrain, ["--data_dir", data, *TINY_MAE, "--mask_ratio", 1.0, *mae_out], "--mask_ratio"),
-        (mae_pretrain, ["--data_dir", data, *TINY_MAE, "--image_size", 9, *mae_out], "multiple of patch_size"),
-        (mae_pretrain, ["--data_dir", data, *TINY_MAE, "--model_path", a_file / "m.pth"], "--model_path"),
-        (train_classifier, ["--data_dir", data, *TINY_MODEL, "--log_dir", a_file / "logs",
-                            "--output_model_path", tmp_path / "x.pth"], "--log_dir"),
-        (mae_pretrain, ["--data_dir", data, "--resume", trained["mae"], "--emb_dim", 32], "conflicts with"),
-        (mae_pretrain, ["--data_dir", data, *TINY_MAE, "--model_path", trained["mae"]], "already exists"),
-        (train_classifier, ["--data_dir", data, "--resume", trained["cls"]], "holds only weights"),
-        (mae_pretrain, ["--data_dir", data, *TINY_MAE, "-bs", 4096, *mae_out], "larger than the training set"),
-    ]
-    mae_bytes = trained["mae"].read_bytes()
-    for module, argv, fragment in cases:
-        code, line = run_main(module, argv, capsys)
-        assert code == 2, (argv, line)
-        assert line.startswith("error: ") and fragment in line, (fragment, line)
-    assert trained["mae"].read_bytes() == mae_bytes
+    script, argv, fragment = BAD_INPUTS[case]
+    module = mae_pretrain if script == "mae" else train_classifier
+    good = {path: path.read_bytes() for path in (trained["mae"], trained["cls"])}
+    with pytest.raises(SystemExit) as exit_info:
+        module.main(module.get_args_parser().parse_args([str(a) for a in argv(trained, tmp_path)]))
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2
+    assert lines and lines[-1].startswith("error: ") and fragment(trained) in lines[-1], lines
+    assert all(path.read_bytes() == content for path, content in good.items())
     assert not (tmp_path / "new.pth").exists() and not (tmp_path / "new-cls.pth").exists()
 
 
