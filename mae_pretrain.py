@@ -50,7 +50,7 @@ def get_args_parser():
 def validate(args):
     utils.check_positive(args, "batch_size", "max_device_batch_size", "base_learning_rate", "total_epoch",
                          "image_size", "patch_size", "emb_dim", "encoder_layer", "encoder_head", "decoder_layer",
-                         "decoder_head", "decoder_emb_dim", "log_interval", "knn_k", "knn_t")
+                         "decoder_head", "decoder_emb_dim", "log_interval", "knn_k", "knn_t", "save_every")
     if args.weight_decay < 0 or args.warmup_epoch < 0 or args.knn_every < 0 or args.num_workers < 0:
         raise utils.UserError("--weight_decay, --warmup_epoch, --knn_every and --num_workers must not be negative")
     if not 0.0 <= args.mask_ratio < 1.0:
@@ -180,8 +180,9 @@ def main(args):
             if rt.is_main:
                 log.image("mae_image", reconstruction_grid(model, val_images, rt), epoch + 1)
             log.line(record)
-            save_checkpoint(args, rt, model, trainer, train_loader, epoch=epoch + 1,
-                            step=(epoch + 1) * steps_per_epoch)
+            if utils.checkpoint_due(args, epoch + 1):
+                save_checkpoint(args, rt, model, trainer, train_loader, epoch=epoch + 1,
+                                step=(epoch + 1) * steps_per_epoch)
             if rt.is_main:
                 print(f"epoch {epoch + 1}/{args.total_epoch}: loss {record['loss']:.4f}, "
                       f"{record['images_per_s']:.0f} images/s"

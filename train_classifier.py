@@ -68,7 +68,7 @@ def get_args_parser():
 def validate(args):
     utils.check_positive(args, "batch_size", "max_device_batch_size", "base_learning_rate", "total_epoch",
                          "image_size", "patch_size", "emb_dim", "encoder_layer", "encoder_head", "log_interval",
-                         "clip_grad")
+                         "clip_grad", "save_every")
     for name in ("weight_decay", "warmup_epoch", "mixup", "cutmix", "num_workers"):
         if getattr(args, name) < 0:
             raise utils.UserError(f"--{name} must not be negative, got {getattr(args, name)}")
@@ -347,7 +347,8 @@ def main(args):
                                       args.output_model_path)
             record["best_acc"] = best_acc
             log.line(record)
-            save_last(epoch + 1)
+            if utils.checkpoint_due(args, epoch + 1):
+                save_last(epoch + 1)
             if rt.is_main:
                 print(f"epoch {epoch + 1}/{args.total_epoch}: train loss {train['loss']:.4f} acc {train_acc:.2%}, "
                       f"val loss {val['loss']:.4f} acc {val['acc']:.2%} (best {best_acc:.2%}), "

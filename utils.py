@@ -42,12 +42,6 @@ class NonFiniteLoss(Exception):
         self.epoch, self.step = epoch, step
 
 
-class Interrupted(Exception):
-    def __init__(self, signum):
-        super().__init__(signal.Signals(signum).name)
-        self.code = 128 + signum
-
-
 def cli_main(main):
     """Wrap a script's main(args): a UserError or NonFiniteLoss ends with one line on stderr and an exit code."""
 
@@ -61,6 +55,9 @@ def cli_main(main):
         except NonFiniteLoss as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(3)
+        except KeyboardInterrupt:  # Ctrl-C outside a training epoch (loading data), or a second Ctrl-C
+            print("\ninterrupted; nothing was saved since the last checkpoint", file=sys.stderr)
+            sys.exit(130)
         finally:
             if dist.is_available() and dist.is_initialized():
                 dist.destroy_process_group()
@@ -129,12 +126,12 @@ def setup_runtime(args):
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", device_id=device
-                                if device.type == "cuda" else None)
     amp = args.amp or ("bf16" if device.type == "cuda" else "off")
     if amp != "off" and device.type != "cuda":
         raise UserError(f"--amp {amp} needs a CUDA device; use --amp off on {device.type}")
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", device_id=device
+                                if device.type == "cuda" else None)
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
     use_compile = device.type == "cuda" if args.compile is None else args.compile
     seed_everything(args.seed + rank)
@@ -189,6 +186,9 @@ def add_runtime_args(parser):
                        help="optimizer steps between loss read-backs (the only host-device syncs)")
     group.add_argument("--resume", default=None, help="checkpoint to resume from (everything is restored)")
     group.add_argument("--overwrite", action="store_true", help="allow starting over an existing output checkpoint")
+    group.add_argument("--save_every", type=int, default=1,
+                       help="write the resumable checkpoint every N epochs (and at the last epoch and on a stop); "
+                            "each write is a full fsync'ed copy, so a larger N saves time on short epochs")
     group.add_argument("--stop_after_epoch", type=int, default=None,
                        help="save and stop once this epoch is done (to split a long run; go on with --resume)")
     group.add_argument("--skip_nonfinite", type=int, default=0,
@@ -507,7 +507,8 @@ class DeviceLoader:
 
     def load_state_dict(self, state):
         self.order_generator.set_state(state["order"])
-        self.aug_generator.set_state(state["aug"])
+        if "aug" in state:  # absent when the checkpoint came from --loader torch
+            self.aug_generator.set_state(state["aug"])
 
 
 class ArrayDataset(torch.utils.data.Dataset):
@@ -910,7 +911,12 @@ def set_rng_state(states, rt, loader):
 
 # settings a resumed run takes from its checkpoint unless given again: they change speed or rounding only
 SOFT_RESUME_KEYS = ["max_device_batch_size", "amp", "compile", "loader", "num_workers", "log_interval",
-                    "skip_nonfinite"]
+                    "skip_nonfinite", "save_every"]
+
+
+def checkpoint_due(args, epoch):
+    """Whether the resumable checkpoint is written after `epoch` epochs."""
+    return epoch % args.save_every == 0 or epoch == args.total_epoch or epoch == args.stop_after_epoch
 
 
 def resolve_resume_args(args, parser, saved_args, keys, what="the checkpoint being resumed", soft_keys=()):

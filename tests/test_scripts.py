@@ -470,3 +470,17 @@ def test_throughput_benchmark_tiny_preset_runs():
     pretrain_fast = lines[3]
     assert pretrain_fast["gflop_per_image"] > 0 and pretrain_fast["images_per_s"] > 0
     assert set(lines[-1]) == {"summary", "data", "pretrain", "finetune"}
+
+
+def test_save_every_writes_fewer_checkpoints(tmp_path, cifar_dir, monkeypatch):
+    import mae_pretrain
+    import utils
+    written = []
+    save = utils.save_atomic
+    monkeypatch.setattr(utils, "save_atomic", lambda obj, path: (written.append(obj.get("epoch")), save(obj, path)))
+    args = mae_pretrain.get_args_parser().parse_args([str(a) for a in (
+        "--data_dir", cifar_dir, *TINY_MAE, "-bs", 16, "--total_epoch", 5, "--warmup_epoch", 1, "--save_every", 2,
+        "--model_path", tmp_path / "m.pth", "--log_dir", tmp_path / "logs")])
+    mae_pretrain.main(args)
+    assert written == [2, 4, 5]
+    assert load(tmp_path / "m.pth")["epoch"] == 5
