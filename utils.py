@@ -71,16 +71,21 @@ def check_positive(args, *names):
 
 
 def check_writable(path, flag, is_dir=False):
-    """Fail before training, not after the first epoch, when an output path cannot be written."""
-    folder = os.path.abspath(path if is_dir else os.path.dirname(os.path.abspath(path)))
-    try:
-        os.makedirs(folder, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
-            pass
-    except OSError as e:
-        raise UserError(f"{flag} {path}: cannot write to {folder} ({e.strerror or e})") from None
-    if not is_dir and os.path.isdir(path):
+    """Fail before training, not after the first epoch, when an output path cannot be written.
+
+    Creates nothing: the nearest existing folder on the way must be a writable folder.
+    """
+    target = os.path.abspath(path)
+    if not is_dir and os.path.isdir(target):
         raise UserError(f"{flag} {path} is a folder, not a file")
+    folder = target if is_dir else os.path.dirname(target)
+    existing = folder
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UserError(f"{flag} {path}: cannot write there, {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {path}: cannot write to {existing} (permission denied)")
 
 
 # ---------------------------------------------------------------------------------------------- runtime

@@ -210,6 +210,7 @@ def test_offline_without_data_exits_2_with_message(tmp_path):
                  "--log_dir", tmp_path / "logs")
     assert_clean_error(result, 2, str(data), "downloading it failed", "--data_dir")
     assert not (tmp_path / "nothing").exists() and not (tmp_path / "m.pth").exists()
+    assert not (tmp_path / "logs").exists()  # nothing created before the data was found
 
 
 @pytest.mark.skipif(not os.path.isfile(SHARED_CIFAR), reason="../shared/data/cifar10-jpeg.tar.gz not present")
