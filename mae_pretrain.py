@@ -4,7 +4,6 @@
     tensorboard --logdir logs                   # mae_loss, lr, images/s, reconstructions
 """
 import argparse
-import time
 
 import torch
 from einops import rearrange
@@ -74,6 +73,12 @@ def model_config(args):
                 norm_pix_loss=args.norm_pix_loss)
 
 
+def make_param_groups(model, weight_decay):
+    """AdamW groups: weight decay on weight matrices only, none on biases, norms, tokens, position embeddings."""
+    no_decay = {"encoder.cls_token", "encoder.pos_embed", "decoder.mask_token", "decoder.pos_embed"}
+    return param_groups_weight_decay(model, weight_decay, no_weight_decay_list=no_decay)
+
+
 def mae_loss(model, images, labels):
     """Pretraining loss of one micro-batch -> (loss, no extra sums)."""
     predicted, mask = model(images)
@@ -133,9 +138,7 @@ def main(args):
                                      flip=args.flip)
     model.to(rt.device)
     peak_lr = args.base_learning_rate * args.batch_size / 256
-    no_decay = {"encoder.cls_token", "encoder.pos_embed", "decoder.mask_token", "decoder.pos_embed"}
-    optimizer = utils.make_optimizer(param_groups_weight_decay(model, args.weight_decay, no_weight_decay_list=no_decay), peak_lr, rt,
-                                     betas=(0.9, 0.95))
+    optimizer = utils.make_optimizer(make_param_groups(model, args.weight_decay), peak_lr, rt, betas=(0.9, 0.95))
     steps_per_epoch = len(train_loader)
     lr_fn = lambda step: utils.lr_at(step, peak_lr, args.warmup_epoch * steps_per_epoch,
                                      args.total_epoch * steps_per_epoch)

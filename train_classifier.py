@@ -6,7 +6,6 @@
 """
 import argparse
 import os
-import sys
 
 import torch
 import torch.nn.functional as F

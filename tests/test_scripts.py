@@ -202,6 +202,12 @@ def test_reconstruction_figure_at_several_mask_ratios(tmp_path, cifar_dir):
     assert result.returncode == 0, result.stderr
     width, height = Image.open(out).size
     assert (width, height) == (7 * 9 + 1, 4 * 9 + 1)  # 7 columns x 4 rows of 8-pixel images, 1-pixel padding
+    given = [tmp_path / "a.png", tmp_path / "b.png"]
+    for i, path in enumerate(given):
+        Image.new("RGB", (20, 20), (40 * i, 100, 200)).save(path)
+    result = run("tools/reconstruct.py", mae_path, "--out", out, "--images", *given, "--mask_ratios", 0.5)
+    assert result.returncode == 0, result.stderr
+    assert Image.open(out).size == (3 * 9 + 1, 2 * 9 + 1)
 
 
 def test_offline_without_data_exits_2_with_message(tmp_path):
@@ -361,7 +367,8 @@ BAD_INPUTS = {  # name: (script, argv from (world, tmp_path), what the error lin
                                                       *CLS_OUT(w, t)],
                                  lambda w: "is a classifier checkpoint, but an MAE pretraining checkpoint is needed"),
     "sizes differ from flags": ("cls", lambda w, t: ["--data_dir", w["data"], "--pretrained_model_path", w["mae"],
-                                                     "--emb_dim", 32, *CLS_OUT(w, t)], lambda w: "--emb_dim 32 conflicts"),
+                                                     "--emb_dim", 32, *CLS_OUT(w, t)],
+                                lambda w: "--emb_dim 32 conflicts"),
     "pretraining checkpoint to eval": ("cls", lambda w, t: ["--data_dir", w["data"], "--eval_only", w["mae"]],
                                        lambda w: "classifier checkpoint is needed"),
     "batch not multiple of micro": ("mae", lambda w, t: ["--data_dir", w["data"], *TINY_MAE, "-bs", 12,

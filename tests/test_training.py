@@ -99,9 +99,7 @@ def test_layer_decay_gives_expected_effective_learning_rates():
 
 def test_pretraining_param_groups_skip_tokens_and_norms():
     model = MAE_ViT(**TINY)
-    from timm.optim import param_groups_weight_decay
-    groups = param_groups_weight_decay(model, 0.05, no_weight_decay_list={"encoder.cls_token", "encoder.pos_embed", "decoder.mask_token",
-                                                     "decoder.pos_embed"})
+    groups = mae_pretrain.make_param_groups(model, 0.05)
     decayed = {id(p) for g in groups if g["weight_decay"] for p in g["params"]}
     for name, param in model.named_parameters():
         assert (id(param) in decayed) == (param.ndim >= 2 and "token" not in name and "pos_embed" not in name), name

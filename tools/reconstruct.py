@@ -22,7 +22,9 @@ def get_args_parser():
     parser.add_argument("checkpoint", help="an MAE pretraining checkpoint (mae_pretrain.py --model_path)")
     parser.add_argument("--out", default="reconstructions.png")
     parser.add_argument("--mask_ratios", type=float, nargs="+", default=[0.25, 0.5, 0.75])
-    parser.add_argument("--num_images", type=int, default=8, help="the first N test images")
+    parser.add_argument("--images", nargs="+", default=None, metavar="FILE",
+                        help="image files to reconstruct (resized to the model's image size); default: test images")
+    parser.add_argument("--num_images", type=int, default=8, help="without --images: the first N test images")
     parser.add_argument("--data_dir", default="data")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random masks")
     return parser
@@ -41,6 +43,21 @@ def reconstruction_rows(model, images, mask_ratios, seed=0):
     return utils.denormalize(torch.stack(columns, dim=1).flatten(0, 1)), len(columns)
 
 
+def load_images(paths, image_size):
+    """Image files -> uint8 (N, 3, image_size, image_size)."""
+    from PIL import Image
+    import numpy as np
+    out = []
+    for path in paths:
+        try:
+            with Image.open(path) as img:
+                img = img.convert("RGB").resize((image_size, image_size), Image.BICUBIC)
+        except (OSError, ValueError) as e:
+            raise utils.UserError(f"cannot read image {path}: {e}") from None
+        out.append(torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1))
+    return torch.stack(out)
+
+
 @utils.cli_main
 def main(args):
     for ratio in args.mask_ratios:
@@ -49,8 +66,11 @@ def main(args):
     ckpt = utils.load_checkpoint(args.checkpoint, "mae_pretrain", "checkpoint")
     model = MAE_ViT(**ckpt["model_config"])
     model.load_state_dict(ckpt["model"])
-    data = utils.load_data(args.data_dir, model.config["image_size"])
-    images = utils.normalize(data.test_images[:args.num_images])
+    if args.images:
+        images = utils.normalize(load_images(args.images, model.config["image_size"]))
+    else:
+        data = utils.load_data(args.data_dir, model.config["image_size"])
+        images = utils.normalize(data.test_images[:args.num_images])
     grid, per_row = reconstruction_rows(model, images, args.mask_ratios, args.seed)
     utils.check_writable(args.out, "--out")
     save_image(grid, args.out, nrow=per_row, padding=1, pad_value=1.0)
