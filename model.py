@@ -291,7 +291,7 @@ class ViT_Classifier(nn.Module):
             x = block(x)
         if self.global_pool:
             return self.fc_norm(x[:, 1:].mean(dim=1))
-        return self.norm(x)[:, 0]
+        return self.norm(x[:, 0])  # layer norm is per token: normalising the cls token alone is the same
 
     def forward(self, imgs):
         """imgs: (B, C, H, W) -> logits (B, num_classes)."""
