@@ -1,5 +1,6 @@
 """Both scripts end to end, as a user runs them: files, logs, exit codes, resume, signals, bad inputs."""
 import json
+import math
 import os
 import shutil
 import signal
@@ -96,6 +97,15 @@ def test_pretraining_end_to_end(tmp_path, layout):
     assert tb.Scalars("mae_loss")[-1].value == pytest.approx(lines[-1]["loss"], rel=1e-6)
     image = tb.Images("mae_image")[-1]
     assert (image.height, image.width) == (8 * 8, 2 * 3 * 8)  # 8 rows of 2 x (masked | reconstruction | original)
+
+
+def test_pretraining_compiled_on_cpu(tmp_path, cifar_dir):
+    """The CUDA default path compiles the model; CI has no GPU, so compile it here (inductor's CPU backend)."""
+    result, ckpt, logs = pretrain(tmp_path, cifar_dir, "--compile", "--total_epoch", 1)
+    assert result.returncode == 0, result.stderr
+    line = metrics(logs)[0]
+    assert line["compile_seconds"] > 0 and math.isfinite(line["loss"]) and line["images_per_s"] > 0
+    assert load(ckpt)["epoch"] == 1 and not any(k.startswith("_orig_mod") for k in load(ckpt)["model"])
 
 
 def test_classifier_from_scratch_and_pretrained_end_to_end(tmp_path, cifar_dir):
