@@ -121,9 +121,8 @@ def main(args):
         utils.resolve_resume_args(args, parser, ckpt["args"], RUN_KEYS, soft_keys=utils.SOFT_RESUME_KEYS)
     validate(args)
     config = model_config(args)
-    build_model(config)  # a bad configuration fails here, before any process group or data
     rt = utils.setup_runtime(args)  # seeds every RNG, so the model's initial weights repeat
-    model = build_model(config)
+    model = build_model(config)  # a bad configuration fails here, before the data is read
     if rt.is_main:
         utils.check_fresh_output(args.model_path, args, "--model_path")
         utils.check_writable(args.model_path, "--model_path")

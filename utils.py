@@ -3,6 +3,7 @@ gradient accumulation, the learning-rate schedule, checkpoints, logging, signals
 import argparse
 import contextlib
 import functools
+import hashlib
 import json
 import math
 import os
@@ -13,12 +14,14 @@ import signal
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from PIL import Image
 from tqdm import tqdm
 
 CHECKPOINT_FORMAT = "cifar-mae/1"
@@ -36,7 +39,8 @@ class UserError(Exception):
 
 class NonFiniteLoss(Exception):
     def __init__(self, epoch, step):
-        super().__init__(f"non-finite loss in epoch {epoch} at optimizer step {step}; stopping without saving "
+        where = f"in epoch {epoch} " if epoch is not None else ""
+        super().__init__(f"non-finite loss {where}at optimizer step {step}; stopping without saving "
                          "(the last checkpoint on disk is the last good one). Lower the learning rate, use "
                          "--amp bf16 instead of fp16, or pass --skip_nonfinite N to skip a few bad steps")
         self.epoch, self.step = epoch, step
@@ -324,19 +328,28 @@ def _load_image_folders(data_dir, test_name, image_size):
     return ImageData(train[0], train[1], test[0], test[1], classes=train[2])
 
 
+def load_rgb(path):
+    """An image file as an RGB PIL image; a file PIL cannot read is a UserError that names it."""
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except Exception as e:
+        raise UserError(f"cannot read image {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") \
+            from None
+
+
+def read_image(path, image_size):
+    """An image file -> uint8 (3, image_size, image_size), resized (bicubic) when its size differs."""
+    img = load_rgb(path)
+    if img.size != (image_size, image_size):
+        img = img.resize((image_size, image_size), Image.BICUBIC)
+    return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)
+
+
 def _decode_folder(root, image_size):
     """Decode an ImageFolder tree once into uint8 tensors, cached beside it for later runs."""
-    from PIL import Image
     from torchvision.datasets import ImageFolder
     from torchvision.datasets.folder import IMG_EXTENSIONS
-
-    def load_rgb(path):
-        try:
-            with Image.open(path) as img:
-                return img.convert("RGB")
-        except Exception as e:
-            raise UserError(f"cannot read image {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") \
-                from None
 
     classes = sorted(e.name for e in os.scandir(root) if e.is_dir()) if os.path.isdir(root) else []
     if not classes:
@@ -358,16 +371,10 @@ def _decode_folder(root, image_size):
                 return cached["images"], cached["labels"], cached["classes"]
         except Exception:
             pass  # a broken cache is rebuilt
-    def decode(path):
-        img = load_rgb(path)
-        if img.size != (image_size, image_size):
-            img = img.resize((image_size, image_size), Image.BICUBIC)
-        return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)
-
-    from concurrent.futures import ThreadPoolExecutor
     images = torch.empty(len(folder), 3, image_size, image_size, dtype=torch.uint8)
     with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1)) as pool:  # PIL decodes outside the GIL
-        decoded = pool.map(decode, [path for path, _ in folder.samples], chunksize=256)
+        decoded = pool.map(lambda path: read_image(path, image_size), [path for path, _ in folder.samples],
+                           chunksize=256)
         for i, image in enumerate(tqdm(decoded, total=len(folder), desc=f"decoding {root} (once, then cached)",
                                        leave=False, mininterval=1.0)):
             images[i] = image
@@ -381,7 +388,6 @@ def _decode_folder(root, image_size):
 
 
 def hash_json(obj):
-    import hashlib
     return hashlib.sha256(json.dumps(obj).encode()).hexdigest()[:16]
 
 
@@ -490,13 +496,16 @@ class DeviceLoader:
     def augment(self, images):
         """float 0-255 (n, C, H, W) -> augmented (n, C, H, W)."""
         n, _, height, width = images.shape
+        boxes = None
         if self.crop_scale is not None:
             boxes = sample_crop_boxes(n, height, width, self.crop_scale, generator=self.aug_generator,
                                       device=images.device)
+        if self.flip:
+            flip = torch.rand(n, generator=self.aug_generator, device=images.device) < 0.5
         else:
-            boxes = torch.tensor([0.0, 0.0, width, height], device=images.device).expand(n, 4)
-        flip = torch.rand(n, generator=self.aug_generator, device=images.device) < 0.5 if self.flip else \
-            torch.zeros(n, dtype=torch.bool, device=images.device)
+            flip = torch.zeros(n, dtype=torch.bool, device=images.device)
+        if boxes is None:  # flip only: a mirror, no resampling
+            return torch.where(flip[:, None, None, None], images.flip(-1), images)
         return crop_resize_flip(images, boxes, flip, self.image_size)
 
     def batches(self, order, start=0):
@@ -526,7 +535,6 @@ class ArrayDataset(torch.utils.data.Dataset):
         return len(self.images)
 
     def __getitem__(self, i):
-        from PIL import Image
         image = Image.fromarray(self.images[i].permute(1, 2, 0).numpy())
         return self.transform(image), self.labels[i]
 
@@ -659,9 +667,13 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(rt.device.type) if rt.amp_dtype == torch.float16 else None
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
         self.compile_seconds = None
+        self.epoch = None  # set by run_epoch, for messages
 
     def step(self, images, labels, step):
-        """One optimizer step on this rank's share of the global batch -> sums (2 + k,) float64 on the device."""
+        """One optimizer step on this rank's share of the global batch -> sums (2 + k,) float64 on the device.
+
+        `step` is the 0-based global step (it sets the lr); messages count steps from 1.
+        """
         set_lr(self.optimizer, self.lr_fn(step))
         total = images.shape[0]
         chunks = list(zip(images.split(self.micro_batch), labels.split(self.micro_batch)))
@@ -679,12 +691,13 @@ class Trainer:
             sums[1] += x.shape[0]
             if self.num_extra:
                 sums[2:] += extra.double().reshape(-1)
-        if self.skip_nonfinite and not torch.isfinite(sums[0]).item():
+        # every rank takes the same decision: gradients were averaged over all of them
+        if self.skip_nonfinite and not torch.isfinite(all_reduce_sum(sums[:1], self.rt)).item():
             self.skipped += 1
             self.optimizer.zero_grad(set_to_none=True)
             if self.skipped > self.skip_nonfinite:
-                raise NonFiniteLoss("?", step)
-            print(f"warning: skipped optimizer step {step} (non-finite loss), {self.skipped} of "
+                raise NonFiniteLoss(self.epoch, step + 1)
+            print(f"warning: skipped optimizer step {step + 1} (non-finite loss), {self.skipped} of "
                   f"{self.skip_nonfinite} allowed", file=sys.stderr)
             return sums.zero_()
         if self.scaler:
@@ -707,7 +720,7 @@ class Trainer:
         first_step is the global optimizer step of this epoch's step 0. Losses stay on the device and are
         read back every log_interval steps (and at the end), which is also when non-finite losses stop it.
         """
-        steps = len(loader)
+        steps, self.epoch = len(loader), epoch
         if state.sums is None:
             state.sums = torch.zeros(2 + self.num_extra, dtype=torch.float64, device=self.rt.device)
         with tqdm(total=steps, initial=state.step, desc=desc, disable=not show, dynamic_ncols=True,

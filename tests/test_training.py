@@ -152,7 +152,7 @@ def test_skip_nonfinite_keeps_weights_and_stops_after_n():
     before = [p.clone() for p in model.parameters()]
     trainer.step(torch.randn(4, 3, 8, 8), torch.arange(4), 0)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
-    with pytest.raises(utils.NonFiniteLoss):
+    with pytest.raises(utils.NonFiniteLoss, match="non-finite loss at optimizer step 2;"):
         trainer.step(torch.randn(4, 3, 8, 8), torch.arange(4), 1)
 
 
@@ -213,6 +213,16 @@ def test_device_augmentation_shapes_range_variation_and_determinism():
     assert torch.equal(x, x2)
     other, _ = make_loader(seed=1, crop_scale=(0.2, 1.0), flip=True)
     assert not torch.equal(x, next(other.batches(other.order.new_epoch()))[0])
+
+
+def test_flip_only_mirrors_some_images_and_keeps_the_rest():
+    loader, images = make_loader(flip=True)
+    order = loader.order.new_epoch()
+    x, _ = next(loader.batches(order))
+    originals = utils.normalize(images[order[:8]])
+    mirrored = [torch.equal(a, b.flip(-1)) for a, b in zip(x, originals)]
+    kept = [torch.equal(a, b) for a, b in zip(x, originals)]
+    assert all(m or k for m, k in zip(mirrored, kept)) and any(mirrored) and any(kept)
 
 
 def test_device_loader_without_augmentation_is_normalised_slice():

@@ -43,21 +43,6 @@ def reconstruction_rows(model, images, mask_ratios, seed=0):
     return utils.denormalize(torch.stack(columns, dim=1).flatten(0, 1)), len(columns)
 
 
-def load_images(paths, image_size):
-    """Image files -> uint8 (N, 3, image_size, image_size)."""
-    from PIL import Image
-    import numpy as np
-    out = []
-    for path in paths:
-        try:
-            with Image.open(path) as img:
-                img = img.convert("RGB").resize((image_size, image_size), Image.BICUBIC)
-        except (OSError, ValueError) as e:
-            raise utils.UserError(f"cannot read image {path}: {e}") from None
-        out.append(torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1))
-    return torch.stack(out)
-
-
 @utils.cli_main
 def main(args):
     for ratio in args.mask_ratios:
@@ -67,7 +52,8 @@ def main(args):
     model = MAE_ViT(**ckpt["model_config"])
     model.load_state_dict(ckpt["model"])
     if args.images:
-        images = utils.normalize(load_images(args.images, model.config["image_size"]))
+        images = utils.normalize(torch.stack([utils.read_image(path, model.config["image_size"])
+                                              for path in args.images]))
     else:
         data = utils.load_data(args.data_dir, model.config["image_size"])
         images = utils.normalize(data.test_images[:args.num_images])
