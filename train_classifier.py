@@ -48,7 +48,8 @@ def get_args_parser():
                        help="freeze the encoder (eval mode, no gradient); train BatchNorm + linear head")
     recipe = utils.add_augmentation_args(parser.add_argument_group("recipe"), [0.35, 1.0])
     recipe.add_argument("--randaug", default=None,
-                        help="timm RandAugment policy, e.g. rand-m9-mstd0.5-inc1 (--loader torch only)")
+                        help="timm RandAugment policy, e.g. rand-m9-mstd0.5-inc1 (per sample on the device, "
+                             "or timm's own on PIL images with --loader torch)")
     recipe.add_argument("--mixup", type=float, default=0.0, help="mixup alpha (0: off)")
     recipe.add_argument("--cutmix", type=float, default=0.0, help="cutmix alpha (0: off)")
     recipe.add_argument("--label_smoothing", type=float, default=0.0)
@@ -82,6 +83,10 @@ def validate(args):
         raise utils.UserError(f"--crop_scale needs 0 < MIN <= MAX <= 1, got {args.crop_scale}")
     if args.linear_probe and args.drop_path:
         raise utils.UserError("--linear_probe keeps the encoder frozen; --drop_path would have nothing to act on")
+    if args.randaug and args.loader == "device":  # a bad policy fails here, before the data is loaded
+        utils.DeviceRandAugment(args.randaug)
+    elif args.randaug:
+        utils.randaug_policy(args.randaug)
 
 
 def build_classifier(config, drop_path=0.0):

@@ -189,7 +189,7 @@ def add_runtime_args(parser):
                        help="torch.compile the model (default: on for CUDA, off for CPU)")
     group.add_argument("--loader", default="device", choices=["device", "torch"],
                        help="device: whole dataset on the device, augmented there (fast, default); "
-                            "torch: torchvision DataLoader with PIL transforms (slow, supports --randaug)")
+                            "torch: torchvision DataLoader with PIL transforms (slow)")
     group.add_argument("--num_workers", type=int, default=4, help="DataLoader workers (--loader torch only)")
     group.add_argument("--log_interval", type=int, default=50,
                        help="optimizer steps between loss read-backs (the only host-device syncs)")
@@ -425,6 +425,245 @@ def crop_resize_flip(images, boxes, flip, out_size):
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
+# RandAugment, per sample on the device. timm's rand_augment_transform runs on one PIL image at a time and
+# torchvision's RandAugment draws one op for a whole batch, so neither fits a batch on the GPU. This keeps
+# timm's policy (parsed by timm itself: op list, magnitude, its noise and cap, layer count, probability) and
+# timm's magnitude-to-argument rules, and applies the ops to uint8 batches with tensor ops: every sample draws
+# its own ops, magnitudes and signs. Geometric ops resample bilinearly (timm picks bilinear or bicubic).
+# Each function: x uint8 (n, C, H, W), level = magnitude / 10 (n,), sign = -1 or +1 (n,) -> uint8 (n, C, H, W);
+# the geometric ones return PIL's affine coefficients (n, 6) instead, output pixel -> input position.
+
+def _column(values):
+    return values.to(torch.float32).view(-1, 1, 1, 1)
+
+
+def _blend(degenerate, x, factor):
+    """PIL's ImageEnhance: degenerate + factor * (x - degenerate), clipped and truncated to uint8."""
+    degenerate = degenerate.float()
+    return (degenerate + _column(factor) * (x.float() - degenerate)).clamp_(0, 255).to(torch.uint8)
+
+
+def _luma(x):
+    """PIL's convert("L"), exact: (n, 3, H, W) uint8 -> (n, 1, H, W) int32."""
+    r, g, b = x.to(torch.int32).unbind(1)
+    return ((r * 19595 + g * 38470 + b * 7471 + 0x8000) >> 16).unsqueeze(1)
+
+
+def _color_degenerate(x):
+    return _luma(x).expand_as(x)
+
+
+def _contrast_degenerate(x):
+    return _luma(x).float().mean(dim=(1, 2, 3), keepdim=True).add_(0.5).floor_()  # PIL: int(mean + 0.5)
+
+
+def _enhance_ops(name, degenerate):
+    def decreasing(x, level, sign):  # factor in [0.1, 1.9], grows with the level
+        return _blend(degenerate(x), x, level * 1.8 + 0.1)
+
+    def increasing(x, level, sign):  # factor 1 -/+ up to 0.9, farther from 1 with the level
+        return _blend(degenerate(x), x, (1.0 + sign * level * 0.9).clamp(min=0.1))
+    return {name: decreasing, name + "Increasing": increasing}
+
+
+def _posterize(x, bits):
+    step = _column(2.0 ** (8 - bits.clamp(0, 8)))
+    return (x.float() / step).floor_().mul_(step).to(torch.uint8)
+
+
+def _solarize(x, threshold):
+    return torch.where(x.float() >= _column(threshold), 255 - x, x)
+
+
+def _solarize_add(x, add):
+    return torch.where(x < 128, (x.float() + _column(add)).clamp_(max=255).to(torch.uint8), x)
+
+
+def _solarize_level(level):
+    return (level * 256).floor().clamp(max=256)
+
+
+def _rotate(level, sign, height, width):
+    """PIL's Image.rotate(degrees) about the centre: counter-clockwise for positive degrees."""
+    angle = -torch.deg2rad(sign * level * 30.0)
+    a, b, d, e = angle.cos(), angle.sin(), -angle.sin(), angle.cos()
+    cx, cy = width / 2.0, height / 2.0
+    return torch.stack([a, b, cx - a * cx - b * cy, d, e, cy - d * cx - e * cy], dim=1)
+
+
+def _affine(coefficients):
+    """(a, b, c, d, e, f) as (n, 6) from per-sample columns, some of them Python numbers."""
+    def op(level, sign, height, width):
+        # full_like, not torch.tensor(number, device=...): no host-to-device copy on the hot path
+        return torch.stack([c if torch.is_tensor(c) else torch.full_like(level, c)
+                            for c in coefficients(level, sign, height, width)], dim=1)
+    return op
+
+
+def _smooth(x):
+    """PIL's SMOOTH filter (3x3: 1 around, 5 in the middle, / 13, rounded) inside, border pixels kept.
+
+    Sums of integers are exact in float32, and sum / 13 is never a tie, so the rounding matches PIL's.
+    """
+    inner = x[..., 1:-1, 1:-1].float()
+    box = F.avg_pool2d(x.float(), 3, stride=1, divisor_override=1)  # 3x3 sums
+    smoothed = x.clone()
+    smoothed[..., 1:-1, 1:-1] = (box + 4 * inner).div_(13).round_().to(torch.uint8)
+    return smoothed
+
+
+def _autocontrast(x, level, sign):
+    """PIL's ImageOps.autocontrast: each channel stretched from its min-max to 0-255, in PIL's arithmetic."""
+    low, high = x.amin(dim=(2, 3), keepdim=True).double(), x.amax(dim=(2, 3), keepdim=True).double()
+    scale = torch.full_like(high, 255.0) / (high - low).clamp(min=1)  # a true division, as PIL (not 255 * 1/d)
+    stretched = (x.double() * scale - low * scale).floor_().clamp_(0, 255).to(torch.uint8)
+    return torch.where(high > low, stretched, x)
+
+
+def _equalize(x, level, sign):
+    from torchvision.transforms.v2 import functional as TF
+    return TF.equalize(x)
+
+
+RANDAUG_COLOR_OPS = {
+    "AutoContrast": _autocontrast,
+    "Equalize": _equalize,
+    "Invert": lambda x, level, sign: 255 - x,
+    "Posterize": lambda x, level, sign: _posterize(x, (level * 4).floor()),
+    "PosterizeIncreasing": lambda x, level, sign: _posterize(x, 4 - (level * 4).floor()),
+    "Solarize": lambda x, level, sign: _solarize(x, _solarize_level(level)),
+    "SolarizeIncreasing": lambda x, level, sign: _solarize(x, 256 - _solarize_level(level)),
+    "SolarizeAdd": lambda x, level, sign: _solarize_add(x, (level * 110).floor().clamp(max=128)),
+    **_enhance_ops("Color", _color_degenerate),
+    **_enhance_ops("Contrast", _contrast_degenerate),
+    **_enhance_ops("Brightness", torch.zeros_like),
+    **_enhance_ops("Sharpness", _smooth),
+}
+
+RANDAUG_AFFINE_OPS = {
+    "Rotate": _rotate,
+    "ShearX": _affine(lambda level, sign, h, w: (1, sign * level * 0.3, 0, 0, 1, 0)),
+    "ShearY": _affine(lambda level, sign, h, w: (1, 0, 0, sign * level * 0.3, 1, 0)),
+    "TranslateXRel": _affine(lambda level, sign, h, w: (1, 0, sign * level * 0.45 * w, 0, 1, 0)),
+    "TranslateYRel": _affine(lambda level, sign, h, w: (1, 0, 0, 0, 1, sign * level * 0.45 * h)),
+}
+
+
+def warp_affine(x, coefficients, fill=128):
+    """Resample each image with PIL's affine convention, bilinear, `fill` outside.
+
+    x: uint8 (n, C, H, W); coefficients: (n, 6) = (a, b, c, d, e, f): the output pixel centred at (u, v),
+    in pixels from the top-left corner, takes the input at (a u + b v + c, d u + e v + f).
+    """
+    n, channels, height, width = x.shape
+    coefficients = coefficients.to(torch.float32).view(n, 2, 3)
+    v, u = torch.meshgrid(torch.arange(height, device=x.device) + 0.5, torch.arange(width, device=x.device) + 0.5,
+                          indexing="ij")
+    centres = torch.stack([u, v, torch.ones_like(u)], dim=-1)                    # (H, W, 3)
+    source_x, source_y = torch.einsum("hwk,njk->jnhw", centres, coefficients)    # (n, H, W) each, pixels
+    grid = torch.stack([source_x / width, source_y / height], dim=-1) * 2 - 1   # align_corners=False
+    warped = F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
+    # as PIL: a source point inside the image interpolates its nearest pixels (edge pixels repeated), one
+    # outside takes the fill
+    inside = (source_x >= 0) & (source_x < width) & (source_y >= 0) & (source_y < height)
+    warped = torch.where(inside[:, None], warped, float(fill))
+    # truncated as PIL's; the 1e-3 keeps float noise in grid_sample's coordinates from turning 7.0 into 6
+    return warped.add_(1e-3).clamp_(0, 255).to(torch.uint8)
+
+
+def _pil_posterize(image, bits_to_keep, **_):
+    """timm's posterize, also for 0 bits: a black image, as Pillow gave before it began to refuse 0 bits."""
+    from PIL import ImageOps
+    if bits_to_keep >= 8:
+        return image
+    if bits_to_keep <= 0:
+        return image.point([0] * 256 * len(image.getbands()))
+    return ImageOps.posterize(image, bits_to_keep)
+
+
+def randaug_policy(config, fill=128):
+    """timm's RandAugment transform for a policy string, or a UserError naming the string.
+
+    Pillow 13 refuses ImageOps.posterize(image, 0) (12.3 allowed it), which timm's PosterizeIncreasing asks for at
+    magnitude 10 (rand-m9-mstd0.5 gets there in 2 % of its draws), so its posterize ops get one that doesn't.
+    """
+    from timm.data import rand_augment_transform
+    try:
+        policy = rand_augment_transform(config, {"img_mean": (fill,) * 3})
+    except (AssertionError, ValueError, KeyError, IndexError) as e:
+        detail = f" ({e})" if str(e) else ""
+        raise UserError(f"--randaug {config!r} is not a timm RandAugment policy such as "
+                        f"rand-m9-mstd0.5-inc1{detail}") from None
+    for op in policy.ops:
+        if op.name.startswith("Posterize"):
+            op.aug_fn = _pil_posterize
+    return policy
+
+
+class DeviceRandAugment:
+    """timm's RandAugment policy (e.g. "rand-m9-mstd0.5-inc1"), per sample on a uint8 batch on the device."""
+
+    def __init__(self, config, fill=128):
+        policy = randaug_policy(config, fill)
+        self.names = [op.name for op in policy.ops]
+        unknown = [name for name in self.names if name not in RANDAUG_COLOR_OPS and name not in RANDAUG_AFFINE_OPS]
+        if unknown:
+            raise UserError(f"--randaug {config!r}: the device loader has no {', '.join(unknown)}; "
+                            "use --loader torch for it")
+        op = policy.ops[0]
+        self.fill, self.num_layers, self.prob = fill, policy.num_layers, op.prob
+        self.magnitude, self.magnitude_std = float(op.magnitude), float(op.magnitude_std)
+        self.magnitude_max = float(op.magnitude_max or 10)
+        self.weights = None if policy.choice_weights is None else torch.as_tensor(policy.choice_weights)
+        if self.weights is not None and self.num_layers > len(self.names):
+            raise UserError(f"--randaug {config!r}: {self.num_layers} layers from {len(self.names)} weighted ops")
+
+    def draw(self, n, generator, device):
+        """Per-sample choices for every layer: op index (n, L) (-1: skipped), level and sign (n, L) float64."""
+        layers = self.num_layers
+        if self.weights is None:  # timm: np.random.choice with replacement, or without it when weighted
+            ops = torch.randint(len(self.names), (n, layers), generator=generator, device=device)
+        else:
+            self.weights = self.weights.to(device)  # once: no host-to-device copy per batch
+            ops = torch.multinomial(self.weights.expand(n, -1), layers, replacement=False, generator=generator)
+        u = torch.rand(n, layers, 3, generator=generator, device=device, dtype=torch.float64)
+        gauss = torch.randn(n, layers, generator=generator, device=device, dtype=torch.float64)
+        ops = torch.where(u[..., 0] < self.prob, ops, -1)           # timm: skip when random() > prob
+        sign = torch.where(u[..., 1] > 0.5, -1.0, 1.0).to(torch.float64)  # timm: negate when random() > 0.5
+        if math.isinf(self.magnitude_std):
+            magnitude = u[..., 2] * self.magnitude
+        else:
+            magnitude = self.magnitude + self.magnitude_std * gauss
+        level = magnitude.clamp(0, self.magnitude_max) / 10
+        return ops, level, sign
+
+    def apply(self, x, ops, level, sign):
+        """x uint8 (n, C, H, W) with the drawn choices -> uint8 (n, C, H, W)."""
+        n, _, height, width = x.shape
+        for layer in range(ops.shape[1]):
+            op, lv, sg = ops[:, layer], level[:, layer], sign[:, layer]
+            out = x
+            identity = torch.zeros(n, 2, 3, dtype=torch.float64, device=x.device)
+            identity.diagonal(dim1=1, dim2=2).fill_(1.0)
+            coefficients = identity.view(n, 6)
+            warped = torch.zeros_like(op, dtype=torch.bool)
+            for index, name in enumerate(self.names):
+                chosen = op == index
+                if name in RANDAUG_AFFINE_OPS:
+                    coefficients = torch.where(chosen[:, None], RANDAUG_AFFINE_OPS[name](lv, sg, height, width),
+                                               coefficients)
+                    warped = warped | chosen
+                else:
+                    out = torch.where(chosen[:, None, None, None], RANDAUG_COLOR_OPS[name](x, lv, sg), out)
+            if any(name in RANDAUG_AFFINE_OPS for name in self.names):
+                out = torch.where(warped[:, None, None, None], warp_affine(x, coefficients, self.fill), out)
+            x = out
+        return x
+
+    def __call__(self, x, generator):
+        return self.apply(x, *self.draw(len(x), generator, x.device))
+
+
 def normalize(images):
     """uint8 or 0-255 float (N, C, H, W) -> float in [-1, 1] (mean 0.5, std 0.5 per channel, as the original)."""
     return images.float().div(127.5).sub(1.0)
@@ -474,15 +713,17 @@ class BatchOrder:
 class DeviceLoader:
     """The whole dataset as uint8 on the device; batches are gathered, augmented and normalised there.
 
-    Augmentation is per sample: random-resized-crop with area in `crop_scale` (None: no crop) and a
-    horizontal flip with probability 0.5, drawn from this loader's own generator.
+    Augmentation is per sample: random-resized-crop with area in `crop_scale` (None: no crop), a horizontal
+    flip with probability 0.5 and a timm RandAugment policy (`randaug`, None: off), in that order (as timm's
+    training transforms), all drawn from this loader's own generator.
     """
 
     def __init__(self, images, labels, batch_size, *, device, train, seed=0, crop_scale=None, flip=False,
-                 rank=0, world_size=1):
+                 randaug=None, rank=0, world_size=1):
         self.images, self.labels = images.to(device), labels.to(device)
         self.image_size = images.shape[-1]
         self.crop_scale, self.flip = (tuple(crop_scale) if crop_scale else None), flip
+        self.randaug = DeviceRandAugment(randaug) if randaug else None
         self.order_generator = torch.Generator(device=device)
         self.order_generator.manual_seed(seed)  # the same on every rank: one permutation split over ranks
         self.aug_generator = torch.Generator(device=device)
@@ -494,7 +735,7 @@ class DeviceLoader:
         return len(self.order)
 
     def augment(self, images):
-        """float 0-255 (n, C, H, W) -> augmented (n, C, H, W)."""
+        """uint8 (n, C, H, W) -> augmented, 0-255 (n, C, H, W): float after a crop, else uint8."""
         n, _, height, width = images.shape
         boxes = None
         if self.crop_scale is not None:
@@ -504,15 +745,21 @@ class DeviceLoader:
             flip = torch.rand(n, generator=self.aug_generator, device=images.device) < 0.5
         else:
             flip = torch.zeros(n, dtype=torch.bool, device=images.device)
-        if boxes is None:  # flip only: a mirror, no resampling
-            return torch.where(flip[:, None, None, None], images.flip(-1), images)
-        return crop_resize_flip(images, boxes, flip, self.image_size)
+        if boxes is not None:
+            images = crop_resize_flip(images.float(), boxes, flip, self.image_size)
+        elif self.flip:  # flip only: a mirror, no resampling
+            images = torch.where(flip[:, None, None, None], images.flip(-1), images)
+        if self.randaug is not None:  # its ops work on uint8, as timm's on PIL images
+            if images.is_floating_point():
+                images = images.round().clamp_(0, 255).to(torch.uint8)
+            images = self.randaug(images, self.aug_generator)
+        return images
 
     def batches(self, order, start=0):
         """Yields (images (n, C, H, W) normalised float, labels (n,)) per step, from step `start`."""
         for idx in self.order.steps(order, start):
-            images = self.images[idx].float()
-            if self.crop_scale is not None or self.flip:
+            images = self.images[idx]
+            if self.crop_scale is not None or self.flip or self.randaug is not None:
                 images = self.augment(images)
             yield normalize(images), self.labels[idx]
 
@@ -551,8 +798,7 @@ class TorchLoader:
         if flip:
             steps.append(transforms.RandomHorizontalFlip())
         if randaug:
-            from timm.data import rand_augment_transform
-            steps.append(rand_augment_transform(randaug, {"img_mean": (128, 128, 128)}))
+            steps.append(randaug_policy(randaug))
         steps += [transforms.ToTensor(), transforms.Normalize([0.5] * 3, [0.5] * 3)]
         self.dataset = ArrayDataset(images.cpu(), labels.cpu(), transforms.Compose(steps))
         self.device, self.num_workers = device, num_workers
@@ -582,11 +828,9 @@ def make_loader(args, rt, images, labels, batch_size, *, train, crop_scale=None,
     """The loader that --loader names, for one split."""
     common = dict(device=rt.device, train=train, seed=args.seed, crop_scale=crop_scale if train else None,
                   flip=flip and train, rank=rt.rank, world_size=rt.world_size)
+    common["randaug"] = randaug if train else None
     if args.loader == "torch":
-        return TorchLoader(images, labels, batch_size, randaug=randaug if train else None,
-                           num_workers=args.num_workers, **common)
-    if randaug:
-        raise UserError("--randaug runs on PIL images: use it with --loader torch")
+        return TorchLoader(images, labels, batch_size, num_workers=args.num_workers, **common)
     return DeviceLoader(images, labels, batch_size, **common)
 
 

@@ -52,6 +52,9 @@ def get_args_parser():
                         help="DataLoader workers of the plain path")
     parser.add_argument("--cases", default="data,pretrain,finetune", help="comma-separated subset")
     parser.add_argument("--paths", default="plain,fast", help="comma-separated subset of plain,fast")
+    parser.add_argument("--randaug", default=None,
+                        help="a RandAugment policy (e.g. rand-m9-mstd0.5-inc1) for the data and fine-tuning cases: "
+                             "timm's on PIL images in the plain path, per sample on the device in the fast path")
     return parser
 
 
@@ -60,8 +63,8 @@ def runtime(device, fast):
     return utils.setup_runtime(args)
 
 
-def make_loader(rt, images, labels, batch, fast, num_workers, seed=0):
-    common = dict(device=rt.device, train=True, seed=seed, crop_scale=(0.2, 1.0), flip=True)
+def make_loader(rt, images, labels, batch, fast, num_workers, randaug=None, seed=0):
+    common = dict(device=rt.device, train=True, seed=seed, crop_scale=(0.2, 1.0), flip=True, randaug=randaug)
     if fast:
         return utils.DeviceLoader(images, labels, batch, **common)
     return utils.TorchLoader(images, labels, batch, num_workers=num_workers, **common)
@@ -108,9 +111,9 @@ def build(case, cfg, rt):
     return model, loss_fn, betas, batch, micro
 
 
-def time_training(case, cfg, rt, images, labels, fast, num_workers):
+def time_training(case, cfg, rt, images, labels, fast, num_workers, randaug):
     model, loss_fn, betas, batch, micro = build(case, cfg, rt)
-    loader = make_loader(rt, images, labels, batch, fast, num_workers)
+    loader = make_loader(rt, images, labels, batch, fast, num_workers, randaug)
     x, y = next(loader.batches(loader.order.new_epoch()))
     flops = flops_per_image(model, loss_fn, x[:min(micro, 64)], y[:min(micro, 64)])
     optimizer = utils.make_optimizer([{"params": list(model.parameters()), "weight_decay": 0.05}], 1e-4, rt, betas)
@@ -162,12 +165,14 @@ def main(args):
                         if rt.device.type == "cuda" else "cpu", preset=args.preset,
                         amp=str(rt.amp_dtype).replace("torch.", "") if rt.amp_dtype else "fp32",
                         compile=rt.compile, loader="device" if fast else f"torch({args.num_workers} workers)")
+            randaug = args.randaug if case != "pretrain" else None  # MAE pretraining crops and flips only
+            line["randaug"] = randaug
             if case == "data":
                 batch = cfg["pretrain_batch"]
-                loader = make_loader(rt, images, labels, batch, fast, args.num_workers)
+                loader = make_loader(rt, images, labels, batch, fast, args.num_workers, randaug)
                 line.update(batch=batch, images_per_s=time_data(rt, loader, cfg["steps"] * 4, cfg["warmup"]))
             else:
-                line.update(time_training(case, cfg, rt, images, labels, fast, args.num_workers))
+                line.update(time_training(case, cfg, rt, images, labels, fast, args.num_workers, randaug))
                 line["mfu"] = line["achieved_tflops"] / args.peak_tflops
             line["config"] = config
             print(json.dumps(line), flush=True)

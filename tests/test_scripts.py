@@ -154,13 +154,12 @@ def test_classifier_holds_pretrained_encoder_weights(tmp_path, cifar_dir):
         assert torch.equal(state[key], value), key
 
 
-def test_torch_loader_path_with_randaug(tmp_path, folder_dir):
-    result, ckpt, logs = classify(tmp_path, folder_dir, *TINY_MODEL, "--loader", "torch", "--num_workers", 0,
+@pytest.mark.parametrize("loader", ["torch", "device"])
+def test_randaug_on_both_loader_paths(tmp_path, folder_dir, loader):
+    result, ckpt, logs = classify(tmp_path, folder_dir, *TINY_MODEL, "--loader", loader, "--num_workers", 0,
                                   "--randaug", "rand-m9-mstd0.5-inc1", "--total_epoch", 1)
     assert result.returncode == 0, result.stderr
     assert load(ckpt)["epoch"] == 1
-    result, _, _ = classify(tmp_path, folder_dir, *TINY_MODEL, "--randaug", "rand-m9", name="bad")
-    assert_clean_error(result, 2, "--loader torch")
 
 
 def test_recipe_flags_and_timm_export(tmp_path, cifar_dir):
@@ -403,6 +402,10 @@ BAD_INPUTS = {  # name: (script, argv from (world, tmp_path), what the error lin
                                                     *MAE_OUT(w, t)], lambda w: "larger than the training set"),
     "negative flag": ("cls", lambda w, t: ["--data_dir", w["data"], "--mixup", -1, *CLS_OUT(w, t)],
                       lambda w: "--mixup must not be negative"),
+    "bad randaug policy": ("cls", lambda w, t: ["--data_dir", w["data"], "--randaug", "rand-m9-q3",
+                                                *CLS_OUT(w, t)], lambda w: "--randaug 'rand-m9-q3' is not a timm"),
+    "randaug op not on the device": ("cls", lambda w, t: ["--data_dir", w["data"], "--randaug", "rand-m9-t3a",
+                                                          *CLS_OUT(w, t)], lambda w: "use --loader torch"),
 }
 
 
@@ -492,6 +495,12 @@ def test_throughput_benchmark_tiny_preset_runs():
     pretrain_fast = lines[3]
     assert pretrain_fast["gflop_per_image"] > 0 and pretrain_fast["images_per_s"] > 0
     assert set(lines[-1]) == {"summary", "data", "pretrain", "finetune"}
+    result = run("benchmarks/throughput.py", "--preset", "tiny", "--steps", 1, "--warmup", 1, "--num_workers", 0,
+                 "--cases", "data", "--randaug", "rand-m9-mstd0.5-inc1")
+    assert result.returncode == 0, result.stderr
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [(line["case"], line["randaug"]) for line in lines[:-1]] == [("data-plain", "rand-m9-mstd0.5-inc1"),
+                                                                        ("data-fast", "rand-m9-mstd0.5-inc1")]
 
 
 def test_save_every_writes_fewer_checkpoints(tmp_path, cifar_dir, monkeypatch):

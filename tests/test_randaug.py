@@ -1,0 +1,175 @@
+"""RandAugment on the device: each op against timm's own op on PIL images, the per-sample draws, the loader."""
+import random
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from timm.data import auto_augment
+
+import utils
+
+OPS = sorted(utils.RANDAUG_COLOR_OPS) + sorted(utils.RANDAUG_AFFINE_OPS)
+
+
+def smooth_images(n=6, size=16, seed=0):
+    """uint8 (n, 3, size, size) with flat regions and edges, like photos, so every op has something to do."""
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(n, 3, 4, 4, generator=g) * 255
+    return torch.nn.functional.interpolate(coarse, size=size, mode="bilinear").round().to(torch.uint8)
+
+
+def timm_op(name, images, magnitude, sign, monkeypatch):
+    """timm's AugmentOp `name` at `magnitude`, always applied, bilinear, with the sign forced, on each image."""
+    op = auto_augment.AugmentOp(name, prob=1.0, magnitude=magnitude,
+                                hparams={"img_mean": (128,) * 3, "interpolation": Image.BILINEAR})
+    if name.startswith("Posterize"):
+        op.aug_fn = utils._pil_posterize  # what utils.randaug_policy installs (Pillow refuses 0 bits)
+    monkeypatch.setattr(random, "random", lambda: 0.9 if sign < 0 else 0.1)  # timm negates when > 0.5
+    out = [op(Image.fromarray(image.permute(1, 2, 0).numpy())) for image in images]
+    return torch.stack([torch.from_numpy(np.array(image)).permute(2, 0, 1) for image in out])
+
+
+def ours(name, images, magnitude, sign):
+    level = torch.full((len(images),), magnitude / 10, dtype=torch.float64)
+    signs = torch.full((len(images),), sign, dtype=torch.float64)
+    if name in utils.RANDAUG_COLOR_OPS:
+        return utils.RANDAUG_COLOR_OPS[name](images, level, signs)
+    _, _, height, width = images.shape
+    return utils.warp_affine(images, utils.RANDAUG_AFFINE_OPS[name](level, signs, height, width))
+
+
+@pytest.mark.parametrize("name", OPS)
+def test_each_op_matches_timm_on_pil(name, monkeypatch):
+    images = smooth_images()
+    for magnitude in (0, 3, 7.5, 10):
+        for sign in (1.0, -1.0):
+            expected = timm_op(name, images, magnitude, sign, monkeypatch)
+            got = ours(name, images, magnitude, sign)
+            assert got.dtype == torch.uint8 and got.shape == images.shape
+            difference = (got.int() - expected.int()).abs()
+            if name in utils.RANDAUG_COLOR_OPS:  # same integer arithmetic as PIL: exact
+                assert difference.max() == 0, (magnitude, sign)
+            else:  # bilinear in float vs PIL's fixed point: within one grey level
+                assert difference.max() <= 1, (magnitude, sign)
+    if name != "Equalize" and name != "AutoContrast" and name != "Invert":  # these have no magnitude
+        assert not torch.equal(ours(name, images, 10, 1.0), ours(name, images, 3, 1.0))
+
+
+def test_posterize_with_zero_bits_is_black_on_both_paths():
+    images = smooth_images(2)
+    one = torch.ones(2, dtype=torch.float64)
+    assert (utils.RANDAUG_COLOR_OPS["PosterizeIncreasing"](images, one, one) == 0).all()
+    policy = utils.randaug_policy("rand-m10-inc1")  # Pillow alone raises ValueError for this op at m10
+    op = next(op for op in policy.ops if op.name == "PosterizeIncreasing")
+    op.prob = 1.0
+    black = op(Image.fromarray(images[0].permute(1, 2, 0).numpy()))
+    assert np.array(black).max() == 0
+
+
+def test_translate_by_whole_pixels_shifts_and_fills():
+    images = smooth_images(1, size=20)
+    level = torch.tensor([1.0], dtype=torch.float64)  # 0.45 * 20 = 9 pixels
+    right = utils.warp_affine(images, utils.RANDAUG_AFFINE_OPS["TranslateXRel"](level, -level, 20, 20))
+    assert torch.equal(right[..., 9:], images[..., :11])  # content moves right by 9
+    assert (right[..., :9] == 128).all()
+
+
+def test_policy_comes_from_timm_and_bad_ones_are_user_errors():
+    ra = utils.DeviceRandAugment("rand-m7-n3-mstd0.5-inc1")
+    assert ra.names == auto_augment._RAND_INCREASING_TRANSFORMS
+    assert (ra.num_layers, ra.magnitude, ra.magnitude_std, ra.prob) == (3, 7.0, 0.5, 0.5)
+    assert utils.DeviceRandAugment("rand-m9").names == auto_augment._RAND_TRANSFORMS
+    with pytest.raises(utils.UserError, match="not a timm RandAugment policy"):
+        utils.DeviceRandAugment("augmix-m3")
+    with pytest.raises(utils.UserError, match="GaussianBlur"):
+        utils.DeviceRandAugment("rand-m9-t3a")
+
+
+def test_draws_follow_the_policy_per_sample():
+    ra = utils.DeviceRandAugment("rand-m9-mstd0.5-inc1")
+    ops, level, sign = ra.draw(20000, torch.Generator().manual_seed(0), torch.device("cpu"))
+    assert ops.shape == level.shape == sign.shape == (20000, 2)
+    assert abs((ops == -1).double().mean().item() - 0.5) < 0.02                     # prob 0.5 per layer
+    counts = torch.bincount(ops[ops >= 0], minlength=15).double()
+    assert len(counts) == 15 and (counts / counts.mean() - 1).abs().max() < 0.1     # uniform over the 15 ops
+    assert level.min() >= 0 and level.max() == 1.0                                   # N(9, 0.5) clipped to 10
+    assert abs(level.mean().item() - 0.9) < 0.01 and 0.04 < level.std().item() < 0.06
+    assert abs(sign.mean().item()) < 0.03 and set(sign.unique().tolist()) == {-1.0, 1.0}
+    again = ra.draw(20000, torch.Generator().manual_seed(0), torch.device("cpu"))
+    assert all(torch.equal(a, b) for a, b in zip((ops, level, sign), again))
+    weighted = utils.DeviceRandAugment("rand-m9-n3-tweights")
+    ops, _, _ = weighted.draw(5000, torch.Generator().manual_seed(0), torch.device("cpu"))
+    unskipped = ops[(ops >= 0).all(1)]  # timm draws weighted ops without replacement: never twice for one image
+    assert len(unskipped) > 400 and (unskipped.sort(1).values.diff(dim=1) != 0).all()
+    counts = torch.bincount(ops[ops >= 0], minlength=15).double()
+    assert counts[weighted.names.index("Rotate")] > 10 * counts[weighted.names.index("Invert")]
+
+
+def test_layers_apply_the_drawn_ops_in_order_and_skip_the_rest():
+    ra = utils.DeviceRandAugment("rand-m9-inc1")
+    images = smooth_images(4)
+    index = {name: i for i, name in enumerate(ra.names)}
+    ops = torch.tensor([[index["Rotate"], index["Invert"]], [-1, -1], [index["SolarizeAdd"], -1],
+                        [-1, index["TranslateYRel"]]])
+    level = torch.tensor([[0.5, 0.0], [0.9, 0.9], [0.3, 0.0], [0.0, 0.7]], dtype=torch.float64)
+    sign = torch.tensor([[1.0, 1.0], [1.0, 1.0], [1.0, 1.0], [1.0, -1.0]], dtype=torch.float64)
+    out = ra.apply(images, ops, level, sign)
+    expected_0 = 255 - ours("Rotate", images[:1], 5, 1.0)
+    assert torch.equal(out[0], expected_0[0])
+    assert torch.equal(out[1], images[1])
+    assert torch.equal(out[2], ours("SolarizeAdd", images[2:3], 3, 1.0)[0])
+    assert torch.equal(out[3], ours("TranslateYRel", images[3:4], 7, -1.0)[0])
+
+
+def test_same_image_gets_different_augmentations_and_seed_repeats_them():
+    ra = utils.DeviceRandAugment("rand-m9-mstd0.5-inc1")
+    images = smooth_images(1).expand(64, -1, -1, -1)
+    out = ra(images, torch.Generator().manual_seed(0))
+    assert out.dtype == torch.uint8 and out.shape == images.shape
+    assert len({tuple(image.flatten().tolist()) for image in out}) > 30
+    assert torch.equal(out, ra(images, torch.Generator().manual_seed(0)))
+    assert not torch.equal(out, ra(images, torch.Generator().manual_seed(1)))
+
+
+def test_device_loader_applies_randaug_after_crop_and_flip():
+    images = torch.randint(0, 256, (16, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(5))
+    labels = torch.arange(16) % 10
+    make = lambda **kw: utils.DeviceLoader(images, labels, 16, device=torch.device("cpu"), train=True, seed=0, **kw)
+    plain, augmented = make(flip=True), make(flip=True, randaug="rand-m9-mstd0.5-inc1")
+    order = plain.order.new_epoch()
+    assert torch.equal(order, augmented.order.new_epoch())
+    x_plain, y_plain = next(plain.batches(order))
+    x_aug, y_aug = next(augmented.batches(order))
+    assert torch.equal(y_plain, y_aug) and x_aug.shape == x_plain.shape
+    assert x_aug.min() >= -1 and x_aug.max() <= 1
+    # the flips come first from the same generator, so images that drew no op equal the flip-only batch
+    same = [torch.equal(a, b) for a, b in zip(x_plain, x_aug)]
+    assert any(same) and not all(same)
+
+
+def test_device_augmentation_builds_no_tensor_from_host_data():
+    """torch.tensor(data, device=cuda) on the hot path is a host-to-device copy and a sync; none per batch."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CreatedFromData(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.count += func is torch.ops.aten.lift_fresh.default  # what torch.tensor(data) dispatches
+            return func(*args, **(kwargs or {}))
+
+    images = torch.randint(0, 256, (64, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    for policy in ("rand-m9-mstd0.5-inc1", "rand-m9-n3-tweights"):
+        loader = utils.DeviceLoader(images, torch.arange(64) % 10, 16, device=torch.device("cpu"), train=True,
+                                    crop_scale=(0.2, 1.0), flip=True, randaug=policy)
+        batches = loader.batches(loader.order.new_epoch())
+        next(batches)  # the first batch may move the policy's weights to the device, once
+        with CreatedFromData() as mode:
+            next(batches)
+        assert mode.count == 0
+        with CreatedFromData() as mode:
+            torch.tensor([1.0])
+        assert mode.count == 1  # the detector itself works
