@@ -19,7 +19,7 @@ from model import MAE_Encoder, ViT_Classifier
 
 SIZE_KEYS = ["image_size", "patch_size", "emb_dim", "encoder_layer", "encoder_head"]
 RUN_KEYS = ["seed", "batch_size", "base_learning_rate", "weight_decay", "total_epoch", "warmup_epoch",
-            "pretrained_model_path", "pos_embed", "crop_scale", "flip", "randaug", "mixup", "cutmix",
+            "pretrained_model_path", "pos_embed", "crop_scale", "flip", "randaug", "reprob", "mixup", "cutmix",
             "label_smoothing", "drop_path", "layer_decay", "clip_grad", "ema", "ema_decay", "global_pool",
             "linear_probe", "output_model_path", "log_dir"] + SIZE_KEYS
 NO_WEIGHT_DECAY = {"cls_token", "pos_embed"}
@@ -50,6 +50,8 @@ def get_args_parser():
     recipe.add_argument("--randaug", default=None,
                         help="timm RandAugment policy, e.g. rand-m9-mstd0.5-inc1 (per sample on the device, "
                              "or timm's own on PIL images with --loader torch)")
+    recipe.add_argument("--reprob", type=float, default=0.0,
+                        help="random erasing probability (timm's RandomErasing, mode pixel; per sample on the device)")
     recipe.add_argument("--mixup", type=float, default=0.0, help="mixup alpha (0: off)")
     recipe.add_argument("--cutmix", type=float, default=0.0, help="cutmix alpha (0: off)")
     recipe.add_argument("--label_smoothing", type=float, default=0.0)
@@ -75,6 +77,8 @@ def validate(args):
     for name in ("label_smoothing", "drop_path"):
         if not 0 <= getattr(args, name) < 1:
             raise utils.UserError(f"--{name} must lie in [0, 1), got {getattr(args, name)}")
+    if not 0 <= args.reprob <= 1:
+        raise utils.UserError(f"--reprob must lie in [0, 1], got {args.reprob}")
     if args.layer_decay is not None and not 0 < args.layer_decay <= 1:
         raise utils.UserError(f"--layer_decay must lie in (0, 1], got {args.layer_decay}")
     if not 0 < args.ema_decay < 1:
@@ -291,7 +295,7 @@ def main(args):
     model.to(rt.device)
     train_loader = utils.make_loader(args, rt, data.train_images, data.train_labels, args.batch_size, train=True,
                                      crop_scale=None if args.crop_scale == [1.0, 1.0] else args.crop_scale,
-                                     flip=args.flip, randaug=args.randaug)
+                                     flip=args.flip, randaug=args.randaug, reprob=args.reprob)
     test_loader = utils.make_loader(args, rt, data.test_images, data.test_labels, 1024, train=False)
     peak_lr = args.base_learning_rate * args.batch_size / 256
     optimizer = utils.make_optimizer(make_param_groups(model, args), peak_lr, rt)

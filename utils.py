@@ -674,6 +674,35 @@ def denormalize(images):
     return (images.float() * 0.5 + 0.5).clamp(0, 1)
 
 
+def random_erase(images, prob, generator, area=(0.02, 1 / 3), min_aspect=0.3, attempts=10):
+    """timm's RandomErasing(mode="pixel"), per sample and batched: normalised (n, C, H, W) -> the same.
+
+    With probability `prob` an image gets one rectangle of per-pixel N(0, 1) noise: area fraction uniform in
+    `area`, log aspect uniform in [log min_aspect, -log min_aspect], the first of `attempts` draws that fits
+    (none fits: no erasing), top-left corner uniform over the places where it fits, as timm draws them.
+    """
+    n, _, height, width = images.shape
+    device = images.device
+    erase = torch.rand(n, generator=generator, device=device) < prob
+    u = torch.rand(n, attempts, 4, generator=generator, device=device, dtype=torch.float64)
+    target = (area[0] + (area[1] - area[0]) * u[..., 0]) * height * width
+    aspect = torch.exp(math.log(min_aspect) * (1 - 2 * u[..., 1]))
+    box_h, box_w = (target * aspect).sqrt().round(), (target / aspect).sqrt().round()  # round half to even
+    fits = (box_h < height) & (box_w < width)
+    first = fits.to(torch.int8).argmax(dim=1, keepdim=True)  # the first attempt that fits
+    erase &= fits.any(dim=1)
+    box_h, box_w = box_h.gather(1, first), box_w.gather(1, first)                               # (n, 1)
+    top = (u[..., 2].gather(1, first) * (height - box_h + 1)).floor()
+    left = (u[..., 3].gather(1, first) * (width - box_w + 1)).floor()
+    rows = torch.arange(height, device=device, dtype=torch.float64)
+    cols = torch.arange(width, device=device, dtype=torch.float64)
+    in_rows = (rows >= top) & (rows < top + box_h)                                            # (n, H)
+    in_cols = (cols >= left) & (cols < left + box_w)                                          # (n, W)
+    inside = in_rows[:, :, None] & in_cols[:, None, :] & erase[:, None, None]                 # (n, H, W)
+    noise = torch.randn(images.shape, generator=generator, device=device, dtype=images.dtype)
+    return torch.where(inside[:, None], noise, images)
+
+
 # ---------------------------------------------------------------------------------------------- loaders
 
 class BatchOrder:
@@ -714,16 +743,18 @@ class DeviceLoader:
     """The whole dataset as uint8 on the device; batches are gathered, augmented and normalised there.
 
     Augmentation is per sample: random-resized-crop with area in `crop_scale` (None: no crop), a horizontal
-    flip with probability 0.5 and a timm RandAugment policy (`randaug`, None: off), in that order (as timm's
-    training transforms), all drawn from this loader's own generator.
+    flip with probability 0.5, a timm RandAugment policy (`randaug`, None: off), normalisation, then random
+    erasing with probability `reprob`, in that order (as timm's training transforms), all drawn from this
+    loader's own generator.
     """
 
     def __init__(self, images, labels, batch_size, *, device, train, seed=0, crop_scale=None, flip=False,
-                 randaug=None, rank=0, world_size=1):
+                 randaug=None, reprob=0.0, rank=0, world_size=1):
         self.images, self.labels = images.to(device), labels.to(device)
         self.image_size = images.shape[-1]
         self.crop_scale, self.flip = (tuple(crop_scale) if crop_scale else None), flip
         self.randaug = DeviceRandAugment(randaug) if randaug else None
+        self.reprob = reprob
         self.order_generator = torch.Generator(device=device)
         self.order_generator.manual_seed(seed)  # the same on every rank: one permutation split over ranks
         self.aug_generator = torch.Generator(device=device)
@@ -761,7 +792,10 @@ class DeviceLoader:
             images = self.images[idx]
             if self.crop_scale is not None or self.flip or self.randaug is not None:
                 images = self.augment(images)
-            yield normalize(images), self.labels[idx]
+            images = normalize(images)
+            if self.reprob:
+                images = random_erase(images, self.reprob, self.aug_generator)
+            yield images, self.labels[idx]
 
     def state_dict(self):
         return {"order": self.order_generator.get_state(), "aug": self.aug_generator.get_state()}
@@ -790,7 +824,7 @@ class TorchLoader:
     """torchvision DataLoader with PIL transforms and worker processes (the original repository's way)."""
 
     def __init__(self, images, labels, batch_size, *, device, train, seed=0, crop_scale=None, flip=False,
-                 randaug=None, num_workers=0, rank=0, world_size=1):
+                 randaug=None, reprob=0.0, num_workers=0, rank=0, world_size=1):
         from torchvision import transforms
         steps = []
         if crop_scale:
@@ -800,6 +834,9 @@ class TorchLoader:
         if randaug:
             steps.append(randaug_policy(randaug))
         steps += [transforms.ToTensor(), transforms.Normalize([0.5] * 3, [0.5] * 3)]
+        if reprob:
+            from timm.data.random_erasing import RandomErasing
+            steps.append(RandomErasing(reprob, mode="pixel", device="cpu"))
         self.dataset = ArrayDataset(images.cpu(), labels.cpu(), transforms.Compose(steps))
         self.device, self.num_workers = device, num_workers
         self.order_generator = torch.Generator().manual_seed(seed)
@@ -824,11 +861,12 @@ class TorchLoader:
         self.order_generator.set_state(state["order"])
 
 
-def make_loader(args, rt, images, labels, batch_size, *, train, crop_scale=None, flip=False, randaug=None):
-    """The loader that --loader names, for one split."""
+def make_loader(args, rt, images, labels, batch_size, *, train, crop_scale=None, flip=False, randaug=None,
+                reprob=0.0):
+    """The loader that --loader names, for one split (augmentation for training only)."""
     common = dict(device=rt.device, train=train, seed=args.seed, crop_scale=crop_scale if train else None,
-                  flip=flip and train, rank=rt.rank, world_size=rt.world_size)
-    common["randaug"] = randaug if train else None
+                  flip=flip and train, randaug=randaug if train else None, reprob=reprob if train else 0.0,
+                  rank=rt.rank, world_size=rt.world_size)
     if args.loader == "torch":
         return TorchLoader(images, labels, batch_size, num_workers=args.num_workers, **common)
     return DeviceLoader(images, labels, batch_size, **common)

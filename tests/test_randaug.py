@@ -164,7 +164,7 @@ def test_device_augmentation_builds_no_tensor_from_host_data():
     images = torch.randint(0, 256, (64, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     for policy in ("rand-m9-mstd0.5-inc1", "rand-m9-n3-tweights"):
         loader = utils.DeviceLoader(images, torch.arange(64) % 10, 16, device=torch.device("cpu"), train=True,
-                                    crop_scale=(0.2, 1.0), flip=True, randaug=policy)
+                                    crop_scale=(0.2, 1.0), flip=True, randaug=policy, reprob=0.5)
         batches = loader.batches(loader.order.new_epoch())
         next(batches)  # the first batch may move the policy's weights to the device, once
         with CreatedFromData() as mode:
@@ -173,3 +173,46 @@ def test_device_augmentation_builds_no_tensor_from_host_data():
         with CreatedFromData() as mode:
             torch.tensor([1.0])
         assert mode.count == 1  # the detector itself works
+
+
+# ------------------------------------------------------------------------------------------- random erasing
+
+def erased_boxes(before, after):
+    """Per image: (erased?, is the erased set one rectangle?, its area fraction)."""
+    changed = (before != after).any(dim=1)                                                   # (n, H, W)
+    rows, cols = changed.any(dim=2), changed.any(dim=1)
+    rectangle = torch.equal(changed, rows[:, :, None] & cols[:, None, :])
+    return changed.flatten(1).any(1), rectangle, changed.flatten(1).float().mean(1)
+
+
+def test_random_erasing_one_noise_rectangle_per_erased_image():
+    images = torch.zeros(4000, 3, 16, 16)
+    out = utils.random_erase(images, 0.25, torch.Generator().manual_seed(0))
+    erased, rectangle, area = erased_boxes(images, out)
+    assert rectangle and abs(erased.float().mean().item() - 0.25) < 0.02
+    assert out[~erased].abs().max() == 0                               # the others are untouched
+    noise = out.permute(1, 0, 2, 3)[:, (out != 0).any(1)]
+    assert abs(noise.mean().item()) < 0.05 and abs(noise.std().item() - 1) < 0.05  # per-pixel N(0, 1)
+    assert area[erased].min() >= 0.01 and area[erased].max() <= 0.4
+    assert torch.equal(out, utils.random_erase(images, 0.25, torch.Generator().manual_seed(0)))
+    assert torch.equal(utils.random_erase(images, 0.0, torch.Generator().manual_seed(0)), images)
+
+
+def test_random_erasing_draws_like_timm():
+    """Same probability and the same distribution of box areas and shapes as timm's per-image loop."""
+    from timm.data.random_erasing import RandomErasing
+    images = torch.zeros(3000, 3, 16, 16)
+    random.seed(0)
+    torch.manual_seed(0)
+    theirs = RandomErasing(0.5, mode="pixel", device="cpu")(images.clone())
+    ours = utils.random_erase(images, 0.5, torch.Generator().manual_seed(0))
+    stats = []
+    for out in (theirs, ours):
+        erased, rectangle, area = erased_boxes(images, out)
+        changed = (out != 0).any(1)[erased]
+        log_aspect = (changed.any(2).sum(1).float() / changed.any(1).sum(1)).log()  # height / width
+        stats.append((erased.float().mean().item(), area[erased].mean().item(), log_aspect.std().item()))
+        assert rectangle
+    (p_theirs, area_theirs, spread_theirs), (p_ours, area_ours, spread_ours) = stats
+    assert abs(p_theirs - p_ours) < 0.04 and abs(area_theirs - area_ours) < 0.01
+    assert abs(spread_theirs - spread_ours) < 0.05  # min_aspect 0.5 instead of 0.3 would give 0.41 vs 0.70

@@ -155,9 +155,9 @@ def test_classifier_holds_pretrained_encoder_weights(tmp_path, cifar_dir):
 
 
 @pytest.mark.parametrize("loader", ["torch", "device"])
-def test_randaug_on_both_loader_paths(tmp_path, folder_dir, loader):
+def test_randaug_and_random_erasing_on_both_loader_paths(tmp_path, folder_dir, loader):
     result, ckpt, logs = classify(tmp_path, folder_dir, *TINY_MODEL, "--loader", loader, "--num_workers", 0,
-                                  "--randaug", "rand-m9-mstd0.5-inc1", "--total_epoch", 1)
+                                  "--randaug", "rand-m9-mstd0.5-inc1", "--reprob", 0.25, "--total_epoch", 1)
     assert result.returncode == 0, result.stderr
     assert load(ckpt)["epoch"] == 1
 
@@ -402,6 +402,8 @@ BAD_INPUTS = {  # name: (script, argv from (world, tmp_path), what the error lin
                                                     *MAE_OUT(w, t)], lambda w: "larger than the training set"),
     "negative flag": ("cls", lambda w, t: ["--data_dir", w["data"], "--mixup", -1, *CLS_OUT(w, t)],
                       lambda w: "--mixup must not be negative"),
+    "erasing probability": ("cls", lambda w, t: ["--data_dir", w["data"], "--reprob", 1.5, *CLS_OUT(w, t)],
+                            lambda w: "--reprob must lie in [0, 1]"),
     "bad randaug policy": ("cls", lambda w, t: ["--data_dir", w["data"], "--randaug", "rand-m9-q3",
                                                 *CLS_OUT(w, t)], lambda w: "--randaug 'rand-m9-q3' is not a timm"),
     "randaug op not on the device": ("cls", lambda w, t: ["--data_dir", w["data"], "--randaug", "rand-m9-t3a",
