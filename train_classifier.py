@@ -15,7 +15,7 @@ from timm.optim import param_groups_layer_decay, param_groups_weight_decay
 from timm.utils import ModelEmaV3
 
 import utils
-from model import MAE_Encoder, ViT_Classifier
+from model import MAE_Encoder, ViT_Classifier, check_config
 
 SIZE_KEYS = ["image_size", "patch_size", "emb_dim", "encoder_layer", "encoder_head"]
 RUN_KEYS = ["seed", "batch_size", "base_learning_rate", "weight_decay", "total_epoch", "warmup_epoch",
@@ -279,6 +279,10 @@ def main(args):
     if args.pretrained_model_path and ckpt is None:  # before the data: a wrong path fails in a second
         pretrained = utils.load_checkpoint(args.pretrained_model_path, "mae_pretrain", "--pretrained_model_path")
         pretrained_sizes(args, parser, pretrained)
+    try:  # a bad configuration fails here, before the data is read
+        check_config(args.image_size, args.patch_size, {"encoder": args.emb_dim}, {"encoder": args.encoder_head})
+    except ValueError as e:
+        raise utils.UserError(str(e)) from None
     data = utils.load_data(args.data_dir, args.image_size, rt)
     num_classes = len(data.classes)
     if len(data.train_images) < args.batch_size:
