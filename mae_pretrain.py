@@ -158,7 +158,7 @@ def main(args):
     if rt.is_main:
         print(f"pretraining {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters on {rt.device} "
               f"({rt.world_size} process(es)), {steps_per_epoch} steps/epoch, micro-batch {micro_batch}, "
-              f"peak lr {peak_lr:.2e}, amp {rt.amp_dtype}, compile {rt.compile}, loader {args.loader}")
+              f"peak lr {peak_lr:.2e}, {rt.describe()}, loader {args.loader}")
 
     with utils.StopRequest() as stop:
         for epoch in range(start_epoch, args.total_epoch):

@@ -324,7 +324,7 @@ def main(args):
         mode = "linear probe" if args.linear_probe else ("fine-tuning" if args.pretrained_model_path else "scratch")
         print(f"training a classifier ({mode}), {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters "
               f"on {rt.device} ({rt.world_size} process(es)), {steps_per_epoch} steps/epoch, micro-batch "
-              f"{micro_batch}, peak lr {peak_lr:.2e}, amp {rt.amp_dtype}, compile {rt.compile}")
+              f"{micro_batch}, peak lr {peak_lr:.2e}, {rt.describe()}")
 
     def save_last(epoch, epoch_state=None):
         state = utils.training_state(trainer, train_loader, rt, args, epoch_state, ema)  # every rank takes part

@@ -101,6 +101,7 @@ class Runtime:
     world_size: int = 1
     amp_dtype: torch.dtype = None  # None: full precision
     compile: bool = False
+    compile_mode: str = None  # torch.compile's mode; None: its default
 
     @property
     def is_main(self):
@@ -109,6 +110,11 @@ class Runtime:
     @property
     def distributed(self):
         return self.world_size > 1
+
+    def describe(self):
+        """amp and compile settings, for the start-up line."""
+        mode = f" ({self.compile_mode})" if self.compile and self.compile_mode else ""
+        return f"amp {self.amp_dtype}, compile {self.compile}{mode}"
 
     def autocast(self):
         """One autocast context for the whole run: bf16/fp16 on CUDA, nothing on CPU."""
@@ -143,8 +149,9 @@ def setup_runtime(args):
                                 if device.type == "cuda" else None)
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
     use_compile = device.type == "cuda" if args.compile is None else args.compile
+    mode = getattr(args, "compile_mode", None)
     seed_everything(args.seed + rank)
-    return Runtime(device, rank, world_size, amp_dtype, use_compile)
+    return Runtime(device, rank, world_size, amp_dtype, use_compile, None if mode == "default" else mode)
 
 
 def seed_everything(seed):
@@ -187,6 +194,10 @@ def add_runtime_args(parser):
                        help="mixed precision (default: bf16 on CUDA, off on CPU)")
     group.add_argument("--compile", default=None, action=argparse.BooleanOptionalAction,
                        help="torch.compile the model (default: on for CUDA, off for CPU)")
+    group.add_argument("--compile_mode", default="default",
+                       choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+                       help="torch.compile's mode: reduce-overhead adds CUDA graphs (for small, launch-bound "
+                            "batches); max-autotune tries GEMM configurations at a longer compile")
     group.add_argument("--loader", default="device", choices=["device", "torch"],
                        help="device: whole dataset on the device, augmented there (fast, default); "
                             "torch: torchvision DataLoader with PIL transforms (slow)")
@@ -1071,7 +1082,7 @@ def wrap_model(model, rt):
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[rt.device.index]
                                                           if rt.device.type == "cuda" else None)
     if rt.compile:
-        model = torch.compile(model)
+        model = torch.compile(model, mode=rt.compile_mode)
     return model
 
 
@@ -1210,7 +1221,7 @@ def set_rng_state(states, rt, loader):
 
 
 # settings a resumed run takes from its checkpoint unless given again: they change speed or rounding only
-SOFT_RESUME_KEYS = ["max_device_batch_size", "amp", "compile", "loader", "num_workers", "log_interval",
+SOFT_RESUME_KEYS = ["max_device_batch_size", "amp", "compile", "compile_mode", "loader", "num_workers", "log_interval",
                     "skip_nonfinite", "save_every"]
 
 

@@ -52,14 +52,18 @@ def get_args_parser():
                         help="DataLoader workers of the plain path")
     parser.add_argument("--cases", default="data,pretrain,finetune", help="comma-separated subset")
     parser.add_argument("--paths", default="plain,fast", help="comma-separated subset of plain,fast")
+    parser.add_argument("--compile_mode", default="default",
+                        choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+                        help="torch.compile mode of the fast path")
     parser.add_argument("--randaug", default=None,
                         help="a RandAugment policy (e.g. rand-m9-mstd0.5-inc1) for the data and fine-tuning cases: "
                              "timm's on PIL images in the plain path, per sample on the device in the fast path")
     return parser
 
 
-def runtime(device, fast):
-    args = argparse.Namespace(device=device, amp=None if fast else "off", compile=None if fast else False, seed=0)
+def runtime(device, fast, compile_mode="default"):
+    args = argparse.Namespace(device=device, amp=None if fast else "off", compile=None if fast else False, seed=0,
+                              compile_mode=compile_mode)
     return utils.setup_runtime(args)
 
 
@@ -157,14 +161,15 @@ def main(args):
     for case in cases:
         for path in paths:
             fast = path == "fast"
-            rt = runtime(args.device, fast)
+            rt = runtime(args.device, fast, args.compile_mode)
             torch.backends.cuda.matmul.allow_tf32 = fast  # the plain path is true fp32, as the original ran
             torch.backends.cudnn.allow_tf32 = fast
             torch.manual_seed(0)
             line = dict(case=f"{case}-{path}", device=torch.cuda.get_device_name(rt.device)
                         if rt.device.type == "cuda" else "cpu", preset=args.preset,
                         amp=str(rt.amp_dtype).replace("torch.", "") if rt.amp_dtype else "fp32",
-                        compile=rt.compile, loader="device" if fast else f"torch({args.num_workers} workers)")
+                        compile=rt.compile, compile_mode=rt.compile_mode if rt.compile else None,
+                        loader="device" if fast else f"torch({args.num_workers} workers)")
             randaug = args.randaug if case != "pretrain" else None  # MAE pretraining crops and flips only
             line["randaug"] = randaug
             if case == "data":

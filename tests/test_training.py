@@ -332,3 +332,16 @@ def test_timm_export_gives_same_logits(global_pool, linear_probe):
     reference.eval()
     x = torch.randn(4, 3, 8, 8)
     torch.testing.assert_close(reference(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("flag, expected", [("default", None), ("reduce-overhead", "reduce-overhead"),
+                                            ("max-autotune-no-cudagraphs", "max-autotune-no-cudagraphs")])
+def test_compile_mode_reaches_torch_compile(monkeypatch, flag, expected):
+    seen = {}
+    monkeypatch.setattr(torch, "compile", lambda model, **kwargs: seen.update(kwargs) or model)
+    for script in (mae_pretrain, train_classifier):
+        args = script.get_args_parser().parse_args(["--device", "cpu", "--compile", "--compile_mode", flag])
+        rt = utils.setup_runtime(args)
+        model = tiny_classifier()
+        assert utils.wrap_model(model, rt) is model and seen == {"mode": expected}
+        assert rt.describe() == "amp None, compile True" + (f" ({expected})" if expected else "")
