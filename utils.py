@@ -439,25 +439,30 @@ def crop_resize_flip(images, boxes, flip, out_size):
 # RandAugment, per sample on the device. timm's rand_augment_transform runs on one PIL image at a time and
 # torchvision's RandAugment draws one op for a whole batch, so neither fits a batch on the GPU. This keeps
 # timm's policy (parsed by timm itself: op list, magnitude, its noise and cap, layer count, probability) and
-# timm's magnitude-to-argument rules, and applies the ops to uint8 batches with tensor ops: every sample draws
-# its own ops, magnitudes and signs. Geometric ops resample bilinearly (timm picks bilinear or bicubic).
-# Each function: x uint8 (n, C, H, W), level = magnitude / 10 (n,), sign = -1 or +1 (n,) -> uint8 (n, C, H, W);
-# the geometric ones return PIL's affine coefficients (n, 6) instead, output pixel -> input position.
+# timm's magnitude-to-argument rules, and applies the ops to a batch with tensor ops: every sample draws its
+# own ops, magnitudes and signs. Geometric ops resample bilinearly (timm picks bilinear or bicubic).
+# Images are float tensors holding whole numbers 0-255 (what a uint8 holds, converted once per layer).
+# Each colour op: x (n, C, H, W), level = magnitude / 10 (n,), sign = -1 or +1 (n,) -> (n, C, H, W).
+# Each geometric op: the parameter of affine_coefficients it sets, and that parameter from level and sign.
 
 def _column(values):
     return values.to(torch.float32).view(-1, 1, 1, 1)
 
 
+def _truncate(values):
+    """PIL's float -> uint8: clip to 0-255, drop the fraction."""
+    return values.clamp_(0, 255).floor_()
+
+
 def _blend(degenerate, x, factor):
-    """PIL's ImageEnhance: degenerate + factor * (x - degenerate), clipped and truncated to uint8."""
-    degenerate = degenerate.float()
-    return (degenerate + _column(factor) * (x.float() - degenerate)).clamp_(0, 255).to(torch.uint8)
+    """PIL's ImageEnhance: degenerate + factor * (x - degenerate), truncated."""
+    return _truncate(degenerate + _column(factor) * (x - degenerate))
 
 
 def _luma(x):
-    """PIL's convert("L"), exact: (n, 3, H, W) uint8 -> (n, 1, H, W) int32."""
+    """PIL's convert("L"), exact: (n, 3, H, W) -> (n, 1, H, W)."""
     r, g, b = x.to(torch.int32).unbind(1)
-    return ((r * 19595 + g * 38470 + b * 7471 + 0x8000) >> 16).unsqueeze(1)
+    return ((r * 19595 + g * 38470 + b * 7471 + 0x8000) >> 16).unsqueeze(1).float()
 
 
 def _color_degenerate(x):
@@ -465,7 +470,18 @@ def _color_degenerate(x):
 
 
 def _contrast_degenerate(x):
-    return _luma(x).float().mean(dim=(1, 2, 3), keepdim=True).add_(0.5).floor_()  # PIL: int(mean + 0.5)
+    return _luma(x).mean(dim=(1, 2, 3), keepdim=True).add_(0.5).floor_()  # PIL: int(mean + 0.5)
+
+
+def _smooth(x):
+    """PIL's SMOOTH filter (3x3: 1 around, 5 in the middle, / 13, rounded) inside, border pixels kept.
+
+    Sums of whole numbers are exact in float32, and sum / 13 is never a tie, so the rounding matches PIL's.
+    """
+    box = F.avg_pool2d(x, 3, stride=1, divisor_override=1)  # 3x3 sums
+    smoothed = x.clone()
+    smoothed[..., 1:-1, 1:-1] = (box + 4 * x[..., 1:-1, 1:-1]).div_(13).round_()
+    return smoothed
 
 
 def _enhance_ops(name, degenerate):
@@ -479,61 +495,32 @@ def _enhance_ops(name, degenerate):
 
 def _posterize(x, bits):
     step = _column(2.0 ** (8 - bits.clamp(0, 8)))
-    return (x.float() / step).floor_().mul_(step).to(torch.uint8)
+    return (x / step).floor_().mul_(step)
 
 
 def _solarize(x, threshold):
-    return torch.where(x.float() >= _column(threshold), 255 - x, x)
+    return torch.where(x >= _column(threshold), 255 - x, x)
 
 
 def _solarize_add(x, add):
-    return torch.where(x < 128, (x.float() + _column(add)).clamp_(max=255).to(torch.uint8), x)
+    return torch.where(x < 128, (x + _column(add)).clamp_(max=255), x)
 
 
 def _solarize_level(level):
     return (level * 256).floor().clamp(max=256)
 
 
-def _rotate(level, sign, height, width):
-    """PIL's Image.rotate(degrees) about the centre: counter-clockwise for positive degrees."""
-    angle = -torch.deg2rad(sign * level * 30.0)
-    a, b, d, e = angle.cos(), angle.sin(), -angle.sin(), angle.cos()
-    cx, cy = width / 2.0, height / 2.0
-    return torch.stack([a, b, cx - a * cx - b * cy, d, e, cy - d * cx - e * cy], dim=1)
-
-
-def _affine(coefficients):
-    """(a, b, c, d, e, f) as (n, 6) from per-sample columns, some of them Python numbers."""
-    def op(level, sign, height, width):
-        # full_like, not torch.tensor(number, device=...): no host-to-device copy on the hot path
-        return torch.stack([c if torch.is_tensor(c) else torch.full_like(level, c)
-                            for c in coefficients(level, sign, height, width)], dim=1)
-    return op
-
-
-def _smooth(x):
-    """PIL's SMOOTH filter (3x3: 1 around, 5 in the middle, / 13, rounded) inside, border pixels kept.
-
-    Sums of integers are exact in float32, and sum / 13 is never a tie, so the rounding matches PIL's.
-    """
-    inner = x[..., 1:-1, 1:-1].float()
-    box = F.avg_pool2d(x.float(), 3, stride=1, divisor_override=1)  # 3x3 sums
-    smoothed = x.clone()
-    smoothed[..., 1:-1, 1:-1] = (box + 4 * inner).div_(13).round_().to(torch.uint8)
-    return smoothed
-
-
 def _autocontrast(x, level, sign):
     """PIL's ImageOps.autocontrast: each channel stretched from its min-max to 0-255, in PIL's arithmetic."""
     low, high = x.amin(dim=(2, 3), keepdim=True).double(), x.amax(dim=(2, 3), keepdim=True).double()
     scale = torch.full_like(high, 255.0) / (high - low).clamp(min=1)  # a true division, as PIL (not 255 * 1/d)
-    stretched = (x.double() * scale - low * scale).floor_().clamp_(0, 255).to(torch.uint8)
+    stretched = _truncate(x.double() * scale - low * scale).float()
     return torch.where(high > low, stretched, x)
 
 
 def _equalize(x, level, sign):
     from torchvision.transforms.v2 import functional as TF
-    return TF.equalize(x)
+    return TF.equalize(x.to(torch.uint8)).float()
 
 
 RANDAUG_COLOR_OPS = {
@@ -552,34 +539,54 @@ RANDAUG_COLOR_OPS = {
 }
 
 RANDAUG_AFFINE_OPS = {
-    "Rotate": _rotate,
-    "ShearX": _affine(lambda level, sign, h, w: (1, sign * level * 0.3, 0, 0, 1, 0)),
-    "ShearY": _affine(lambda level, sign, h, w: (1, 0, 0, sign * level * 0.3, 1, 0)),
-    "TranslateXRel": _affine(lambda level, sign, h, w: (1, 0, sign * level * 0.45 * w, 0, 1, 0)),
-    "TranslateYRel": _affine(lambda level, sign, h, w: (1, 0, 0, 0, 1, sign * level * 0.45 * h)),
+    "Rotate": ("degrees", lambda level, sign, height, width: sign * level * 30.0),
+    "ShearX": ("shear_x", lambda level, sign, height, width: sign * level * 0.3),
+    "ShearY": ("shear_y", lambda level, sign, height, width: sign * level * 0.3),
+    "TranslateXRel": ("translate_x", lambda level, sign, height, width: sign * level * 0.45 * width),
+    "TranslateYRel": ("translate_y", lambda level, sign, height, width: sign * level * 0.45 * height),
 }
+
+
+def affine_coefficients(height, width, degrees, shear_x, shear_y, translate_x, translate_y):
+    """PIL's affine coefficients (n, 6) of timm's geometric ops, from per-sample parameters (n,) each.
+
+    A sample sets at most one parameter (the rest 0), as one op of a layer: PIL's Image.rotate(degrees) about
+    the centre (counter-clockwise), its shear (x + shear_x y, shear_y x + y) or translation. With the others
+    0 the terms cancel exactly, so each op gets exactly its own coefficients.
+    """
+    angle = -torch.deg2rad(degrees)
+    cos, sin = angle.cos(), angle.sin()
+    cx, cy = width / 2.0, height / 2.0
+    return torch.stack([cos, sin + shear_x, cx - cos * cx - sin * cy + translate_x,
+                        -sin + shear_y, cos, cy + sin * cx - cos * cy + translate_y], dim=1)
+
+
+@functools.lru_cache(maxsize=8)
+def _pixel_centres(height, width, device):
+    """(H, W, 3): (u, v, 1) of each pixel's centre, in pixels from the top-left corner."""
+    v, u = torch.meshgrid(torch.arange(height, device=device) + 0.5, torch.arange(width, device=device) + 0.5,
+                          indexing="ij")
+    return torch.stack([u, v, torch.ones_like(u)], dim=-1)
 
 
 def warp_affine(x, coefficients, fill=128):
     """Resample each image with PIL's affine convention, bilinear, `fill` outside.
 
-    x: uint8 (n, C, H, W); coefficients: (n, 6) = (a, b, c, d, e, f): the output pixel centred at (u, v),
-    in pixels from the top-left corner, takes the input at (a u + b v + c, d u + e v + f).
+    x: (n, C, H, W) whole numbers 0-255; coefficients: (n, 6) = (a, b, c, d, e, f): the output pixel centred
+    at (u, v), in pixels from the top-left corner, takes the input at (a u + b v + c, d u + e v + f).
     """
     n, channels, height, width = x.shape
+    centres = _pixel_centres(height, width, x.device)
     coefficients = coefficients.to(torch.float32).view(n, 2, 3)
-    v, u = torch.meshgrid(torch.arange(height, device=x.device) + 0.5, torch.arange(width, device=x.device) + 0.5,
-                          indexing="ij")
-    centres = torch.stack([u, v, torch.ones_like(u)], dim=-1)                    # (H, W, 3)
     source_x, source_y = torch.einsum("hwk,njk->jnhw", centres, coefficients)    # (n, H, W) each, pixels
     grid = torch.stack([source_x / width, source_y / height], dim=-1) * 2 - 1   # align_corners=False
-    warped = F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
+    warped = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
     # as PIL: a source point inside the image interpolates its nearest pixels (edge pixels repeated), one
     # outside takes the fill
     inside = (source_x >= 0) & (source_x < width) & (source_y >= 0) & (source_y < height)
     warped = torch.where(inside[:, None], warped, float(fill))
     # truncated as PIL's; the 1e-3 keeps float noise in grid_sample's coordinates from turning 7.0 into 6
-    return warped.add_(1e-3).clamp_(0, 255).to(torch.uint8)
+    return _truncate(warped.add_(1e-3))
 
 
 def _pil_posterize(image, bits_to_keep, **_):
@@ -612,7 +619,7 @@ def randaug_policy(config, fill=128):
 
 
 class DeviceRandAugment:
-    """timm's RandAugment policy (e.g. "rand-m9-mstd0.5-inc1"), per sample on a uint8 batch on the device."""
+    """timm's RandAugment policy (e.g. "rand-m9-mstd0.5-inc1"), per sample on a batch on the device."""
 
     def __init__(self, config, fill=128):
         policy = randaug_policy(config, fill)
@@ -649,24 +656,24 @@ class DeviceRandAugment:
         return ops, level, sign
 
     def apply(self, x, ops, level, sign):
-        """x uint8 (n, C, H, W) with the drawn choices -> uint8 (n, C, H, W)."""
+        """x (n, C, H, W) whole numbers 0-255, uint8 or float, with the drawn choices -> float, the same kind."""
+        x = x.float()
         n, _, height, width = x.shape
         for layer in range(ops.shape[1]):
             op, lv, sg = ops[:, layer], level[:, layer], sign[:, layer]
-            out = x
-            identity = torch.zeros(n, 2, 3, dtype=torch.float64, device=x.device)
-            identity.diagonal(dim1=1, dim2=2).fill_(1.0)
-            coefficients = identity.view(n, 6)
-            warped = torch.zeros_like(op, dtype=torch.bool)
+            out, warped = x, None
+            zero = torch.zeros_like(lv)
+            params = {slot: zero for slot, _ in RANDAUG_AFFINE_OPS.values()}
             for index, name in enumerate(self.names):
                 chosen = op == index
                 if name in RANDAUG_AFFINE_OPS:
-                    coefficients = torch.where(chosen[:, None], RANDAUG_AFFINE_OPS[name](lv, sg, height, width),
-                                               coefficients)
-                    warped = warped | chosen
+                    slot, value = RANDAUG_AFFINE_OPS[name]
+                    params[slot] = torch.where(chosen, value(lv, sg, height, width), params[slot])
+                    warped = chosen if warped is None else warped | chosen
                 else:
                     out = torch.where(chosen[:, None, None, None], RANDAUG_COLOR_OPS[name](x, lv, sg), out)
-            if any(name in RANDAUG_AFFINE_OPS for name in self.names):
+            if warped is not None:  # one resampling for every geometric op of the layer
+                coefficients = affine_coefficients(height, width, **params)
                 out = torch.where(warped[:, None, None, None], warp_affine(x, coefficients, self.fill), out)
             x = out
         return x
@@ -777,7 +784,7 @@ class DeviceLoader:
         return len(self.order)
 
     def augment(self, images):
-        """uint8 (n, C, H, W) -> augmented, 0-255 (n, C, H, W): float after a crop, else uint8."""
+        """uint8 (n, C, H, W) -> augmented, 0-255 (n, C, H, W): float after a crop or RandAugment, else uint8."""
         n, _, height, width = images.shape
         boxes = None
         if self.crop_scale is not None:
@@ -791,9 +798,9 @@ class DeviceLoader:
             images = crop_resize_flip(images.float(), boxes, flip, self.image_size)
         elif self.flip:  # flip only: a mirror, no resampling
             images = torch.where(flip[:, None, None, None], images.flip(-1), images)
-        if self.randaug is not None:  # its ops work on uint8, as timm's on PIL images
+        if self.randaug is not None:  # its ops work on whole numbers 0-255, as timm's on uint8 PIL images
             if images.is_floating_point():
-                images = images.round().clamp_(0, 255).to(torch.uint8)
+                images = images.round()
             images = self.randaug(images, self.aug_generator)
         return images
 

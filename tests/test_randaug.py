@@ -30,13 +30,27 @@ def timm_op(name, images, magnitude, sign, monkeypatch):
     return torch.stack([torch.from_numpy(np.array(image)).permute(2, 0, 1) for image in out])
 
 
+def affine(height, width, **params):
+    """affine_coefficients with the parameters not given at 0."""
+    n = len(next(iter(params.values())))
+    zero = torch.zeros(n, dtype=torch.float64)
+    full = {slot: params.get(slot, zero) for slot, _ in utils.RANDAUG_AFFINE_OPS.values()}
+    return utils.affine_coefficients(height, width, **full)
+
+
 def ours(name, images, magnitude, sign):
+    """Our op on uint8 images -> uint8, every sample at the same magnitude and sign."""
     level = torch.full((len(images),), magnitude / 10, dtype=torch.float64)
     signs = torch.full((len(images),), sign, dtype=torch.float64)
+    x = images.float()
     if name in utils.RANDAUG_COLOR_OPS:
-        return utils.RANDAUG_COLOR_OPS[name](images, level, signs)
-    _, _, height, width = images.shape
-    return utils.warp_affine(images, utils.RANDAUG_AFFINE_OPS[name](level, signs, height, width))
+        out = utils.RANDAUG_COLOR_OPS[name](x, level, signs)
+    else:
+        _, _, height, width = images.shape
+        slot, value = utils.RANDAUG_AFFINE_OPS[name]
+        out = utils.warp_affine(x, affine(height, width, **{slot: value(level, signs, height, width)}))
+    assert out.dtype == torch.float32 and torch.equal(out, out.round()) and out.min() >= 0 and out.max() <= 255
+    return out.to(torch.uint8)
 
 
 @pytest.mark.parametrize("name", OPS)
@@ -59,7 +73,7 @@ def test_each_op_matches_timm_on_pil(name, monkeypatch):
 def test_posterize_with_zero_bits_is_black_on_both_paths():
     images = smooth_images(2)
     one = torch.ones(2, dtype=torch.float64)
-    assert (utils.RANDAUG_COLOR_OPS["PosterizeIncreasing"](images, one, one) == 0).all()
+    assert (utils.RANDAUG_COLOR_OPS["PosterizeIncreasing"](images.float(), one, one) == 0).all()
     policy = utils.randaug_policy("rand-m10-inc1")  # Pillow alone raises ValueError for this op at m10
     op = next(op for op in policy.ops if op.name == "PosterizeIncreasing")
     op.prob = 1.0
@@ -69,9 +83,8 @@ def test_posterize_with_zero_bits_is_black_on_both_paths():
 
 def test_translate_by_whole_pixels_shifts_and_fills():
     images = smooth_images(1, size=20)
-    level = torch.tensor([1.0], dtype=torch.float64)  # 0.45 * 20 = 9 pixels
-    right = utils.warp_affine(images, utils.RANDAUG_AFFINE_OPS["TranslateXRel"](level, -level, 20, 20))
-    assert torch.equal(right[..., 9:], images[..., :11])  # content moves right by 9
+    right = utils.warp_affine(images.float(), affine(20, 20, translate_x=torch.tensor([-9.0], dtype=torch.float64)))
+    assert torch.equal(right[..., 9:], images[..., :11].float())  # content moves right by 9
     assert (right[..., :9] == 128).all()
 
 
@@ -114,7 +127,7 @@ def test_layers_apply_the_drawn_ops_in_order_and_skip_the_rest():
                         [-1, index["TranslateYRel"]]])
     level = torch.tensor([[0.5, 0.0], [0.9, 0.9], [0.3, 0.0], [0.0, 0.7]], dtype=torch.float64)
     sign = torch.tensor([[1.0, 1.0], [1.0, 1.0], [1.0, 1.0], [1.0, -1.0]], dtype=torch.float64)
-    out = ra.apply(images, ops, level, sign)
+    out = ra.apply(images, ops, level, sign).to(torch.uint8)
     expected_0 = 255 - ours("Rotate", images[:1], 5, 1.0)
     assert torch.equal(out[0], expected_0[0])
     assert torch.equal(out[1], images[1])
@@ -126,7 +139,8 @@ def test_same_image_gets_different_augmentations_and_seed_repeats_them():
     ra = utils.DeviceRandAugment("rand-m9-mstd0.5-inc1")
     images = smooth_images(1).expand(64, -1, -1, -1)
     out = ra(images, torch.Generator().manual_seed(0))
-    assert out.dtype == torch.uint8 and out.shape == images.shape
+    assert out.dtype == torch.float32 and out.shape == images.shape and torch.equal(out, out.round())
+    assert out.min() >= 0 and out.max() <= 255
     assert len({tuple(image.flatten().tolist()) for image in out}) > 30
     assert torch.equal(out, ra(images, torch.Generator().manual_seed(0)))
     assert not torch.equal(out, ra(images, torch.Generator().manual_seed(1)))
