@@ -563,10 +563,10 @@ def affine_coefficients(height, width, degrees, shear_x, shear_y, translate_x, t
 
 @functools.lru_cache(maxsize=8)
 def _pixel_centres(height, width, device):
-    """(H, W, 3): (u, v, 1) of each pixel's centre, in pixels from the top-left corner."""
+    """u, v (H, W) each: the centre of each pixel, in pixels from the top-left corner."""
     v, u = torch.meshgrid(torch.arange(height, device=device) + 0.5, torch.arange(width, device=device) + 0.5,
                           indexing="ij")
-    return torch.stack([u, v, torch.ones_like(u)], dim=-1)
+    return u, v
 
 
 def warp_affine(x, coefficients, fill=128):
@@ -576,10 +576,12 @@ def warp_affine(x, coefficients, fill=128):
     at (u, v), in pixels from the top-left corner, takes the input at (a u + b v + c, d u + e v + f).
     """
     n, channels, height, width = x.shape
-    centres = _pixel_centres(height, width, x.device)
-    coefficients = coefficients.to(torch.float32).view(n, 2, 3)
-    source_x, source_y = torch.einsum("hwk,njk->jnhw", centres, coefficients)    # (n, H, W) each, pixels
-    grid = torch.stack([source_x / width, source_y / height], dim=-1) * 2 - 1   # align_corners=False
+    u, v = _pixel_centres(height, width, x.device)
+    # elementwise, not a matmul: on CUDA a matmul may run in TF32, whose 10-bit mantissa would move the
+    # source points by hundredths of a pixel
+    a, b, c, d, e, f = coefficients.to(torch.float32)[:, :, None, None].unbind(1)   # (n, 1, 1) each
+    source_x, source_y = a * u + b * v + c, d * u + e * v + f                          # (n, H, W) pixels
+    grid = torch.stack([source_x / width, source_y / height], dim=-1) * 2 - 1         # align_corners=False
     warped = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
     # as PIL: a source point inside the image interpolates its nearest pixels (edge pixels repeated), one
     # outside takes the fill
