@@ -272,7 +272,7 @@ def test_pretraining_resume_is_bit_identical(tmp_path, cifar_dir):
 
 def test_classifier_resume_is_bit_identical(tmp_path, cifar_dir):
     flags = [*TINY_MODEL, "--total_epoch", 3, "--ema", "--ema_decay", 0.9, "--mixup", 0.5, "--cutmix", 0.5,
-             "--drop_path", 0.1, "--layer_decay", 0.8]
+             "--drop_path", 0.1, "--layer_decay", 0.8, "--randaug", "rand-m9-mstd0.5-inc1", "--reprob", 0.25]
     result, _, _ = classify(tmp_path, cifar_dir, *flags, name="full")
     assert result.returncode == 0, result.stderr
     result, _, _ = classify(tmp_path, cifar_dir, *flags, "--stop_after_epoch", 1, name="part")
