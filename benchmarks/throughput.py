@@ -3,6 +3,8 @@
 
     python benchmarks/throughput.py                    # ViT-T/2, the default config (a GPU box)
     python benchmarks/throughput.py --preset tiny      # a small config that finishes in a minute on a CPU
+    python benchmarks/throughput.py --cases data,finetune --randaug rand-m9-mstd0.5-inc1   # with RandAugment
+    python benchmarks/throughput.py --compile_mode max-autotune-no-cudagraphs              # another compile mode
 
 Cases, interleaved: data-only pipelines (images/s of the loaders alone, augmentation on), then pretraining
 and fine-tuning steps, each on the plain and the fast path. A training step is a whole optimizer step of
