@@ -425,14 +425,14 @@ def crop_resize_flip(images, boxes, flip, out_size):
     images: float (n, C, H, W); boxes: (n, 4) (x0, y0, w, h) pixels; flip: bool (n,) -> (n, C, out, out).
     A box whose size equals out_size at integer offsets reproduces the slice exactly.
     """
-    n, channels, height, width = images.shape
-    x0, y0, w, h = boxes.to(images.dtype).unbind(1)
-    theta = torch.zeros(n, 2, 3, dtype=images.dtype, device=images.device)
-    theta[:, 0, 0] = torch.where(flip, -w / width, w / width)
-    theta[:, 0, 2] = (2 * x0 + w) / width - 1
-    theta[:, 1, 1] = h / height
-    theta[:, 1, 2] = (2 * y0 + h) / height - 1
-    grid = F.affine_grid(theta, [n, channels, out_size, out_size], align_corners=False)
+    x0, y0, w, h = boxes.to(images.dtype)[:, :, None, None].unbind(1)                 # (n, 1, 1) each
+    _, _, height, width = images.shape
+    # the grid affine_grid would give, written elementwise: on CUDA its batched matmul may run in TF32
+    centres = (2 * torch.arange(out_size, device=images.device, dtype=images.dtype) + 1) / out_size - 1
+    scale_x = torch.where(flip[:, None, None], -w / width, w / width)
+    grid_x = (scale_x * centres + (2 * x0 + w) / width - 1).expand(-1, out_size, -1)         # (n, out, out)
+    grid_y = (h / height * centres[:, None] + (2 * y0 + h) / height - 1).expand(-1, -1, out_size)
+    grid = torch.stack([grid_x, grid_y], dim=-1)
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
