@@ -187,6 +187,9 @@ def add_augmentation_args(group, crop_scale):
     return group
 
 
+COMPILE_MODES = ["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
+
+
 def add_runtime_args(parser):
     group = parser.add_argument_group("runtime")
     group.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda when available)")
@@ -194,8 +197,7 @@ def add_runtime_args(parser):
                        help="mixed precision (default: bf16 on CUDA, off on CPU)")
     group.add_argument("--compile", default=None, action=argparse.BooleanOptionalAction,
                        help="torch.compile the model (default: on for CUDA, off for CPU)")
-    group.add_argument("--compile_mode", default="default",
-                       choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+    group.add_argument("--compile_mode", default="default", choices=COMPILE_MODES,
                        help="torch.compile's mode: reduce-overhead adds CUDA graphs (for small, launch-bound "
                             "batches); max-autotune tries GEMM configurations at a longer compile")
     group.add_argument("--loader", default="device", choices=["device", "torch"],
@@ -621,9 +623,9 @@ def randaug_policy(config, fill=128):
 
 
 class DeviceRandAugment:
-    """timm's RandAugment policy (e.g. "rand-m9-mstd0.5-inc1"), per sample on a batch on the device."""
+    """timm's RandAugment policy (e.g. "rand-m9-mstd0.5-inc1"), per sample on a batch on `device`."""
 
-    def __init__(self, config, fill=128):
+    def __init__(self, config, fill=128, device=None):
         policy = randaug_policy(config, fill)
         self.names = [op.name for op in policy.ops]
         unknown = [name for name in self.names if name not in RANDAUG_COLOR_OPS and name not in RANDAUG_AFFINE_OPS]
@@ -634,7 +636,8 @@ class DeviceRandAugment:
         self.fill, self.num_layers, self.prob = fill, policy.num_layers, op.prob
         self.magnitude, self.magnitude_std = float(op.magnitude), float(op.magnitude_std)
         self.magnitude_max = float(op.magnitude_max or 10)
-        self.weights = None if policy.choice_weights is None else torch.as_tensor(policy.choice_weights)
+        self.weights = None if policy.choice_weights is None else torch.as_tensor(policy.choice_weights,
+                                                                                   device=device)
         if self.weights is not None and self.num_layers > len(self.names):
             raise UserError(f"--randaug {config!r}: {self.num_layers} layers from {len(self.names)} weighted ops")
 
@@ -644,7 +647,6 @@ class DeviceRandAugment:
         if self.weights is None:  # timm: np.random.choice with replacement, or without it when weighted
             ops = torch.randint(len(self.names), (n, layers), generator=generator, device=device)
         else:
-            self.weights = self.weights.to(device)  # once: no host-to-device copy per batch
             ops = torch.multinomial(self.weights.expand(n, -1), layers, replacement=False, generator=generator)
         u = torch.rand(n, layers, 3, generator=generator, device=device, dtype=torch.float64)
         gauss = torch.randn(n, layers, generator=generator, device=device, dtype=torch.float64)
@@ -696,6 +698,8 @@ def denormalize(images):
 
 def random_erase(images, prob, generator, area=(0.02, 1 / 3), min_aspect=0.3, attempts=10):
     """timm's RandomErasing(mode="pixel"), per sample and batched: normalised (n, C, H, W) -> the same.
+
+    (timm's own loops over the batch in Python, one image at a time; torchvision's erases one box per batch.)
 
     With probability `prob` an image gets one rectangle of per-pixel N(0, 1) noise: area fraction uniform in
     `area`, log aspect uniform in [log min_aspect, -log min_aspect], the first of `attempts` draws that fits
@@ -773,7 +777,7 @@ class DeviceLoader:
         self.images, self.labels = images.to(device), labels.to(device)
         self.image_size = images.shape[-1]
         self.crop_scale, self.flip = (tuple(crop_scale) if crop_scale else None), flip
-        self.randaug = DeviceRandAugment(randaug) if randaug else None
+        self.randaug = DeviceRandAugment(randaug, device=device) if randaug else None
         self.reprob = reprob
         self.order_generator = torch.Generator(device=device)
         self.order_generator.manual_seed(seed)  # the same on every rank: one permutation split over ranks

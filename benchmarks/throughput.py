@@ -54,8 +54,7 @@ def get_args_parser():
                         help="DataLoader workers of the plain path")
     parser.add_argument("--cases", default="data,pretrain,finetune", help="comma-separated subset")
     parser.add_argument("--paths", default="plain,fast", help="comma-separated subset of plain,fast")
-    parser.add_argument("--compile_mode", default="default",
-                        choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+    parser.add_argument("--compile_mode", default="default", choices=utils.COMPILE_MODES,
                         help="torch.compile mode of the fast path")
     parser.add_argument("--randaug", default=None,
                         help="a RandAugment policy (e.g. rand-m9-mstd0.5-inc1) for the data and fine-tuning cases: "
