@@ -972,6 +972,13 @@ class Trainer:
         self.skip_nonfinite, self.skipped, self.num_extra = skip_nonfinite, 0, num_extra
         self.scaler = torch.amp.GradScaler(rt.device.type) if rt.amp_dtype == torch.float16 else None
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
+        # CUDA graphs (reduce-overhead, max-autotune) reuse their output memory on every replay, so with gradient
+        # accumulation autograd must not adopt a graph's output as .grad: gradients live in tensors of our own,
+        # summed into in place, and each micro-batch starts a new graph step
+        self.cudagraphs = rt.compile and rt.compile_mode in ("reduce-overhead", "max-autotune")
+        if self.cudagraphs:
+            for p in self.params:
+                p.grad = torch.zeros_like(p)
         self.compile_seconds = None
         self.epoch = None  # set by run_epoch, for messages
 
@@ -987,6 +994,8 @@ class Trainer:
         for i, (x, y) in enumerate(chunks):
             sync = not self.rt.distributed or i == len(chunks) - 1
             with contextlib.nullcontext() if sync else self.model.no_sync():
+                if self.cudagraphs:
+                    torch.compiler.cudagraph_mark_step_begin()
                 with self.rt.autocast():
                     loss, extra = self.loss_fn(self.model, x, y)
                 # mean over the global batch = sum of micro-batch means weighted by their share
@@ -1000,7 +1009,7 @@ class Trainer:
         # every rank takes the same decision: gradients were averaged over all of them
         if self.skip_nonfinite and not torch.isfinite(all_reduce_sum(sums[:1], self.rt)).item():
             self.skipped += 1
-            self.optimizer.zero_grad(set_to_none=True)
+            self.optimizer.zero_grad(set_to_none=not self.cudagraphs)
             if self.skipped > self.skip_nonfinite:
                 raise NonFiniteLoss(self.epoch, step + 1)
             print(f"warning: skipped optimizer step {step + 1} (non-finite loss), {self.skipped} of "
@@ -1015,7 +1024,7 @@ class Trainer:
             self.scaler.update()
         else:
             self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad(set_to_none=not self.cudagraphs)
         if self.ema is not None:
             self.ema.update(unwrap(self.model))  # ema = decay * ema + (1 - decay) * live, from the first step
         return sums

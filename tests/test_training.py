@@ -62,6 +62,28 @@ def test_accumulation_for_mae_loss():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_cuda_graph_modes_keep_gradients_in_own_tensors_and_train_the_same():
+    """reduce-overhead replays CUDA graphs into the same output memory, so with accumulation .grad must never be
+    a graph's output: the trainer keeps preallocated gradients, adds into them in place and zeroes them in place.
+    Checked here through the trainer's own logic (CPU has no CUDA graphs): same tensors, same training."""
+    images, labels = torch.randn(12, 3, 8, 8), torch.arange(12) % 10
+    graphed_rt = utils.Runtime(torch.device("cpu"), compile=True, compile_mode="reduce-overhead")
+    plain, graphed = tiny_classifier(), tiny_classifier()
+    plain_trainer = make_trainer(plain, 4, sgd=True)
+    optimizer = torch.optim.SGD(graphed.parameters(), lr=0.1)
+    graphed_trainer = utils.Trainer(graphed, ce_loss, optimizer, lambda step: 1e-3, graphed_rt, micro_batch=4,
+                                    num_extra=1)
+    assert graphed_trainer.cudagraphs and not plain_trainer.cudagraphs
+    grads = [p.grad for p in graphed.parameters()]
+    assert all(g is not None and not g.any() for g in grads)
+    for step in range(3):
+        torch.testing.assert_close(graphed_trainer.step(images, labels, step), plain_trainer.step(images, labels, step))
+    assert all(p.grad is g and not g.any() for p, g in zip(graphed.parameters(), grads))
+    assert all(p.grad is None for p in plain.parameters())
+    for a, b in zip(plain.parameters(), graphed.parameters()):
+        torch.testing.assert_close(a, b)
+
+
 def test_lr_schedule_points():
     peak, warmup, total = 1e-3, 10, 100
     assert utils.lr_at(0, peak, warmup, total) == pytest.approx(peak / warmup)
