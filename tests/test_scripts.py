@@ -506,6 +506,10 @@ def test_throughput_benchmark_tiny_preset_runs():
     lines = [json.loads(line) for line in result.stdout.splitlines()]
     assert [(line["case"], line["randaug"]) for line in lines[:-1]] == [("data-plain", "rand-m9-mstd0.5-inc1"),
                                                                         ("data-fast", "rand-m9-mstd0.5-inc1")]
+    result = run("benchmarks/throughput.py", "--preset", "tiny", "--steps", 1, "--warmup", 1, "--cases", "data",
+                 "--paths", "fast")
+    assert result.returncode == 0, result.stderr
+    assert [json.loads(line)["case"] for line in result.stdout.splitlines()] == ["data-fast"]  # no empty summary
 
 
 def test_save_every_writes_fewer_checkpoints(tmp_path, cifar_dir, monkeypatch):
