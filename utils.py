@@ -188,6 +188,7 @@ def add_augmentation_args(group, crop_scale):
 
 
 COMPILE_MODES = ["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
+CUDAGRAPH_MODES = ["reduce-overhead", "max-autotune"]  # the modes in which torch.compile adds CUDA graphs
 
 
 def add_runtime_args(parser):
@@ -972,10 +973,10 @@ class Trainer:
         self.skip_nonfinite, self.skipped, self.num_extra = skip_nonfinite, 0, num_extra
         self.scaler = torch.amp.GradScaler(rt.device.type) if rt.amp_dtype == torch.float16 else None
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
-        # CUDA graphs (reduce-overhead, max-autotune) reuse their output memory on every replay, so with gradient
+        # CUDA graphs (CUDAGRAPH_MODES) reuse their output memory on every replay, so with gradient
         # accumulation autograd must not adopt a graph's output as .grad: gradients live in tensors of our own,
         # summed into in place, and each micro-batch starts a new graph step
-        self.cudagraphs = rt.compile and rt.compile_mode in ("reduce-overhead", "max-autotune")
+        self.cudagraphs = rt.compile and rt.compile_mode in CUDAGRAPH_MODES
         if self.cudagraphs:
             for p in self.params:
                 p.grad = torch.zeros_like(p)
