@@ -52,8 +52,8 @@ def validate(args):
                          "decoder_head", "decoder_emb_dim", "log_interval", "knn_k", "knn_t", "save_every")
     if args.weight_decay < 0 or args.warmup_epoch < 0 or args.knn_every < 0 or args.num_workers < 0:
         raise utils.UserError("--weight_decay, --warmup_epoch, --knn_every and --num_workers must not be negative")
-    if not 0.0 <= args.mask_ratio < 1.0:
-        raise utils.UserError(f"--mask_ratio must lie in [0, 1), got {args.mask_ratio}")
+    if not 0.0 < args.mask_ratio < 1.0:  # the loss is taken over masked patches only
+        raise utils.UserError(f"--mask_ratio must lie in (0, 1), got {args.mask_ratio}")
     if not 0 < args.crop_scale[0] <= args.crop_scale[1] <= 1:
         raise utils.UserError(f"--crop_scale needs 0 < MIN <= MAX <= 1, got {args.crop_scale}")
 

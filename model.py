@@ -190,6 +190,10 @@ class MAE_ViT(nn.Module):
         decoder_emb_dim = emb_dim if decoder_emb_dim is None else decoder_emb_dim
         check_config(image_size, patch_size, {"encoder": emb_dim, "decoder": decoder_emb_dim},
                      {"encoder": encoder_head, "decoder": decoder_head}, mask_ratio)
+        num_patches = (image_size // patch_size) ** 2
+        if num_visible_patches(num_patches, mask_ratio) == num_patches:  # loss() would divide 0 by 0
+            raise ValueError(f"mask_ratio {mask_ratio} masks no patch out of {num_patches}, and the MAE loss is "
+                             "taken over masked patches only")
         # everything needed to rebuild this model, saved in every checkpoint
         self.config = dict(image_size=image_size, patch_size=patch_size, emb_dim=emb_dim,
                            encoder_layer=encoder_layer, encoder_head=encoder_head, decoder_layer=decoder_layer,

@@ -141,6 +141,10 @@ def setup_runtime(args):
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    elif device.type != "cpu":  # mps, xpu, ...: torch knows the name, but may not be built for it here
+        backend = getattr(torch, device.type, None)
+        if not getattr(backend, "is_available", lambda: False)():
+            raise UserError(f"--device {name!r}: this torch has no usable {device.type} device (try cuda or cpu)")
     amp = args.amp or ("bf16" if device.type == "cuda" else "off")
     if amp != "off" and device.type != "cuda":
         raise UserError(f"--amp {amp} needs a CUDA device; use --amp off on {device.type}")
@@ -832,7 +836,13 @@ class DeviceLoader:
 
 
 class ArrayDataset(torch.utils.data.Dataset):
-    """uint8 images (N, C, H, W) as PIL images through torchvision transforms: the plain, per-sample path."""
+    """uint8 images (N, C, H, W) as PIL images through torchvision transforms: the plain, per-sample path.
+
+    An item is (index, seed). With a seed, the transform's random draws (torchvision's from torch, timm's
+    from numpy and Python's random) come from those RNGs seeded with it, so a sample's augmentation
+    depends neither on the worker process nor on the number of workers. In the main process
+    (num_workers 0) the three RNG states are put back afterwards: training keeps its own streams.
+    """
 
     def __init__(self, images, labels, transform):
         self.images, self.labels, self.transform = images, labels, transform
@@ -840,13 +850,33 @@ class ArrayDataset(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.images)
 
-    def __getitem__(self, i):
+    def __getitem__(self, item):
+        i, seed = item
         image = Image.fromarray(self.images[i].permute(1, 2, 0).numpy())
-        return self.transform(image), self.labels[i]
+        if seed is None:
+            return self.transform(image), self.labels[i]
+        in_main = torch.utils.data.get_worker_info() is None
+        if in_main:
+            saved = torch.default_generator.get_state(), np.random.get_state(), random.getstate()
+        torch.default_generator.manual_seed(seed)
+        np.random.seed(seed % 2 ** 32)
+        random.seed(seed)
+        try:
+            return self.transform(image), self.labels[i]
+        finally:
+            if in_main:
+                torch.default_generator.set_state(saved[0])
+                np.random.set_state(saved[1])
+                random.setstate(saved[2])
 
 
 class TorchLoader:
-    """torchvision DataLoader with PIL transforms and worker processes (the original repository's way)."""
+    """torchvision DataLoader with PIL transforms and worker processes (the original repository's way).
+
+    Training samples are augmented from seeds of their own: each epoch draws one number from this loader's
+    generator, and image i of that epoch gets that number + i. A resumed run (the epoch's number is in
+    state_dict) repeats the augmentation of an uninterrupted one, whatever --num_workers.
+    """
 
     def __init__(self, images, labels, batch_size, *, device, train, seed=0, crop_scale=None, flip=False,
                  randaug=None, reprob=0.0, num_workers=0, rank=0, world_size=1):
@@ -864,7 +894,10 @@ class TorchLoader:
             steps.append(RandomErasing(reprob, mode="pixel", device="cpu"))
         self.dataset = ArrayDataset(images.cpu(), labels.cpu(), transforms.Compose(steps))
         self.device, self.num_workers = device, num_workers
+        self.augmented = len(steps) > 2  # more than ToTensor and Normalize
         self.order_generator = torch.Generator().manual_seed(seed)
+        self.sample_generator = torch.Generator().manual_seed(seed + 1 + rank)  # one draw per epoch
+        self.epoch_seed = None
         self.order = BatchOrder(len(images), batch_size, train=train, generator=self.order_generator,
                                 rank=rank, world_size=world_size)
 
@@ -872,7 +905,12 @@ class TorchLoader:
         return len(self.order)
 
     def batches(self, order, start=0):
-        batch_sampler = [idx.tolist() for idx in self.order.steps(order, start)]
+        """As DeviceLoader.batches; start 0 begins a new epoch (a new epoch seed), start > 0 resumes one."""
+        if self.augmented and (start == 0 or self.epoch_seed is None):
+            self.epoch_seed = int(torch.randint(2 ** 62, (), generator=self.sample_generator))
+        seed = self.epoch_seed if self.augmented else None
+        batch_sampler = [[(i, None if seed is None else seed + i) for i in idx.tolist()]
+                         for idx in self.order.steps(order, start)]
         loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=batch_sampler, num_workers=self.num_workers,
                                              pin_memory=self.device.type == "cuda",
                                              persistent_workers=False)
@@ -880,10 +918,14 @@ class TorchLoader:
             yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
 
     def state_dict(self):
-        return {"order": self.order_generator.get_state()}
+        return {"order": self.order_generator.get_state(), "samples": self.sample_generator.get_state(),
+                "epoch_seed": self.epoch_seed}
 
     def load_state_dict(self, state):
         self.order_generator.set_state(state["order"])
+        if "samples" in state:  # absent when the checkpoint came from --loader device (or an older version)
+            self.sample_generator.set_state(state["samples"])
+            self.epoch_seed = state["epoch_seed"]
 
 
 def make_loader(args, rt, images, labels, batch_size, *, train, crop_scale=None, flip=False, randaug=None,

@@ -5,14 +5,20 @@
     python benchmarks/throughput.py --preset tiny      # a small config that finishes in a minute on a CPU
     python benchmarks/throughput.py --cases data,finetune --randaug rand-m9-mstd0.5-inc1   # with RandAugment
     python benchmarks/throughput.py --compile_mode max-autotune-no-cudagraphs              # another compile mode
+    python benchmarks/throughput.py --cases pretrain --paths fast --profile 3             # where the time goes
 
 Cases, interleaved: data-only pipelines (images/s of the loaders alone, augmentation on), then pretraining
 and fine-tuning steps, each on the plain and the fast path. A training step is a whole optimizer step of
 the real Trainer (micro-batches, backward, AdamW, lr), batches drawn from the loader on the hot path.
 FLOPs per image are counted by torch.utils.flop_counter.FlopCounterMode on one forward + backward (with the
 math attention kernel, so attention counts on every device).
+
+--profile N runs N more steps under torch.profiler and prints a "profile" line after the case: device time
+per step by category (matrix multiplies, attention, fused elementwise kernels, optimizer, other) and the
+top operators. Under CUDA graphs (--compile_mode reduce-overhead) the profiler sees graph replays, not kernels.
 """
 import argparse
+import collections
 import json
 import os
 import sys
@@ -59,6 +65,10 @@ def get_args_parser():
     parser.add_argument("--randaug", default=None,
                         help="a RandAugment policy (e.g. rand-m9-mstd0.5-inc1) for the data and fine-tuning cases: "
                              "timm's on PIL images in the plain path, per sample on the device in the fast path")
+    parser.add_argument("--profile", type=int, default=0,
+                        help="after the timed steps of each training case, profile this many steps and print "
+                             "where the device time goes")
+    parser.add_argument("--trace_dir", default=None, help="with --profile: write a Chrome trace per case here")
     return parser
 
 
@@ -116,7 +126,59 @@ def build(case, cfg, rt):
     return model, loss_fn, betas, batch, micro
 
 
-def time_training(case, cfg, rt, images, labels, fast, num_workers, randaug):
+def category(name):
+    """The kind of work an operator or kernel name stands for."""
+    lowered = name.lower()
+    if name in ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_scaled_mm") or "gemm" in lowered:
+        return "matmul"
+    if "attention" in lowered or "flash" in lowered or "fmha" in lowered:
+        return "attention"
+    if "adam" in lowered or "foreach" in lowered:
+        return "optimizer"
+    if name.startswith("triton_") or name.startswith("cpp_fused"):
+        return "fused elementwise"
+    return "other"
+
+
+def profile_summary(prof, steps, device_type, top=15):
+    """Device time per step by category and the top operators (CPU time on a CPU), from profiler events.
+
+    On CUDA an operator counts where it has its own CPU and device time: the op that launched a kernel, as
+    named on the CPU (aten::mm, an inductor triton_* kernel, aten::_flash_attention_forward), so nothing is
+    counted twice.
+    """
+    times = collections.defaultdict(float)
+    for event in prof.key_averages():
+        if device_type == "cuda":
+            if event.self_cpu_time_total > 0 and event.self_device_time_total > 0:
+                times[event.key] += event.self_device_time_total
+        elif event.self_cpu_time_total > 0:
+            times[event.key] += event.self_cpu_time_total
+    total = sum(times.values()) or 1.0
+    shares = collections.defaultdict(float)
+    for name, us in times.items():
+        shares[category(name)] += us / total
+    ranked = sorted(times.items(), key=lambda item: -item[1])[:top]
+    return {"ms_per_step": total / steps / 1e3, "time": "device" if device_type == "cuda" else "cpu",
+            "by_category": dict(sorted(shares.items(), key=lambda item: -item[1])),
+            "top": [{"name": name, "ms_per_step": us / steps / 1e3, "share": us / total} for name, us in ranked]}
+
+
+def profile_steps(trainer, batches, rt, steps, first_step, trace_path=None):
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if rt.device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        for step in range(steps):
+            trainer.step(*next(batches), first_step + step)
+        utils.synchronize(rt.device)
+    if trace_path:
+        os.makedirs(os.path.dirname(trace_path), exist_ok=True)
+        prof.export_chrome_trace(trace_path)
+    return profile_summary(prof, steps, rt.device.type)
+
+
+def time_training(case, cfg, rt, images, labels, fast, num_workers, randaug, profile=0, trace_path=None):
     model, loss_fn, betas, batch, micro = build(case, cfg, rt)
     loader = make_loader(rt, images, labels, batch, fast, num_workers, randaug)
     x, y = next(loader.batches(loader.order.new_epoch()))
@@ -142,17 +204,37 @@ def time_training(case, cfg, rt, images, labels, fast, num_workers, randaug):
     loss = float(sums[0] / sums[1])
     images_per_s = cfg["steps"] * batch / seconds
     peak_memory = torch.cuda.max_memory_allocated(rt.device) / 2 ** 30 if rt.device.type == "cuda" else None
-    return dict(batch=batch, micro_batch=micro, images_per_s=images_per_s, gflop_per_image=flops / 1e9,
-                achieved_tflops=images_per_s * flops / 1e12, warmup_seconds=warmup_seconds, last_loss=loss,
-                peak_memory_gib=peak_memory)
+    result = dict(batch=batch, micro_batch=micro, images_per_s=images_per_s, gflop_per_image=flops / 1e9,
+                  achieved_tflops=images_per_s * flops / 1e12, warmup_seconds=warmup_seconds, last_loss=loss,
+                  peak_memory_gib=peak_memory)
+    if profile:
+        result["profile"] = profile_steps(trainer, batches, rt, profile, cfg["warmup"] + cfg["steps"], trace_path)
+    return result
 
 
+def parse_subset(value, flag, allowed):
+    chosen = value.split(",")
+    unknown = [name for name in chosen if name not in allowed]
+    if unknown:
+        raise utils.UserError(f"{flag} takes a comma-separated subset of {','.join(allowed)}, got {value!r}")
+    return chosen
+
+
+@utils.cli_main
 def main(args):
     cfg = dict(PRESETS[args.preset])
     for key in ("steps", "warmup", "pretrain_micro", "finetune_batch", "finetune_micro"):
         if getattr(args, key) is not None:
             cfg[key] = getattr(args, key)
-    cases, paths = args.cases.split(","), args.paths.split(",")
+    utils.check_positive(argparse.Namespace(**cfg, peak_tflops=args.peak_tflops), "steps", "pretrain_micro",
+                         "finetune_batch", "finetune_micro", "peak_tflops")
+    if cfg["warmup"] < 0 or args.profile < 0 or args.num_workers < 0:
+        raise utils.UserError("--warmup, --profile and --num_workers must not be negative")
+    if cfg["finetune_batch"] % cfg["finetune_micro"] or cfg["pretrain_batch"] % cfg["pretrain_micro"]:
+        raise utils.UserError("each batch must be a multiple of its micro-batch (--finetune_batch, --finetune_micro, "
+                              f"--pretrain_micro; the pretraining batch is {cfg['pretrain_batch']})")
+    cases = parse_subset(args.cases, "--cases", ["data", "pretrain", "finetune"])
+    paths = parse_subset(args.paths, "--paths", ["plain", "fast"])
     generator = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (cfg["images"], 3, cfg["image_size"], cfg["image_size"]), dtype=torch.uint8,
                            generator=generator)
@@ -178,10 +260,15 @@ def main(args):
                 loader = make_loader(rt, images, labels, batch, fast, args.num_workers, randaug)
                 line.update(batch=batch, images_per_s=time_data(rt, loader, cfg["steps"] * 4, cfg["warmup"]))
             else:
-                line.update(time_training(case, cfg, rt, images, labels, fast, args.num_workers, randaug))
+                trace = os.path.join(args.trace_dir, f"{case}-{path}.json") if args.trace_dir else None
+                line.update(time_training(case, cfg, rt, images, labels, fast, args.num_workers, randaug,
+                                          args.profile, trace))
                 line["mfu"] = line["achieved_tflops"] / args.peak_tflops
             line["config"] = config
+            profile = line.pop("profile", None)
             print(json.dumps(line), flush=True)
+            if profile:
+                print(json.dumps({"case": line["case"], "profile": profile}), flush=True)
             results.append(line)
             torch._dynamo.reset()
     by_case = {r["case"]: r["images_per_s"] for r in results}

@@ -120,6 +120,7 @@ def test_default_sizes_match_the_original():
     (dict(mask_ratio=1.0), "mask_ratio"),
     (dict(mask_ratio=-0.1), "mask_ratio"),
     (dict(mask_ratio=0.99), "no visible patch"),
+    (dict(mask_ratio=0.0), "masks no patch"),  # the loss over masked patches would be 0 / 0
     (dict(decoder_emb_dim=9), "decoder width"),
 ])
 def test_bad_configurations_raise_value_error(kwargs, message):

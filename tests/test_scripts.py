@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import pickle
 import shutil
 import signal
 import subprocess
@@ -270,14 +271,18 @@ def test_pretraining_resume_is_bit_identical(tmp_path, cifar_dir):
     assert [line["epoch"] for line in metrics(logs)] == [1, 2, 3]
 
 
-def test_classifier_resume_is_bit_identical(tmp_path, cifar_dir):
+@pytest.mark.parametrize("loader", ["device", "torch"])
+def test_classifier_resume_is_bit_identical(tmp_path, cifar_dir, loader):
+    """On the DataLoader path, also with another number of workers in each part."""
     flags = [*TINY_MODEL, "--total_epoch", 3, "--ema", "--ema_decay", 0.9, "--mixup", 0.5, "--cutmix", 0.5,
-             "--drop_path", 0.1, "--layer_decay", 0.8, "--randaug", "rand-m9-mstd0.5-inc1", "--reprob", 0.25]
-    result, _, _ = classify(tmp_path, cifar_dir, *flags, name="full")
+             "--drop_path", 0.1, "--layer_decay", 0.8, "--randaug", "rand-m9-mstd0.5-inc1", "--reprob", 0.25,
+             "--loader", loader]
+    result, _, _ = classify(tmp_path, cifar_dir, *flags, "--num_workers", 2, name="full")
     assert result.returncode == 0, result.stderr
-    result, _, _ = classify(tmp_path, cifar_dir, *flags, "--stop_after_epoch", 1, name="part")
+    result, _, _ = classify(tmp_path, cifar_dir, *flags, "--num_workers", 0, "--stop_after_epoch", 1, name="part")
     assert result.returncode == 0, result.stderr
-    result = run("train_classifier.py", "--data_dir", cifar_dir, "--resume", tmp_path / "part-last.pth")
+    result = run("train_classifier.py", "--data_dir", cifar_dir, "--resume", tmp_path / "part-last.pth",
+                 "--num_workers", 1)
     assert result.returncode == 0, result.stderr
     a, b = load(tmp_path / "full-last.pth"), load(tmp_path / "part-last.pth")
     for key in ("model", "ema"):
@@ -385,6 +390,10 @@ BAD_INPUTS = {  # name: (script, argv from (world, tmp_path), what the error lin
                                     lambda w: "not a multiple of the micro-batch"),
     "mask ratio": ("mae", lambda w, t: ["--data_dir", w["data"], *TINY_MAE, "--mask_ratio", 1.0, *MAE_OUT(w, t)],
                    lambda w: "--mask_ratio"),
+    "mask ratio zero": ("mae", lambda w, t: ["--data_dir", w["data"], *TINY_MAE, "--mask_ratio", 0, *MAE_OUT(w, t)],
+                        lambda w: "--mask_ratio must lie in (0, 1)"),
+    "device torch was not built for": ("cls", lambda w, t: ["--data_dir", w["data"], "--device", "mps",
+                                                            *CLS_OUT(w, t)], lambda w: "--device 'mps'"),
     "image size vs patch": ("mae", lambda w, t: ["--data_dir", w["data"], *TINY_MAE, "--image_size", 9,
                                                  *MAE_OUT(w, t)], lambda w: "multiple of patch_size"),
     "unwritable model path": ("mae", lambda w, t: ["--data_dir", w["data"], *TINY_MAE, "--model_path",
@@ -470,18 +479,22 @@ def test_convert_original_parameter_names():
 
 # ------------------------------------------------------------------------------------------- multi-process
 
-def test_two_processes_match_one_with_the_same_global_batch(tmp_path, cifar_dir):
-    flags = ["--data_dir", cifar_dir, *TINY_MODEL, "--batch_size", 16, "--max_device_batch_size", 8,
-             "--total_epoch", 2, "--warmup_epoch", 1, "--crop_scale", 1, 1, "--no-flip", "--device", "cpu"]
-    one = run("train_classifier.py", *flags, "--output_model_path", tmp_path / "one.pth",
-              "--log_dir", tmp_path / "logs-one")
+def one_and_two_processes(tmp_path, script, flags, out_flag):
+    """The same run in one process and under torchrun in two: outputs one.pth / two.pth, logs-one / logs-two."""
+    one = run(script, *flags, out_flag, tmp_path / "one.pth", "--log_dir", tmp_path / "logs-one")
     assert one.returncode == 0, one.stderr
     env = {**os.environ, **OFFLINE, "OMP_NUM_THREADS": "1"}
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          os.path.join(ROOT, "train_classifier.py"), *map(str, flags),
-                          "--output_model_path", str(tmp_path / "two.pth"), "--log_dir", str(tmp_path / "logs-two")],
+                          os.path.join(ROOT, script), *map(str, flags),
+                          out_flag, str(tmp_path / "two.pth"), "--log_dir", str(tmp_path / "logs-two")],
                          capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
     assert two.returncode == 0, two.stderr[-3000:]
+
+
+def test_two_processes_match_one_with_the_same_global_batch(tmp_path, cifar_dir):
+    flags = ["--data_dir", cifar_dir, *TINY_MODEL, "--batch_size", 16, "--max_device_batch_size", 8,
+             "--total_epoch", 2, "--warmup_epoch", 1, "--crop_scale", 1, 1, "--no-flip", "--device", "cpu"]
+    one_and_two_processes(tmp_path, "train_classifier.py", flags, "--output_model_path")
     a, b = load(tmp_path / "one-last.pth"), load(tmp_path / "two-last.pth")
     for key in a["model"]:
         torch.testing.assert_close(a["model"][key], b["model"][key], rtol=1e-4, atol=1e-5, msg=key)
@@ -489,6 +502,31 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path, cifar_dir)
     m1, m2 = metrics(tmp_path / "logs-one"), metrics(tmp_path / "logs-two")
     assert m1[1]["val_acc"] == m2[1]["val_acc"]  # evaluation gathered over both ranks
     assert m1[0]["train_loss"] == pytest.approx(m2[0]["train_loss"], rel=1e-5)
+
+
+def test_two_process_pretraining_gathers_knn_features_like_one(tmp_path):
+    """Odd split sizes, so the ranks' shards differ in length; an lr too small to move any weight keeps the
+    encoder at its initial weights (rank 0's, broadcast by DDP), so kNN accuracy must match one process."""
+    data = write_cifar_batches(str(tmp_path / "data"), per_batch=21, test=21)
+    folder = os.path.join(data, "cifar-10-batches-py")
+    for i, name in enumerate(sorted(os.listdir(folder))):  # random labels: accuracy off 0 and 1, so any mix-up shows
+        if "batch_" in name:
+            with open(os.path.join(folder, name), "rb") as f:
+                entry = pickle.load(f)
+            entry["labels"] = torch.randint(0, 10, (len(entry["labels"]),), generator=torch.Generator().manual_seed(i))
+            entry["labels"] = entry["labels"].tolist()
+            with open(os.path.join(folder, name), "wb") as f:
+                pickle.dump(entry, f)
+    flags = ["--data_dir", data, *TINY_MAE, "-bs", 16, "--max_device_batch_size", 8, "--total_epoch", 1,
+             "--warmup_epoch", 0, "--base_learning_rate", 1e-30, "--knn_every", 1, "--knn_k", 5, "--device", "cpu"]
+    one_and_two_processes(tmp_path, "mae_pretrain.py", flags, "--model_path")
+    a, b = load(tmp_path / "one.pth"), load(tmp_path / "two.pth")
+    for key in a["model"]:  # zero-initialised biases move by about lr, differently per run: 1e-31
+        torch.testing.assert_close(a["model"][key], b["model"][key], rtol=0, atol=1e-20, msg=key)
+    assert b["world_size"] == 2 and len(b["rng"]) == 2
+    m1, m2 = metrics(tmp_path / "logs-one")[0], metrics(tmp_path / "logs-two")[0]
+    assert m1["knn_acc"] == m2["knn_acc"] and 0 < m1["knn_acc"] < 1
+    assert math.isfinite(m2["loss"])
 
 
 def test_throughput_benchmark_tiny_preset_runs():
@@ -510,6 +548,25 @@ def test_throughput_benchmark_tiny_preset_runs():
                  "--paths", "fast")
     assert result.returncode == 0, result.stderr
     assert [json.loads(line)["case"] for line in result.stdout.splitlines()] == ["data-fast"]  # no empty summary
+
+
+def test_throughput_benchmark_profiles_where_the_time_goes(tmp_path):
+    result = run("benchmarks/throughput.py", "--preset", "tiny", "--steps", 1, "--warmup", 1, "--cases", "pretrain",
+                 "--paths", "fast", "--profile", 2, "--trace_dir", tmp_path / "traces")
+    assert result.returncode == 0, result.stderr
+    case, profile = [json.loads(line) for line in result.stdout.splitlines()]
+    assert case["case"] == "pretrain-fast" and "profile" not in case
+    assert profile["case"] == "pretrain-fast"
+    summary = profile["profile"]
+    assert summary["time"] == "cpu" and summary["ms_per_step"] > 0
+    assert sum(summary["by_category"].values()) == pytest.approx(1.0)
+    assert summary["by_category"]["matmul"] > 0 and summary["by_category"]["attention"] > 0
+    names = [op["name"] for op in summary["top"]]
+    assert "aten::mm" in names and len(names) == len(set(names))
+    with open(tmp_path / "traces" / "pretrain-fast.json") as f:
+        assert json.load(f)["traceEvents"]
+    bad = run("benchmarks/throughput.py", "--preset", "tiny", "--cases", "pretrain,segmentation")
+    assert_clean_error(bad, 2, "--cases takes a comma-separated subset")
 
 
 def test_save_every_writes_fewer_checkpoints(tmp_path, cifar_dir, monkeypatch):

@@ -256,6 +256,38 @@ def test_device_loader_without_augmentation_is_normalised_slice():
     torch.testing.assert_close(batches[1][0], images[order[8:16]].float() / 127.5 - 1)
 
 
+def test_dataloader_path_augments_each_sample_from_its_own_seed():
+    """--loader torch: the same batches for 0 and 2 workers, a resumed epoch repeats them, training RNGs untouched."""
+    images = torch.randint(0, 256, (24, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(5))
+    flags = dict(device=torch.device("cpu"), train=True, seed=3, crop_scale=(0.2, 1.0), flip=True,
+                 randaug="rand-m9-mstd0.5-inc1", reprob=0.5)
+
+    def loader(workers):
+        return utils.TorchLoader(images, torch.arange(24) % 10, 8, num_workers=workers, **flags)
+
+    np_state, py_state = np.random.get_state(), random.getstate()
+    main = loader(0)
+    order = main.order.new_epoch()
+    batches = []
+    for x, _ in main.batches(order):
+        batches.append(x)
+        if len(batches) == 1:
+            mid_epoch = main.state_dict()
+    assert len(batches) == 3
+    assert np.array_equal(np.random.get_state()[1], np_state[1]) and random.getstate() == py_state
+    workers = loader(2)
+    workers.order.new_epoch()
+    for a, b in zip(batches, (x for x, _ in workers.batches(order))):
+        assert torch.equal(a, b)
+    resumed = loader(0)
+    resumed.load_state_dict(mid_epoch)
+    for a, b in zip(batches[1:], [x for x, _ in resumed.batches(order, start=1)], strict=True):
+        assert torch.equal(a, b)
+    # per sample and per epoch: the same image gets other draws in the next epoch
+    second = [x for x, _ in main.batches(order)]
+    assert not any(torch.equal(a, b) for a, b in zip(batches, second))
+
+
 def test_batch_order_splits_global_batches_over_ranks():
     g = torch.Generator().manual_seed(0)
     order = torch.randperm(20, generator=g)
