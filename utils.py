@@ -559,13 +559,15 @@ def affine_coefficients(height, width, degrees, shear_x, shear_y, translate_x, t
 
     A sample sets at most one parameter (the rest 0), as one op of a layer: PIL's Image.rotate(degrees) about
     the centre (counter-clockwise), its shear (x + shear_x y, shear_y x + y) or translation. With the others
-    0 the terms cancel exactly, so each op gets exactly its own coefficients.
+    0 the terms cancel exactly, so each op gets exactly its own coefficients. The rotation is computed as
+    Image.rotate computes it (angle mod 360, cos and sin rounded to 15 decimals), so the source points agree
+    with PIL's to the last bit.
     """
-    angle = -torch.deg2rad(degrees)
-    cos, sin = angle.cos(), angle.sin()
+    angle = -torch.deg2rad(torch.remainder(degrees.to(torch.float64), 360.0))
+    cos, sin = torch.round(angle.cos(), decimals=15), torch.round(angle.sin(), decimals=15)
     cx, cy = width / 2.0, height / 2.0
-    return torch.stack([cos, sin + shear_x, cx - cos * cx - sin * cy + translate_x,
-                        -sin + shear_y, cos, cy + sin * cx - cos * cy + translate_y], dim=1)
+    return torch.stack([cos, sin + shear_x, (cos * -cx + sin * -cy + 0.0) + cx + translate_x,
+                        -sin + shear_y, cos, (-sin * -cx + cos * -cy + 0.0) + cy + translate_y], dim=1)
 
 
 @functools.lru_cache(maxsize=8)
@@ -576,25 +578,54 @@ def _pixel_centres(height, width, device):
     return u, v
 
 
-def warp_affine(x, coefficients, fill=128):
-    """Resample each image with PIL's affine convention, bilinear, `fill` outside.
+def _cubic_weights(d):
+    """PIL's bicubic for affine transforms, the cubic convolution with a = -1 (Geometry.c; its resize uses
+    a = -0.5): weights of the taps at offsets -1, 0, 1, 2 from the floor, at fraction d (...) -> (..., 4)."""
+    d2 = d * d
+    d3 = d2 * d
+    return torch.stack([-d + 2 * d2 - d3, 1 - 2 * d2 + d3, d + d2 - d3, d3 - d2], dim=-1)
+
+
+def _bicubic(x, source_x, source_y):
+    """x (n, C, H, W) float sampled at the source points (n, H, W) with PIL's bicubic; edge pixels repeated."""
+    n, channels, height, width = x.shape
+    start_x, start_y = (source_x - 0.5).floor(), (source_y - 0.5).floor()
+    wx = _cubic_weights((source_x - 0.5 - start_x).float())                             # (n, H, W, 4)
+    wy = _cubic_weights((source_y - 0.5 - start_y).float())
+    offsets = torch.arange(-1, 3, device=x.device)
+    ix = (start_x.long()[..., None] + offsets).clamp_(0, width - 1)                     # (n, H, W, 4)
+    iy = (start_y.long()[..., None] + offsets).clamp_(0, height - 1)
+    flat, out = x.flatten(2), x.new_zeros(n, channels, height * width)
+    for j in range(4):  # tap by tap, summed in place: no (n, C, H, W, 16) intermediate, no matmul (TF32 on CUDA)
+        for i in range(4):
+            index = (iy[..., j] * width + ix[..., i]).flatten(1)[:, None].expand(-1, channels, -1)
+            out.addcmul_(flat.gather(2, index), (wy[..., j] * wx[..., i]).flatten(1)[:, None])
+    return out.view(n, channels, height, width)
+
+
+def warp_affine(x, coefficients, fill=128, bicubic=None):
+    """Resample each image with PIL's affine convention and filters (bilinear, or bicubic where `bicubic`),
+    `fill` outside.
 
     x: (n, C, H, W) whole numbers 0-255; coefficients: (n, 6) = (a, b, c, d, e, f): the output pixel centred
     at (u, v), in pixels from the top-left corner, takes the input at (a u + b v + c, d u + e v + f).
+    bicubic: (n,) bool or None (all bilinear). Within one grey level of PIL's, which works in float64.
     """
     n, channels, height, width = x.shape
     u, v = _pixel_centres(height, width, x.device)
     # elementwise, not a matmul: on CUDA a matmul may run in TF32, whose 10-bit mantissa would move the
     # source points by hundredths of a pixel
-    a, b, c, d, e, f = coefficients.to(torch.float32)[:, :, None, None].unbind(1)   # (n, 1, 1) each
+    a, b, c, d, e, f = coefficients.to(torch.float64)[:, :, None, None].unbind(1)   # (n, 1, 1) each
     source_x, source_y = a * u + b * v + c, d * u + e * v + f                          # (n, H, W) pixels
-    grid = torch.stack([source_x / width, source_y / height], dim=-1) * 2 - 1         # align_corners=False
+    grid = torch.stack([source_x / width, source_y / height], dim=-1).float() * 2 - 1  # align_corners=False
     warped = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    if bicubic is not None:
+        warped = torch.where(bicubic[:, None, None, None], _bicubic(x, source_x, source_y), warped)
     # as PIL: a source point inside the image interpolates its nearest pixels (edge pixels repeated), one
     # outside takes the fill
     inside = (source_x >= 0) & (source_x < width) & (source_y >= 0) & (source_y < height)
     warped = torch.where(inside[:, None], warped, float(fill))
-    # truncated as PIL's; the 1e-3 keeps float noise in grid_sample's coordinates from turning 7.0 into 6
+    # truncated as PIL's; the 1e-3 keeps float noise from turning 7.0 into 6
     return _truncate(warped.add_(1e-3))
 
 
@@ -638,6 +669,12 @@ class DeviceRandAugment:
             raise UserError(f"--randaug {config!r}: the device loader has no {', '.join(unknown)}; "
                             "use --loader torch for it")
         op = policy.ops[0]
+        resample = op.kwargs["resample"]
+        resample = list(resample) if isinstance(resample, (list, tuple)) else [resample]
+        if any(mode not in (Image.BILINEAR, Image.BICUBIC) for mode in resample):
+            raise UserError(f"--randaug {config!r}: the device loader has bilinear and bicubic filters only; "
+                            "use --loader torch")
+        self.bicubic_share = resample.count(Image.BICUBIC) / len(resample)  # timm draws one per op call
         self.fill, self.num_layers, self.prob = fill, policy.num_layers, op.prob
         self.magnitude, self.magnitude_std = float(op.magnitude), float(op.magnitude_std)
         self.magnitude_max = float(op.magnitude_max or 10)
@@ -653,7 +690,7 @@ class DeviceRandAugment:
             ops = torch.randint(len(self.names), (n, layers), generator=generator, device=device)
         else:
             ops = torch.multinomial(self.weights.expand(n, -1), layers, replacement=False, generator=generator)
-        u = torch.rand(n, layers, 3, generator=generator, device=device, dtype=torch.float64)
+        u = torch.rand(n, layers, 4, generator=generator, device=device, dtype=torch.float64)
         gauss = torch.randn(n, layers, generator=generator, device=device, dtype=torch.float64)
         ops = torch.where(u[..., 0] < self.prob, ops, -1)           # timm: skip when random() > prob
         sign = torch.where(u[..., 1] > 0.5, -1.0, 1.0).to(torch.float64)  # timm: negate when random() > 0.5
@@ -662,10 +699,14 @@ class DeviceRandAugment:
         else:
             magnitude = self.magnitude + self.magnitude_std * gauss
         level = magnitude.clamp(0, self.magnitude_max) / 10
-        return ops, level, sign
+        bicubic = u[..., 3] < self.bicubic_share  # timm: random.choice(resample) per op call; a share of 0 or 1: fixed
+        return ops, level, sign, bicubic
 
-    def apply(self, x, ops, level, sign):
-        """x (n, C, H, W) whole numbers 0-255, uint8 or float, with the drawn choices -> float, the same kind."""
+    def apply(self, x, ops, level, sign, bicubic=None):
+        """x (n, C, H, W) whole numbers 0-255, uint8 or float, with the drawn choices -> float, the same kind.
+
+        bicubic (n, L) bool: the filter of each image's geometric op in each layer (None: bilinear).
+        """
         x = x.float()
         n, _, height, width = x.shape
         for layer in range(ops.shape[1]):
@@ -683,7 +724,8 @@ class DeviceRandAugment:
                     out = torch.where(chosen[:, None, None, None], RANDAUG_COLOR_OPS[name](x, lv, sg), out)
             if warped is not None:  # one resampling for every geometric op of the layer
                 coefficients = affine_coefficients(height, width, **params)
-                out = torch.where(warped[:, None, None, None], warp_affine(x, coefficients, self.fill), out)
+                filters = None if bicubic is None else bicubic[:, layer]
+                out = torch.where(warped[:, None, None, None], warp_affine(x, coefficients, self.fill, filters), out)
             x = out
         return x
 

@@ -19,10 +19,10 @@ def smooth_images(n=6, size=16, seed=0):
     return torch.nn.functional.interpolate(coarse, size=size, mode="bilinear").round().to(torch.uint8)
 
 
-def timm_op(name, images, magnitude, sign, monkeypatch):
-    """timm's AugmentOp `name` at `magnitude`, always applied, bilinear, with the sign forced, on each image."""
+def timm_op(name, images, magnitude, sign, monkeypatch, interpolation=Image.BILINEAR):
+    """timm's AugmentOp `name` at `magnitude`, always applied, with the sign and filter forced, on each image."""
     op = auto_augment.AugmentOp(name, prob=1.0, magnitude=magnitude,
-                                hparams={"img_mean": (128,) * 3, "interpolation": Image.BILINEAR})
+                                hparams={"img_mean": (128,) * 3, "interpolation": interpolation})
     if name.startswith("Posterize"):
         op.aug_fn = utils._pil_posterize  # what utils.randaug_policy installs (Pillow refuses 0 bits)
     monkeypatch.setattr(random, "random", lambda: 0.9 if sign < 0 else 0.1)  # timm negates when > 0.5
@@ -38,8 +38,8 @@ def affine(height, width, **params):
     return utils.affine_coefficients(height, width, **full)
 
 
-def ours(name, images, magnitude, sign):
-    """Our op on uint8 images -> uint8, every sample at the same magnitude and sign."""
+def ours(name, images, magnitude, sign, bicubic=False):
+    """Our op on uint8 images -> uint8, every sample at the same magnitude, sign and filter."""
     level = torch.full((len(images),), magnitude / 10, dtype=torch.float64)
     signs = torch.full((len(images),), sign, dtype=torch.float64)
     x = images.float()
@@ -48,7 +48,8 @@ def ours(name, images, magnitude, sign):
     else:
         _, _, height, width = images.shape
         slot, value = utils.RANDAUG_AFFINE_OPS[name]
-        out = utils.warp_affine(x, affine(height, width, **{slot: value(level, signs, height, width)}))
+        out = utils.warp_affine(x, affine(height, width, **{slot: value(level, signs, height, width)}),
+                                bicubic=torch.full((len(images),), bicubic))
     assert out.dtype == torch.float32 and torch.equal(out, out.round()) and out.min() >= 0 and out.max() <= 255
     return out.to(torch.uint8)
 
@@ -64,10 +65,26 @@ def test_each_op_matches_timm_on_pil(name, monkeypatch):
             difference = (got.int() - expected.int()).abs()
             if name in utils.RANDAUG_COLOR_OPS:  # same integer arithmetic as PIL: exact
                 assert difference.max() == 0, (magnitude, sign)
-            else:  # bilinear in float vs PIL's fixed point: within one grey level
+            else:  # interpolation in float32 vs PIL's float64: within one grey level
                 assert difference.max() <= 1, (magnitude, sign)
     if name != "Equalize" and name != "AutoContrast" and name != "Invert":  # these have no magnitude
         assert not torch.equal(ours(name, images, 10, 1.0), ours(name, images, 3, 1.0))
+
+
+@pytest.mark.parametrize("name", sorted(utils.RANDAUG_AFFINE_OPS))
+def test_geometric_ops_match_pil_bicubic_too(name, monkeypatch):
+    """timm picks bilinear or bicubic at random for these; PIL's bicubic here is its a = -1 cubic convolution."""
+    images = smooth_images(size=20)
+    images[:, :, 5:9, 5:9] = 255  # a bright square: the cubic's overshoot past 255 must be clipped as PIL does
+    for magnitude in (3, 7.5, 10):
+        for sign in (1.0, -1.0):
+            expected = timm_op(name, images, magnitude, sign, monkeypatch, interpolation=Image.BICUBIC)
+            got = ours(name, images, magnitude, sign, bicubic=True)
+            difference = (got.int() - expected.int()).abs()
+            # float32 vs PIL's float64: within one grey level, and the same almost everywhere
+            assert difference.max() <= 1 and (difference == 0).double().mean() > 0.995, (magnitude, sign)
+    # the filters differ except where the source points fall on pixel centres (a whole-pixel translation)
+    assert not torch.equal(ours(name, images, 7.5, 1.0, bicubic=True), ours(name, images, 7.5, 1.0))
 
 
 def test_posterize_with_zero_bits_is_black_on_both_paths():
@@ -101,8 +118,9 @@ def test_policy_comes_from_timm_and_bad_ones_are_user_errors():
 
 def test_draws_follow_the_policy_per_sample():
     ra = utils.DeviceRandAugment("rand-m9-mstd0.5-inc1")
-    ops, level, sign = ra.draw(20000, torch.Generator().manual_seed(0), torch.device("cpu"))
-    assert ops.shape == level.shape == sign.shape == (20000, 2)
+    ops, level, sign, bicubic = ra.draw(20000, torch.Generator().manual_seed(0), torch.device("cpu"))
+    assert ops.shape == level.shape == sign.shape == bicubic.shape == (20000, 2)
+    assert abs(bicubic.double().mean().item() - 0.5) < 0.02  # timm: random.choice((BILINEAR, BICUBIC)) per op
     assert abs((ops == -1).double().mean().item() - 0.5) < 0.02                     # prob 0.5 per layer
     counts = torch.bincount(ops[ops >= 0], minlength=15).double()
     assert len(counts) == 15 and (counts / counts.mean() - 1).abs().max() < 0.1     # uniform over the 15 ops
@@ -110,9 +128,9 @@ def test_draws_follow_the_policy_per_sample():
     assert abs(level.mean().item() - 0.9) < 0.01 and 0.04 < level.std().item() < 0.06
     assert abs(sign.mean().item()) < 0.03 and set(sign.unique().tolist()) == {-1.0, 1.0}
     again = ra.draw(20000, torch.Generator().manual_seed(0), torch.device("cpu"))
-    assert all(torch.equal(a, b) for a, b in zip((ops, level, sign), again))
+    assert all(torch.equal(a, b) for a, b in zip((ops, level, sign, bicubic), again, strict=True))
     weighted = utils.DeviceRandAugment("rand-m9-n3-tweights")
-    ops, _, _ = weighted.draw(5000, torch.Generator().manual_seed(0), torch.device("cpu"))
+    ops = weighted.draw(5000, torch.Generator().manual_seed(0), torch.device("cpu"))[0]
     unskipped = ops[(ops >= 0).all(1)]  # timm draws weighted ops without replacement: never twice for one image
     assert len(unskipped) > 400 and (unskipped.sort(1).values.diff(dim=1) != 0).all()
     counts = torch.bincount(ops[ops >= 0], minlength=15).double()
@@ -127,12 +145,14 @@ def test_layers_apply_the_drawn_ops_in_order_and_skip_the_rest():
                         [-1, index["TranslateYRel"]]])
     level = torch.tensor([[0.5, 0.0], [0.9, 0.9], [0.3, 0.0], [0.0, 0.7]], dtype=torch.float64)
     sign = torch.tensor([[1.0, 1.0], [1.0, 1.0], [1.0, 1.0], [1.0, -1.0]], dtype=torch.float64)
-    out = ra.apply(images, ops, level, sign).to(torch.uint8)
-    expected_0 = 255 - ours("Rotate", images[:1], 5, 1.0)
+    bicubic = torch.tensor([[True, False], [True, True], [False, False], [True, False]])
+    out = ra.apply(images, ops, level, sign, bicubic).to(torch.uint8)
+    expected_0 = 255 - ours("Rotate", images[:1], 5, 1.0, bicubic=True)
     assert torch.equal(out[0], expected_0[0])
     assert torch.equal(out[1], images[1])
     assert torch.equal(out[2], ours("SolarizeAdd", images[2:3], 3, 1.0)[0])
-    assert torch.equal(out[3], ours("TranslateYRel", images[3:4], 7, -1.0)[0])
+    assert torch.equal(out[3], ours("TranslateYRel", images[3:4], 7, -1.0)[0])  # layer 2 of image 3: bilinear
+    assert not torch.equal(out[0], (255 - ours("Rotate", images[:1], 5, 1.0))[0])
 
 
 def test_same_image_gets_different_augmentations_and_seed_repeats_them():
