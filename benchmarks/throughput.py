@@ -11,7 +11,8 @@ Cases, interleaved: data-only pipelines (images/s of the loaders alone, augmenta
 and fine-tuning steps, each on the plain and the fast path. A training step is a whole optimizer step of
 the real Trainer (micro-batches, backward, AdamW, lr), batches drawn from the loader on the hot path.
 FLOPs per image are counted by torch.utils.flop_counter.FlopCounterMode on one forward + backward (with the
-math attention kernel, so attention counts on every device).
+math attention kernel, so attention counts on every device); flop_shares splits them by top-level module
+(encoder / decoder, or blocks / head ...) and gives attention's part.
 
 --profile N runs N more steps under torch.profiler and prints a "profile" line after the case: device time
 per step by category (matrix multiplies, attention, fused elementwise kernels, optimizer, other) and the
@@ -91,12 +92,23 @@ def endless_batches(loader):
 
 
 def flops_per_image(model, loss_fn, images, labels):
-    """Forward + backward FLOPs of one micro-batch, per image (eager, fp32, math attention)."""
+    """Forward + backward FLOPs of one micro-batch, per image (eager, fp32, math attention)
+    -> (FLOPs, shares: each top-level submodule's and attention's fraction of them)."""
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         loss, _ = loss_fn(model, images, labels)
         loss.backward()
     model.zero_grad(set_to_none=True)
-    return counter.get_total_flops() / images.shape[0]
+    total = counter.get_total_flops()
+    counts = counter.get_flop_counts()  # per module path that ran, each including its submodules
+    root = type(model).__name__ + "."
+    paths = [path for path in counts if path.startswith(root)]
+    shares = collections.defaultdict(float)
+    for path in paths:  # the outermost modules that ran (blocks.0, not a ModuleList), by top-level name
+        if not any(path.startswith(other + ".") for other in paths):
+            shares[path[len(root):].split(".")[0]] += sum(counts[path].values()) / total
+    # the math attention's two batched matmuls (q k^T, then with v) are the model's only bmm
+    shares["attention"] = counts["Global"].get(torch.ops.aten.bmm, 0) / total
+    return total / images.shape[0], dict(shares)
 
 
 def time_data(rt, loader, steps, warmup):
@@ -182,7 +194,7 @@ def time_training(case, cfg, rt, images, labels, fast, num_workers, randaug, pro
     model, loss_fn, betas, batch, micro = build(case, cfg, rt)
     loader = make_loader(rt, images, labels, batch, fast, num_workers, randaug)
     x, y = next(loader.batches(loader.order.new_epoch()))
-    flops = flops_per_image(model, loss_fn, x[:min(micro, 64)], y[:min(micro, 64)])
+    flops, flop_shares = flops_per_image(model, loss_fn, x[:min(micro, 64)], y[:min(micro, 64)])
     optimizer = utils.make_optimizer([{"params": list(model.parameters()), "weight_decay": 0.05}], 1e-4, rt, betas)
     if not fast and rt.device.type == "cuda":  # the plain path: the optimizer as a user would first write it
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=betas, weight_decay=0.05)
@@ -205,6 +217,7 @@ def time_training(case, cfg, rt, images, labels, fast, num_workers, randaug, pro
     images_per_s = cfg["steps"] * batch / seconds
     peak_memory = torch.cuda.max_memory_allocated(rt.device) / 2 ** 30 if rt.device.type == "cuda" else None
     result = dict(batch=batch, micro_batch=micro, images_per_s=images_per_s, gflop_per_image=flops / 1e9,
+                  flop_shares=flop_shares,
                   achieved_tflops=images_per_s * flops / 1e12, warmup_seconds=warmup_seconds, last_loss=loss,
                   peak_memory_gib=peak_memory)
     if profile:

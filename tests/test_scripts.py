@@ -537,6 +537,11 @@ def test_throughput_benchmark_tiny_preset_runs():
     assert cases == ["data-plain", "data-fast", "pretrain-plain", "pretrain-fast", "finetune-plain", "finetune-fast"]
     pretrain_fast = lines[3]
     assert pretrain_fast["gflop_per_image"] > 0 and pretrain_fast["images_per_s"] > 0
+    shares = pretrain_fast["flop_shares"]  # the FLOPs split between the modules, and attention's part
+    assert set(shares) == {"encoder", "decoder", "attention"} and 0 < shares["attention"] < 0.5
+    assert shares["encoder"] + shares["decoder"] == pytest.approx(1.0)
+    assert sum(v for k, v in lines[5]["flop_shares"].items() if k != "attention") == pytest.approx(1.0)
+    assert lines[5]["flop_shares"]["blocks"] > 0.9  # fine-tuning: the 2 blocks, called one by one
     assert set(lines[-1]) == {"summary", "data", "pretrain", "finetune"}
     result = run("benchmarks/throughput.py", "--preset", "tiny", "--steps", 1, "--warmup", 1, "--num_workers", 0,
                  "--cases", "data", "--randaug", "rand-m9-mstd0.5-inc1")
