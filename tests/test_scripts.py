@@ -461,6 +461,39 @@ def test_legacy_whole_model_pickle_is_refused_then_converted(tmp_path, trained):
     assert result.returncode == 0, result.stderr
 
 
+def test_convert_a_state_dict_without_running_code_and_refuse_what_needs_no_conversion(tmp_path, trained):
+    from model import MAE_ViT
+    torch.manual_seed(0)
+    model = MAE_ViT(image_size=8, patch_size=2, emb_dim=16, encoder_layer=2, encoder_head=2, decoder_layer=1,
+                    decoder_head=2)
+    with torch.no_grad():
+        model.encoder.pos_embed[:, 0] = 0  # the original's cls token had no position: converted as zeros
+    original = {}  # the original repository's names for our weights; its decoder had no embed and no norm
+    for key, value in model.state_dict().items():
+        if key.startswith(("decoder.decoder_embed.", "decoder.norm.")):
+            continue
+        if key.endswith("pos_embed"):
+            value = value.permute(1, 0, 2)[1:] if key.startswith("encoder.") else value.permute(1, 0, 2)
+            key = key.replace("pos_embed", "pos_embedding")
+        for ours, theirs in (("patch_embed.proj.", "patchify."), ("blocks.", "transformer."), ("norm.", "layer_norm.")):
+            key = key.replace("." + ours, "." + theirs)
+        original[key] = value
+    source, converted = tmp_path / "state_dict.pt", tmp_path / "converted.pth"
+    torch.save(original, source)
+    result = run("tools/convert_legacy.py", source, converted)  # tensors only: no flag needed
+    assert result.returncode == 0, result.stderr
+    ckpt = load(converted)
+    assert ckpt["kind"] == "mae_pretrain" and ckpt["model_config"]["encoder_layer"] == 2
+    encoder = {k: v for k, v in model.state_dict().items() if k.startswith("encoder.")}
+    assert_same_tensors(encoder, {k: v for k, v in ckpt["model"].items() if k.startswith("encoder.")})
+    result = run("tools/convert_legacy.py", source, converted)
+    assert_clean_error(result, 2, "already exists", "--overwrite")
+    result = run("tools/convert_legacy.py", converted, tmp_path / "again.pth")
+    assert_clean_error(result, 2, "already a mae_pretrain checkpoint", "nothing to convert")
+    result, _, _ = classify(tmp_path, trained["data"], "--pretrained_model_path", converted, "--total_epoch", 1)
+    assert result.returncode == 0, result.stderr
+
+
 def test_convert_original_parameter_names():
     """The original repository's names and (T, 1, D) position tables map onto ours."""
     sys.path.insert(0, os.path.join(ROOT, "tools"))

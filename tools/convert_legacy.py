@@ -3,7 +3,8 @@
     python tools/convert_legacy.py old-vit-t-mae.pt vit-t-mae.pth --execute_pickled_code
 
 Loading such a file runs code stored in it (that is how pickle rebuilds a module), so this tool refuses
-unless --execute_pickled_code is given: use it only on files you trust. The result is a plain state_dict
+unless --execute_pickled_code is given: use it only on files you trust. A plain state_dict with the
+original's names (torch.save(model.state_dict())) loads safely and needs no flag. The result is a plain state_dict
 checkpoint that loads with weights_only=True. An MAE_ViT becomes a pretraining checkpoint, a
 ViT_Classifier a classifier checkpoint. The original's layer norms used eps 1e-5 (ours 1e-6) and its decoder
 had no final norm (ours is set to identity-like weights 1, 0), so a converted decoder is close, not exact;
@@ -71,21 +72,43 @@ def get_args_parser():
     parser.add_argument("source")
     parser.add_argument("destination")
     parser.add_argument("--execute_pickled_code", action="store_true",
-                        help="required: loading the source runs code stored in it; only for files you trust")
+                        help="required for a whole pickled model: loading it runs code stored in it; only for "
+                             "files you trust")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing destination")
     return parser
+
+
+def safe_load(path):
+    """What torch.load(weights_only=True) gives, or None when the file needs pickled code (a whole model)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        return None
 
 
 @utils.cli_main
 def main(args):
-    if not args.execute_pickled_code:
-        raise utils.UserError("loading a pickled model runs code stored in the file; pass --execute_pickled_code "
-                              "if you trust it")
     if not os.path.isfile(args.source):
         raise utils.UserError(f"{args.source} does not exist")
-    module = torch.load(args.source, map_location="cpu", weights_only=False)
-    if not isinstance(module, torch.nn.Module):
-        raise utils.UserError(f"{args.source} holds a {type(module).__name__}, not a pickled model")
-    state = convert_state_dict(module.state_dict())
+    if os.path.exists(args.destination) and not args.overwrite:
+        raise utils.UserError(f"{args.destination} already exists; pass --overwrite to replace it")
+    plain = safe_load(args.source)
+    if isinstance(plain, dict) and "format" in plain:
+        raise utils.UserError(f"{args.source} is already a {plain.get('kind', '')} checkpoint of this project "
+                              "(it loads with weights_only=True); there is nothing to convert")
+    if isinstance(plain, dict) and plain and all(torch.is_tensor(v) for v in plain.values()):
+        module = None  # a state_dict: tensors only, no code ran
+        state = convert_state_dict(plain)
+    elif plain is not None:
+        raise utils.UserError(f"{args.source} holds a {type(plain).__name__}, not a model or a state_dict")
+    elif not args.execute_pickled_code:
+        raise utils.UserError("loading a pickled model runs code stored in the file; pass --execute_pickled_code "
+                              "if you trust it")
+    else:
+        module = torch.load(args.source, map_location="cpu", weights_only=False)
+        if not isinstance(module, torch.nn.Module):
+            raise utils.UserError(f"{args.source} holds a {type(module).__name__}, not a pickled model")
+        state = convert_state_dict(module.state_dict())
     config = getattr(module, "config", None) or model_config(state)  # our own classes carry their config
     kind = "mae_pretrain" if "encoder.cls_token" in state else "classifier"
     utils.check_writable(args.destination, "destination")
