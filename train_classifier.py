@@ -219,18 +219,29 @@ def write_timm_export(model, config, path):
           f"{call})\n  model.load_state_dict(torch.load({path!r}, weights_only=True))")
 
 
+def check_classes(ckpt, data, what):
+    """Labels are indexes into the class list, so a saved classifier only fits data with its classes, in order."""
+    saved = ckpt.get("classes")
+    if saved is not None and list(saved) != list(data.classes):
+        raise utils.UserError(f"{what} was trained on the classes {list(saved)}, but --data_dir has "
+                              f"{list(data.classes)}")
+
+
 def eval_only(args):
     ckpt = utils.load_checkpoint(args.eval_only, "classifier", "--eval_only")
-    rt = utils.setup_runtime(args)
     config = ckpt["model_config"]
+    utils.resolve_resume_args(args, get_args_parser(), {key: config[key] for key in SIZE_KEYS}, SIZE_KEYS,
+                              what=f"--eval_only {args.eval_only}")  # a size flag that differs is an error
+    rt = utils.setup_runtime(args)
     model = build_classifier(config)
     model.load_state_dict(ckpt["model"])
     model.to(rt.device)
     data = utils.load_data(args.data_dir, config["image_size"], rt)
+    check_classes(ckpt, data, f"--eval_only {args.eval_only}")
     loader = utils.make_loader(args, rt, data.test_images, data.test_labels, 1024, train=False)
     result = evaluate(model, loader, rt, config["num_classes"])
     if rt.is_main:
-        print(per_class_table(result, ckpt.get("classes") or data.classes))
+        print(per_class_table(result, data.classes))
         if args.export_timm:
             write_timm_export(model, config, args.export_timm)
     return result
@@ -284,6 +295,8 @@ def main(args):
     except ValueError as e:
         raise utils.UserError(str(e)) from None
     data = utils.load_data(args.data_dir, args.image_size, rt)
+    if ckpt is not None:
+        check_classes(ckpt, data, f"--resume {args.resume}")
     num_classes = len(data.classes)
     if len(data.train_images) < args.batch_size:
         raise utils.UserError(f"--batch_size {args.batch_size} is larger than the training set "

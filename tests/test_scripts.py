@@ -359,6 +359,12 @@ def trained(tmp_path_factory):
     (world["empty_class"] / "train" / "dog").mkdir()
     world["a_file"] = tmp / "a-file"
     world["a_file"].write_text("x")
+    world["three_classes"] = tmp / "three-classes"
+    write_image_folder(str(world["three_classes"]))
+    for split in ("train", "test"):
+        for name in os.listdir(world["three_classes"] / split):
+            if name not in ("airplane", "bird", "cat"):
+                shutil.rmtree(world["three_classes"] / split / name)
     return world
 
 
@@ -418,6 +424,13 @@ BAD_INPUTS = {  # name: (script, argv from (world, tmp_path), what the error lin
                             lambda w: "--reprob must lie in [0, 1]"),
     "bad randaug policy": ("cls", lambda w, t: ["--data_dir", w["data"], "--randaug", "rand-m9-q3",
                                                 *CLS_OUT(w, t)], lambda w: "--randaug 'rand-m9-q3' is not a timm"),
+    "evaluation on other classes": ("cls", lambda w, t: ["--data_dir", w["three_classes"], "--eval_only", w["cls"]],
+                                    lambda w: "was trained on the classes ['airplane', 'automobile'"),
+    "resume on other classes": ("cls", lambda w, t: ["--data_dir", w["three_classes"], "--resume",
+                                                     w["tmp"] / "cls-last.pth"], lambda w: "but --data_dir has"),
+    "evaluation at another size": ("cls", lambda w, t: ["--data_dir", w["data"], "--eval_only", w["cls"],
+                                                        "--image_size", 16],
+                                   lambda w: "--image_size 16 conflicts with --eval_only"),
     "randaug op not on the device": ("cls", lambda w, t: ["--data_dir", w["data"], "--randaug", "rand-m9-t3a",
                                                           *CLS_OUT(w, t)], lambda w: "use --loader torch"),
 }
