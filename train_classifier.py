@@ -323,12 +323,13 @@ def main(args):
     trainer = utils.Trainer(utils.wrap_model(model, rt), ClassificationLoss(args, num_classes), optimizer, lr_fn, rt,
                             micro_batch=micro_batch, clip_grad=args.clip_grad, ema=ema,
                             skip_nonfinite=args.skip_nonfinite, num_extra=1)
-    start_epoch, epoch_state, best_acc, best_state = 0, None, 0.0, None
+    start_epoch, epoch_state, best_acc, best_epoch, best_state, last_acc = 0, None, 0.0, None, None, None
     if ckpt is not None:
         start_epoch, epoch_state = utils.restore_training_state(ckpt, model, trainer, train_loader, rt, ema)
         best_acc = ckpt["best_acc"]
         if os.path.isfile(args.output_model_path):
-            best_state = utils.load_checkpoint(args.output_model_path, "classifier")["model"]
+            best = utils.load_checkpoint(args.output_model_path, "classifier")
+            best_state, best_epoch = best["model"], best["epoch"]
         if rt.is_main:
             print(f"resumed {args.resume} after epoch {start_epoch} (best accuracy so far {best_acc:.2%})")
     eval_model = ema.module if ema is not None else model
@@ -355,6 +356,7 @@ def main(args):
                 utils.exit_after_signal(last_path, "train_classifier.py", stop.signum, rt, log)
             epoch_state = None
             val = evaluate(eval_model, test_loader, rt, num_classes)
+            last_acc = val["acc"]
             train_acc = train["extra_sums"][0] / max(train["images"], 1)
             record = {"epoch": epoch + 1, "train_loss": train["loss"], "train_acc": train_acc,
                       "val_loss": val["loss"], "val_acc": val["acc"], "val_acc5": val["acc5"], "lr": train["lr"],
@@ -390,9 +392,13 @@ def main(args):
     eval_model.load_state_dict(best_state)
     result = evaluate(eval_model, test_loader, rt, num_classes)
     if rt.is_main:
-        print(f"best accuracy {best_acc:.2%}\n" + per_class_table(result, data.classes))
+        # the best epoch is chosen on the test set, as the original repository did: the last epoch's
+        # accuracy is printed beside it, since it is the unbiased one
+        last = f", last epoch {last_acc:.2%}" if last_acc is not None else ""
+        print(f"best accuracy {best_acc:.2%} (epoch {best_epoch}){last}\n" + per_class_table(result, data.classes))
         log.image("cls/confusion", confusion_image(result["confusion"]), args.total_epoch)
         log.line({"final": True, "epoch": args.total_epoch, "acc": result["acc"], "acc5": result["acc5"],
+                  "best_epoch": best_epoch, "last_epoch_acc": last_acc,
                   "per_class": dict(zip(data.classes, result["per_class"]))})
         if args.export_timm:
             write_timm_export(eval_model, config, args.export_timm)

@@ -127,6 +127,9 @@ def test_classifier_from_scratch_and_pretrained_end_to_end(tmp_path, cifar_dir):
     assert "cls/confusion" in tb.Tags()["images"]
     best = load(ckpt_path)
     assert best["kind"] == "classifier" and best["acc"] == max(line["val_acc"] for line in epochs)
+    # the final line names the best epoch and gives the last epoch's accuracy beside it
+    assert lines[-1]["best_epoch"] == best["epoch"] and lines[-1]["last_epoch_acc"] == epochs[-1]["val_acc"]
+    assert f"(epoch {best['epoch']}), last epoch {epochs[-1]['val_acc']:.2%}" in result.stdout
     last = load(tmp_path / "cls-last.pth")
     assert last["epoch"] == 2 and "optimizer" in last
     # scratch: its own default log dir name, sizes from flags
