@@ -231,7 +231,8 @@ def eval_only(args):
     ckpt = utils.load_checkpoint(args.eval_only, "classifier", "--eval_only")
     config = ckpt["model_config"]
     utils.resolve_resume_args(args, get_args_parser(), {key: config[key] for key in SIZE_KEYS}, SIZE_KEYS,
-                              what=f"--eval_only {args.eval_only}")  # a size flag that differs is an error
+                              what=f"--eval_only {args.eval_only}",  # a size flag that differs is an error
+                              hint="drop the flag: the model's sizes come from the checkpoint")
     rt = utils.setup_runtime(args)
     model = build_classifier(config)
     model.load_state_dict(ckpt["model"])

@@ -1337,7 +1337,8 @@ def checkpoint_due(args, epoch):
     return epoch % args.save_every == 0 or epoch == args.total_epoch or epoch == args.stop_after_epoch
 
 
-def resolve_resume_args(args, parser, saved_args, keys, what="the checkpoint being resumed", soft_keys=()):
+def resolve_resume_args(args, parser, saved_args, keys, what="the checkpoint being resumed", soft_keys=(),
+                        hint="drop the flag (or start a new run to change it)"):
     """Take a checkpoint's value of each key (a resumed run keeps its settings, a pretrained encoder its
     sizes); a flag of `keys` given with a different value (not the default) is an error rather than a silent
     change, while a flag of `soft_keys` given explicitly simply wins."""
@@ -1348,8 +1349,7 @@ def resolve_resume_args(args, parser, saved_args, keys, what="the checkpoint bei
         if norm(current) != norm(default) and norm(current) != norm(saved):
             if key in soft_keys:
                 continue
-            raise UserError(f"--{key} {current} conflicts with {what}, which has {saved}; drop the flag "
-                            "(or start a new run to change it)")
+            raise UserError(f"--{key} {current} conflicts with {what}, which has {saved}; {hint}")
         setattr(args, key, saved)
 
 
