@@ -561,7 +561,7 @@ def affine_coefficients(height, width, degrees, shear_x, shear_y, translate_x, t
     the centre (counter-clockwise), its shear (x + shear_x y, shear_y x + y) or translation. With the others
     0 the terms cancel exactly, so each op gets exactly its own coefficients. The rotation is computed as
     Image.rotate computes it (angle mod 360, cos and sin rounded to 15 decimals), so the source points agree
-    with PIL's to the last bit.
+    with PIL's up to float rounding.
     """
     angle = -torch.deg2rad(torch.remainder(degrees.to(torch.float64), 360.0))
     cos, sin = torch.round(angle.cos(), decimals=15), torch.round(angle.sin(), decimals=15)
