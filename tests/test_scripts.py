@@ -506,6 +506,10 @@ def test_convert_a_state_dict_without_running_code_and_refuse_what_needs_no_conv
     assert_clean_error(result, 2, "already exists", "--overwrite")
     result = run("tools/convert_legacy.py", converted, tmp_path / "again.pth")
     assert_clean_error(result, 2, "already a mae_pretrain checkpoint", "nothing to convert")
+    torch.save({"fc.weight": torch.zeros(2, 2)}, tmp_path / "other.pt")  # a state_dict of some other model
+    result = run("tools/convert_legacy.py", tmp_path / "other.pt", tmp_path / "other.pth")
+    assert_clean_error(result, 2, "does not hold the original repository's")
+    assert not (tmp_path / "other.pth").exists()
     result, _, _ = classify(tmp_path, trained["data"], "--pretrained_model_path", converted, "--total_epoch", 1)
     assert result.returncode == 0, result.stderr
 

@@ -109,7 +109,11 @@ def main(args):
         if not isinstance(module, torch.nn.Module):
             raise utils.UserError(f"{args.source} holds a {type(module).__name__}, not a pickled model")
         state = convert_state_dict(module.state_dict())
-    config = getattr(module, "config", None) or model_config(state)  # our own classes carry their config
+    try:
+        config = getattr(module, "config", None) or model_config(state)  # our own classes carry their config
+    except (KeyError, IndexError):
+        raise utils.UserError(f"{args.source} does not hold the original repository's MAE_ViT or ViT_Classifier "
+                              "weights (no cls_token / patchify / pos_embedding found)") from None
     kind = "mae_pretrain" if "encoder.cls_token" in state else "classifier"
     utils.check_writable(args.destination, "destination")
     utils.save_atomic({"format": utils.CHECKPOINT_FORMAT, "kind": kind, "model": state, "model_config": config,
