@@ -447,7 +447,7 @@ def crop_resize_flip(images, boxes, flip, out_size):
 # torchvision's RandAugment draws one op for a whole batch, so neither fits a batch on the GPU. This keeps
 # timm's policy (parsed by timm itself: op list, magnitude, its noise and cap, layer count, probability) and
 # timm's magnitude-to-argument rules, and applies the ops to a batch with tensor ops: every sample draws its
-# own ops, magnitudes and signs. Geometric ops resample bilinearly (timm picks bilinear or bicubic).
+# own ops, magnitudes, signs and (for the geometric ops) bilinear or bicubic filter, as timm draws them.
 # Images are float tensors holding whole numbers 0-255 (what a uint8 holds, converted once per layer).
 # Each colour op: x (n, C, H, W), level = magnitude / 10 (n,), sign = -1 or +1 (n,) -> (n, C, H, W).
 # Each geometric op: the parameter of affine_coefficients it sets, and that parameter from level and sign.
@@ -1324,7 +1324,7 @@ def set_rng_state(states, rt, loader):
                          np_state["has_gauss"], np_state["cached_gaussian"]))
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
-    loader.load_state_dict({k: v for k, v in state["loader"].items()})
+    loader.load_state_dict(state["loader"])
 
 
 # settings a resumed run takes from its checkpoint unless given again: they change speed or rounding only
