@@ -21,7 +21,7 @@ SIZE_KEYS = ["image_size", "patch_size", "emb_dim", "encoder_layer", "encoder_he
 RUN_KEYS = ["seed", "batch_size", "base_learning_rate", "weight_decay", "total_epoch", "warmup_epoch",
             "pretrained_model_path", "pos_embed", "crop_scale", "flip", "randaug", "reprob", "mixup", "cutmix",
             "label_smoothing", "drop_path", "layer_decay", "clip_grad", "ema", "ema_decay", "global_pool",
-            "linear_probe", "output_model_path", "log_dir"] + SIZE_KEYS
+            "linear_probe", "val_size", "output_model_path", "log_dir"] + SIZE_KEYS
 NO_WEIGHT_DECAY = {"cls_token", "pos_embed"}
 
 
@@ -40,6 +40,9 @@ def get_args_parser():
     parser.add_argument("--data_dir", default="data", help="cifar-10-batches-py/ or train/ + test/ image folders")
     parser.add_argument("--log_dir", default=None,
                         help="default: logs/cifar10/pretrain-cls or logs/cifar10/scratch-cls")
+    parser.add_argument("--val_size", type=int, default=0,
+                        help="hold out this many training images (a fixed random subset) and pick the best epoch on "
+                             "them instead of on the test set, which is then only used for the final report")
     model = utils.add_encoder_args(
         parser.add_argument_group("model (from scratch; a pretrained checkpoint brings its own sizes)"))
     model.add_argument("--global_pool", action="store_true", help="mean of patch tokens + norm instead of cls")
@@ -71,7 +74,7 @@ def validate(args):
     utils.check_positive(args, "batch_size", "max_device_batch_size", "base_learning_rate", "total_epoch",
                          "image_size", "patch_size", "emb_dim", "encoder_layer", "encoder_head", "log_interval",
                          "clip_grad", "save_every")
-    for name in ("weight_decay", "warmup_epoch", "mixup", "cutmix", "num_workers"):
+    for name in ("weight_decay", "warmup_epoch", "mixup", "cutmix", "num_workers", "val_size"):
         if getattr(args, name) < 0:
             raise utils.UserError(f"--{name} must not be negative, got {getattr(args, name)}")
     for name in ("label_smoothing", "drop_path"):
@@ -219,6 +222,18 @@ def write_timm_export(model, config, path):
           f"{call})\n  model.load_state_dict(torch.load({path!r}, weights_only=True))")
 
 
+def selection_split(data, val_size):
+    """(train images, train labels, images and labels the best epoch is picked on): the test set, as the original
+    repository did, or with --val_size that many training images held out (the same ones for every --seed)."""
+    if not val_size:
+        return data.train_images, data.train_labels, data.test_images, data.test_labels
+    if val_size >= len(data.train_images):
+        raise utils.UserError(f"--val_size {val_size} leaves no images to train on (the training set has "
+                              f"{len(data.train_images)})")
+    kept, held = utils.holdout_split(len(data.train_images), val_size)
+    return data.train_images[kept], data.train_labels[kept], data.train_images[held], data.train_labels[held]
+
+
 def check_classes(ckpt, data, what):
     """Labels are indexes into the class list, so a saved classifier only fits data with its classes, in order."""
     saved = ckpt.get("classes")
@@ -299,9 +314,12 @@ def main(args):
     if ckpt is not None:
         check_classes(ckpt, data, f"--resume {args.resume}")
     num_classes = len(data.classes)
-    if len(data.train_images) < args.batch_size:
+    train_images, train_labels, val_images, val_labels = selection_split(data, args.val_size)
+    if len(train_images) < args.batch_size:
+        held = f" after --val_size {args.val_size}" if args.val_size else ""
         raise utils.UserError(f"--batch_size {args.batch_size} is larger than the training set "
-                              f"({len(data.train_images)} images)")
+                              f"({len(train_images)} images{held})")
+    selected_on = f"{args.val_size} held-out training images" if args.val_size else "the test set"
     if ckpt is not None:
         config = ckpt["model_config"]
         model = build_classifier(config, args.drop_path)
@@ -311,10 +329,12 @@ def main(args):
         config = classifier_config(args, num_classes)
         model = build_classifier(config, args.drop_path)
     model.to(rt.device)
-    train_loader = utils.make_loader(args, rt, data.train_images, data.train_labels, args.batch_size, train=True,
+    train_loader = utils.make_loader(args, rt, train_images, train_labels, args.batch_size, train=True,
                                      crop_scale=None if args.crop_scale == [1.0, 1.0] else args.crop_scale,
                                      flip=args.flip, randaug=args.randaug, reprob=args.reprob)
     test_loader = utils.make_loader(args, rt, data.test_images, data.test_labels, 1024, train=False)
+    val_loader = utils.make_loader(args, rt, val_images, val_labels, 1024, train=False) if args.val_size \
+        else test_loader  # what the best epoch is picked on
     peak_lr = args.base_learning_rate * args.batch_size / 256
     optimizer = utils.make_optimizer(make_param_groups(model, args), peak_lr, rt)
     ema = ModelEmaV3(model, decay=args.ema_decay) if args.ema else None
@@ -339,7 +359,7 @@ def main(args):
         mode = "linear probe" if args.linear_probe else ("fine-tuning" if args.pretrained_model_path else "scratch")
         print(f"training a classifier ({mode}), {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters "
               f"on {rt.device} ({rt.world_size} process(es)), {steps_per_epoch} steps/epoch, micro-batch "
-              f"{micro_batch}, peak lr {peak_lr:.2e}, {rt.describe()}")
+              f"{micro_batch}, peak lr {peak_lr:.2e}, {rt.describe()}; the best epoch is picked on {selected_on}")
 
     def save_last(epoch, epoch_state=None):
         state = utils.training_state(trainer, train_loader, rt, args, epoch_state, ema)  # every rank takes part
@@ -356,7 +376,7 @@ def main(args):
                 save_last(epoch, epoch_state)
                 utils.exit_after_signal(last_path, "train_classifier.py", stop.signum, rt, log)
             epoch_state = None
-            val = evaluate(eval_model, test_loader, rt, num_classes)
+            val = evaluate(eval_model, val_loader, rt, num_classes)
             last_acc = val["acc"]
             train_acc = train["extra_sums"][0] / max(train["images"], 1)
             record = {"epoch": epoch + 1, "train_loss": train["loss"], "train_acc": train_acc,
@@ -371,8 +391,8 @@ def main(args):
                 best_acc, best_epoch = val["acc"], epoch + 1
                 best_state = {k: v.detach().clone() for k, v in eval_model.state_dict().items()}
                 if rt.is_main:
-                    utils.save_atomic(checkpoint(best_state, config, data.classes, best_epoch, acc=best_acc),
-                                      args.output_model_path)
+                    utils.save_atomic(checkpoint(best_state, config, data.classes, best_epoch, acc=best_acc,
+                                                 selected_on=selected_on), args.output_model_path)
             record["best_acc"] = best_acc
             log.line(record)
             if utils.checkpoint_due(args, epoch + 1):
@@ -389,22 +409,29 @@ def main(args):
                 log.close()
                 return {"best_acc": best_acc}
 
+    if args.val_size:  # the last epoch's weights on the test set, which no choice has looked at
+        last_acc = evaluate(eval_model, test_loader, rt, num_classes)["acc"]
     # the final report is of the best weights, as saved (every rank kept a copy: no shared disk needed)
     eval_model.load_state_dict(best_state)
     result = evaluate(eval_model, test_loader, rt, num_classes)
     if rt.is_main:
-        # the best epoch is chosen on the test set, as the original repository did: the last epoch's
-        # accuracy is printed beside it, since it is the unbiased one
+        # without --val_size the best epoch is chosen on the test set, as the original repository did, so the
+        # last epoch's accuracy is printed beside it: it is the unbiased one
         last = f", last epoch {last_acc:.2%}" if last_acc is not None else ""
-        print(f"best accuracy {best_acc:.2%} (epoch {best_epoch}){last}\n" + per_class_table(result, data.classes))
+        if args.val_size:
+            print(f"best held-out accuracy {best_acc:.2%} (epoch {best_epoch}); on the test set: those weights "
+                  f"{result['acc']:.2%}{last}")
+        else:
+            print(f"best accuracy {best_acc:.2%} (epoch {best_epoch}){last}")
+        print(per_class_table(result, data.classes))
         log.image("cls/confusion", confusion_image(result["confusion"]), args.total_epoch)
         log.line({"final": True, "epoch": args.total_epoch, "acc": result["acc"], "acc5": result["acc5"],
-                  "best_epoch": best_epoch, "last_epoch_acc": last_acc,
-                  "per_class": dict(zip(data.classes, result["per_class"]))})
+                  "best_epoch": best_epoch, "best_acc": best_acc, "selected_on": selected_on,
+                  "last_epoch_acc": last_acc, "per_class": dict(zip(data.classes, result["per_class"]))})
         if args.export_timm:
             write_timm_export(eval_model, config, args.export_timm)
     log.close()
-    return {"best_acc": best_acc, "final": result}
+    return {"best_acc": best_acc, "best_epoch": best_epoch, "last_epoch_acc": last_acc, "final": result}
 
 
 if __name__ == "__main__":

@@ -405,6 +405,15 @@ def _decode_folder(root, image_size):
     return images, labels, folder.classes
 
 
+def holdout_split(num_images, size, seed=0):
+    """Indexes (kept, held_out) that set `size` of `num_images` training images aside, both sorted.
+
+    The split depends on `seed` only (not on a run's --seed), so runs with different seeds pick their best
+    epoch on the same held-out images."""
+    order = torch.randperm(num_images, generator=torch.Generator().manual_seed(seed))
+    return order[size:].sort().values, order[:size].sort().values
+
+
 def hash_json(obj):
     return hashlib.sha256(json.dumps(obj).encode()).hexdigest()[:16]
 

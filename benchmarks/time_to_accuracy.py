@@ -76,8 +76,10 @@ def main(args):
     epochs = [m for m in metrics if "val_acc" in m]
     report["finetune_images_per_s"] = epochs[-1]["images_per_s"]
     report["finetune_compile_seconds"] = epochs[0].get("compile_seconds")
-    report["final_epoch_acc"] = epochs[-1]["val_acc"]
-    report["best_acc"] = result["best_acc"]
+    report["final_epoch_acc"] = result["last_epoch_acc"]  # on the test set, also with --val_size
+    report["best_acc"] = result["best_acc"]  # on what the best epoch was picked on: test set or held-out images
+    report["best_epoch"] = result["best_epoch"]
+    report["best_test_acc"] = result["final"]["acc"]
     report["best_acc5"] = result["final"]["acc5"]
     report["total_seconds"] = report.get("pretrain_seconds", 0) + report["finetune_seconds"]
     print(json.dumps(report), flush=True)

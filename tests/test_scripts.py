@@ -142,6 +142,57 @@ def test_classifier_from_scratch_and_pretrained_end_to_end(tmp_path, cifar_dir):
     assert f"top-1 {best['acc']:.2%}" in result.stdout and "top-5" in result.stdout and "truck" in result.stdout
 
 
+def test_val_size_picks_the_best_epoch_on_held_out_training_images(tmp_path, cifar_dir):
+    import train_classifier
+    import utils
+    result, ckpt_path, logs = classify(tmp_path, cifar_dir, *TINY_MODEL, "--val_size", 30, "--total_epoch", 3)
+    assert result.returncode == 0, result.stderr
+    # 100 training images, 30 held out: 70 // 16 = 4 steps per epoch, not 100 // 16 = 6
+    assert "4 steps/epoch" in result.stdout and "picked on 30 held-out training images" in result.stdout
+    lines = metrics(logs)
+    epochs, final = lines[:-1], lines[-1]
+    best = load(ckpt_path)
+    assert best["acc"] == max(line["val_acc"] for line in epochs) == final["best_acc"]
+    assert best["selected_on"] == final["selected_on"] == "30 held-out training images"
+    # the per-epoch accuracy is of the held-out images and the final one of the test set: evaluate both here
+    args = train_classifier.get_args_parser().parse_args(["--data_dir", cifar_dir, "--device", "cpu"])
+    rt = utils.setup_runtime(args)
+    data = utils.load_data(cifar_dir, 8)
+    kept, held = utils.holdout_split(len(data.train_images), 30)
+    model = train_classifier.build_classifier(best["model_config"])
+    model.load_state_dict(best["model"])
+
+    def accuracy(images, labels):
+        loader = utils.make_loader(args, rt, images, labels, 1024, train=False)
+        return train_classifier.evaluate(model, loader, rt, 10)["acc"]
+    assert accuracy(data.train_images[held], data.train_labels[held]) == best["acc"]
+    assert accuracy(data.test_images, data.test_labels) == final["acc"]
+    assert f"on the test set: those weights {final['acc']:.2%}, last epoch {final['last_epoch_acc']:.2%}" \
+        in result.stdout
+    assert round(final["last_epoch_acc"] * 20, 6) == round(final["last_epoch_acc"] * 20)  # 20 test images
+    # the same split whatever the run's seed; a hold-out that leaves too few images is refused
+    assert torch.equal(utils.holdout_split(100, 30)[1], held)
+    result, _, _ = classify(tmp_path, cifar_dir, *TINY_MODEL, "--val_size", 90, name="small")
+    assert_clean_error(result, 2, "--batch_size 16 is larger than the training set (10 images after --val_size 90)")
+    result, _, _ = classify(tmp_path, cifar_dir, *TINY_MODEL, "--val_size", 100, name="none")
+    assert_clean_error(result, 2, "--val_size 100 leaves no images to train on")
+
+
+def test_time_to_accuracy_reports_both_phases(tmp_path, cifar_dir):
+    result = run("benchmarks/time_to_accuracy.py", "--data_dir", cifar_dir, "--out_dir", tmp_path / "tta",
+                 "--pretrain_epochs", 1, "--finetune_epochs", 2, "--pretrain_args",
+                 " ".join(TINY_MAE + ["-bs", "16", "--max_device_batch_size", "8"]),
+                 "--finetune_args", "--batch_size 16 --max_device_batch_size 8 --val_size 20")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["pretrain_seconds"] > 0 and report["finetune_seconds"] > 0
+    assert report["total_seconds"] == report["pretrain_seconds"] + report["finetune_seconds"]
+    lines = metrics(tmp_path / "tta" / "logs" / "classifier")
+    assert report["best_acc"] == max(line["val_acc"] for line in lines[:-1])  # picked on the held-out images
+    assert report["best_test_acc"] == lines[-1]["acc"] and report["final_epoch_acc"] == lines[-1]["last_epoch_acc"]
+    assert load(tmp_path / "tta" / "classifier.pth")["model_config"]["emb_dim"] == 16  # the pretrained sizes
+
+
 def test_classifier_holds_pretrained_encoder_weights(tmp_path, cifar_dir):
     import train_classifier
     result, mae_path, _ = pretrain(tmp_path, cifar_dir)
