@@ -102,6 +102,7 @@ class Runtime:
     amp_dtype: torch.dtype = None  # None: full precision
     compile: bool = False
     compile_mode: str = None  # torch.compile's mode; None: its default
+    local_rank: int = 0  # the process's index on its own machine
 
     @property
     def is_main(self):
@@ -155,7 +156,8 @@ def setup_runtime(args):
     use_compile = device.type == "cuda" if args.compile is None else args.compile
     mode = getattr(args, "compile_mode", None)
     seed_everything(args.seed + rank)
-    return Runtime(device, rank, world_size, amp_dtype, use_compile, None if mode == "default" else mode)
+    return Runtime(device, rank, world_size, amp_dtype, use_compile, None if mode == "default" else mode,
+                   local_rank)
 
 
 def seed_everything(seed):
@@ -237,13 +239,17 @@ class ImageData:
 
 
 def load_data(data_dir, image_size, rt=None):
-    """CIFAR-10 batches (cifar-10-batches-py/), an ImageFolder tree (train/ and test/ or val/), or a download."""
-    if rt is not None and rt.distributed and not rt.is_main:
-        dist.barrier()  # rank 0 downloads or decodes (and caches) first
+    """CIFAR-10 batches (cifar-10-batches-py/), an ImageFolder tree (train/ and test/ or val/), or a download.
+
+    Under torchrun the first process of each machine downloads or decodes (and caches) first, and the others
+    then read what it left: one decode per machine, whether or not the machines share a disk."""
+    first = rt is None or not rt.distributed or rt.local_rank == 0
+    if not first:
+        dist.barrier()
     try:
         data = _find_and_load(data_dir, image_size)
     finally:
-        if rt is not None and rt.distributed and rt.is_main:
+        if first and rt is not None and rt.distributed:
             dist.barrier()
     return data
 
@@ -265,20 +271,31 @@ def _download_cifar(data_dir):
     from torchvision.datasets import CIFAR10
     looked = (f"no CIFAR-10 in {os.path.abspath(data_dir)} (looked for cifar-10-batches-py/, and for train/ "
               "with test/ or val/ class folders)")
-    tmp = tempfile.mkdtemp(prefix="cifar-download-")
+    target = os.path.join(data_dir, "cifar-10-batches-py")
+    tmp, created, path = None, None, os.path.abspath(data_dir)
+    while not os.path.exists(path):  # the outermost folder this creates
+        created, path = path, os.path.dirname(path)
     try:
+        os.makedirs(data_dir, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=".cifar-download-", dir=data_dir)  # beside the target: one atomic rename
         print(f"{looked}; downloading CIFAR-10 with torchvision ...", file=sys.stderr)
         with contextlib.redirect_stdout(sys.stderr):
             CIFAR10(tmp, train=True, download=True)
-        os.makedirs(data_dir, exist_ok=True)
-        shutil.move(os.path.join(tmp, "cifar-10-batches-py"), os.path.join(data_dir, "cifar-10-batches-py"))
+        try:
+            os.rename(os.path.join(tmp, "cifar-10-batches-py"), target)
+        except OSError:
+            if not os.path.isdir(target):  # else another process (another machine on a shared disk) was first
+                raise
     except Exception as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UserError(f"{looked}, and downloading it failed ({reason}); pass --data_dir with a folder holding "
                         "cifar-10-batches-py/ or train/ + test/ image folders (see README, 'Local or offline "
                         "data')") from None
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if created is not None and not any(files for _, _, files in os.walk(created)):
+            shutil.rmtree(created, ignore_errors=True)  # a failed download leaves no empty folders behind
 
 
 def _resize(images, image_size):

@@ -1,6 +1,7 @@
 """Training machinery: accumulation, schedule, optimizer groups, EMA, mixup, augmentation, loaders, checkpoints."""
 import argparse
 import math
+import os
 import random
 
 import numpy as np
@@ -321,6 +322,51 @@ def test_fast_and_plain_paths_train_the_same_model():
 
 
 # ------------------------------------------------------------------------------------------- checkpoints, kNN, export
+
+def test_each_machine_decodes_once_before_its_other_processes_read(monkeypatch):
+    events = []
+    monkeypatch.setattr(utils.dist, "barrier", lambda: events.append("barrier"))
+    monkeypatch.setattr(utils, "_find_and_load", lambda *a: events.append("load"))
+    # two machines with two processes each: the first of each machine loads, then waits for the others
+    for rank, local_rank, expected in ((0, 0, ["load", "barrier"]), (1, 1, ["barrier", "load"]),
+                                       (2, 0, ["load", "barrier"]), (3, 1, ["barrier", "load"])):
+        events.clear()
+        utils.load_data("data", 32, utils.Runtime(torch.device("cpu"), rank, 4, local_rank=local_rank))
+        assert events == expected, (rank, local_rank)
+
+
+def test_download_moves_into_place_once_and_leaves_nothing_on_failure(tmp_path, monkeypatch):
+    import torchvision
+
+    def fake_cifar(finish_first=False, fail=False):
+        def download(root, train, download):
+            if fail:
+                raise RuntimeError("no network")
+            if finish_first:  # another process on a shared disk completes its download meanwhile
+                os.makedirs(os.path.join(data, "cifar-10-batches-py"))
+                open(os.path.join(data, "cifar-10-batches-py", "theirs"), "w").close()
+            os.makedirs(os.path.join(root, "cifar-10-batches-py"))
+            open(os.path.join(root, "cifar-10-batches-py", "ours"), "w").close()
+        monkeypatch.setattr(torchvision.datasets, "CIFAR10", download)
+
+    data = str(tmp_path / "a" / "data")
+    fake_cifar()
+    utils._download_cifar(data)
+    assert os.listdir(data) == ["cifar-10-batches-py"] and os.listdir(os.path.join(data, "cifar-10-batches-py")) == [
+        "ours"]  # no temporary folder left
+    data = str(tmp_path / "b")
+    fake_cifar(finish_first=True)
+    utils._download_cifar(data)
+    assert os.listdir(data) == ["cifar-10-batches-py"] and os.listdir(os.path.join(data, "cifar-10-batches-py")) == [
+        "theirs"]  # the first complete copy stays; nothing nested inside it
+    fake_cifar(fail=True)
+    with pytest.raises(utils.UserError, match="downloading it failed .no network."):
+        utils._download_cifar(str(tmp_path / "c" / "data"))
+    assert not (tmp_path / "c").exists()
+    with pytest.raises(utils.UserError):
+        utils._download_cifar(data)  # a folder that was there before stays, without a temporary folder in it
+    assert os.listdir(data) == ["cifar-10-batches-py"]
+
 
 def test_atomic_checkpoint_roundtrip_weights_only(tmp_path):
     model = MAE_ViT(**TINY)
