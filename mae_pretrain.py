@@ -2,8 +2,10 @@
 
     python mae_pretrain.py                      # ViT-T/2, 2000 epochs, writes vit-t-mae.pth
     tensorboard --logdir logs                   # mae_loss, lr, images/s, reconstructions
+    python mae_pretrain.py --eval_only vit-t-mae.pth    # kNN accuracy and test reconstruction loss
 """
 import argparse
+import contextlib
 
 import torch
 from einops import rearrange
@@ -16,6 +18,9 @@ from model import MAE_ViT
 RUN_KEYS = ["seed", "batch_size", "base_learning_rate", "weight_decay", "mask_ratio", "total_epoch", "warmup_epoch",
             "image_size", "patch_size", "emb_dim", "encoder_layer", "encoder_head", "decoder_layer", "decoder_head",
             "decoder_emb_dim", "pos_embed", "norm_pix_loss", "crop_scale", "flip", "model_path", "log_dir"]
+# what a saved model is: --eval_only takes these from the checkpoint
+MODEL_KEYS = ["image_size", "patch_size", "emb_dim", "encoder_layer", "encoder_head", "decoder_layer", "decoder_head",
+              "decoder_emb_dim", "pos_embed", "norm_pix_loss"]
 
 
 def get_args_parser():
@@ -43,6 +48,9 @@ def get_args_parser():
     monitor.add_argument("--knn_every", type=int, default=0, help="kNN accuracy every N epochs (0: never)")
     monitor.add_argument("--knn_k", type=int, default=200)
     monitor.add_argument("--knn_t", type=float, default=0.07)
+    monitor.add_argument("--eval_only", default=None, metavar="CHECKPOINT",
+                         help="print a saved MAE's kNN accuracy and test-set reconstruction loss (at --mask_ratio if "
+                              "given, else the checkpoint's) and exit")
     return utils.add_runtime_args(parser)
 
 
@@ -85,24 +93,71 @@ def mae_loss(model, images, labels):
     return utils.unwrap(model).loss(images, predicted, mask), images.new_zeros(0)
 
 
+@contextlib.contextmanager
+def fixed_masks(rt):
+    """Masks drawn from seed 0 in a forked RNG: the same at every call, the training RNG streams untouched."""
+    with torch.random.fork_rng(devices=[rt.device] if rt.device.type == "cuda" else []):
+        torch.manual_seed(0)
+        yield
+
+
 @torch.no_grad()
 def reconstruction_grid(model, images, rt):
     """First test images: masked input | reconstruction with visible patches | original, in [0, 1].
 
-    The mask is drawn from a fixed seed in a forked RNG, so every epoch shows the same masks and the
-    training RNG streams are untouched.
+    Every epoch shows the same masks (fixed_masks).
     """
     was_training = model.training
     model.eval()
-    with torch.random.fork_rng(devices=[rt.device] if rt.device.type == "cuda" else []):
-        torch.manual_seed(0)
-        with rt.autocast():
-            predicted, mask = model(images)
+    with fixed_masks(rt), rt.autocast():
+        predicted, mask = model(images)
     model.train(was_training)
     reconstruction = model.reconstruct(images, predicted, mask)
     grid = torch.cat([images * (1 - mask), reconstruction, images], dim=0)
     grid = rearrange(grid, "(v h1 w1) c h w -> c (h1 h) (w1 v w)", w1=2, v=3)
     return utils.denormalize(grid)
+
+
+@torch.no_grad()
+def reconstruction_loss(model, loader, rt, mask_ratio):
+    """Mean masked-patch loss over a split, every image weighted alike; masks from a fixed seed in a forked RNG."""
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(2, dtype=torch.float64, device=rt.device)  # loss * images, images
+    with fixed_masks(rt):
+        for images, _ in loader.batches(loader.order.new_epoch()):
+            with rt.autocast():
+                predicted, mask = model(images, mask_ratio)
+            sums[0] += model.loss(images, predicted, mask).double() * len(images)
+            sums[1] += len(images)
+    model.train(was_training)
+    total, count = utils.all_reduce_sum(sums, rt).tolist()
+    return total / count
+
+
+def eval_only(args):
+    ckpt = utils.load_checkpoint(args.eval_only, "mae_pretrain", "--eval_only")
+    config = ckpt["model_config"]
+    utils.resolve_resume_args(args, get_args_parser(), config, MODEL_KEYS, what=f"--eval_only {args.eval_only}",
+                              soft_keys=["mask_ratio"],
+                              hint="drop the flag: the model's sizes come from the checkpoint")
+    validate(args)
+    rt = utils.setup_runtime(args)
+    model = build_model(config)
+    model.load_state_dict(ckpt["model"])
+    model.to(rt.device)
+    data = utils.load_data(args.data_dir, config["image_size"], rt)
+    train_loader, test_loader = [utils.make_loader(args, rt, x, y, 1024, train=False) for x, y in
+                                 ((data.train_images, data.train_labels), (data.test_images, data.test_labels))]
+    result = {"epoch": ckpt["epoch"], "mask_ratio": args.mask_ratio,
+              "test_loss": reconstruction_loss(model, test_loader, rt, args.mask_ratio),
+              "knn_acc": utils.knn_monitor(model.encoder, train_loader, test_loader, len(data.classes), rt,
+                                           k=args.knn_k, temperature=args.knn_t)}
+    if rt.is_main:
+        print(f"{args.eval_only} (epoch {ckpt['epoch']}): kNN accuracy {result['knn_acc']:.2%} (k {args.knn_k}, "
+              f"T {args.knn_t}, cls feature, training set as memory), test reconstruction loss "
+              f"{result['test_loss']:.4f} at mask ratio {args.mask_ratio}")
+    return result
 
 
 def save_checkpoint(args, rt, model, trainer, loader, *, epoch, step, epoch_state=None):
@@ -114,6 +169,8 @@ def save_checkpoint(args, rt, model, trainer, loader, *, epoch, step, epoch_stat
 
 @utils.cli_main
 def main(args):
+    if args.eval_only:
+        return eval_only(args)
     parser = get_args_parser()
     ckpt = None
     if args.resume:

@@ -109,6 +109,33 @@ def test_pretraining_compiled_on_cpu(tmp_path, cifar_dir):
     assert load(ckpt)["epoch"] == 1 and not any(k.startswith("_orig_mod") for k in load(ckpt)["model"])
 
 
+def test_mae_eval_only_gives_the_knn_accuracy_of_training_and_the_test_loss(tmp_path, cifar_dir):
+    import mae_pretrain
+    import utils
+    result, mae_path, logs = pretrain(tmp_path, cifar_dir, "--knn_every", 2)
+    assert result.returncode == 0, result.stderr
+    evaluate = lambda *flags: mae_pretrain.main(mae_pretrain.get_args_parser().parse_args(
+        ["--data_dir", cifar_dir, "--eval_only", str(mae_path), *flags]))
+    out = evaluate()
+    # the same weights, the same monitor: what training logged after its last epoch
+    assert out["knn_acc"] == metrics(logs)[-1]["knn_acc"] and out["epoch"] == 2 and out["mask_ratio"] == 0.75
+    # the loss of the 20 test images in one batch, masks drawn from seed 0
+    ckpt = load(mae_path)
+    model = mae_pretrain.build_model(ckpt["model_config"])
+    model.load_state_dict(ckpt["model"])
+    model.eval()
+    images = utils.normalize(utils.load_data(cifar_dir, 8).test_images)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        assert out["test_loss"] == pytest.approx(model.loss(images, *model(images, 0.75)).item(), rel=1e-6)
+    half = evaluate("--mask_ratio", "0.5", "--knn_k", "5")
+    assert half["mask_ratio"] == 0.5 and half["test_loss"] != out["test_loss"]
+    result = run("mae_pretrain.py", "--data_dir", cifar_dir, "--eval_only", mae_path)
+    assert result.returncode == 0, result.stderr
+    assert f"kNN accuracy {out['knn_acc']:.2%} (k 200" in result.stdout
+    assert f"test reconstruction loss {out['test_loss']:.4f} at mask ratio 0.75" in result.stdout
+
+
 def test_classifier_from_scratch_and_pretrained_end_to_end(tmp_path, cifar_dir):
     result, mae_path, _ = pretrain(tmp_path, cifar_dir)
     assert result.returncode == 0, result.stderr
@@ -485,6 +512,11 @@ BAD_INPUTS = {  # name: (script, argv from (world, tmp_path), what the error lin
     "evaluation at another size": ("cls", lambda w, t: ["--data_dir", w["data"], "--eval_only", w["cls"],
                                                         "--image_size", 16],
                                    lambda w: "--image_size 16 conflicts with --eval_only"),
+    "classifier to the MAE evaluation": ("mae", lambda w, t: ["--data_dir", w["data"], "--eval_only", w["cls"]],
+                                         lambda w: "an MAE pretraining checkpoint is needed"),
+    "MAE evaluation with another width": ("mae", lambda w, t: ["--data_dir", w["data"], "--eval_only", w["mae"],
+                                                               "--decoder_layer", 3],
+                                          lambda w: "--decoder_layer 3 conflicts with --eval_only"),
     "randaug op not on the device": ("cls", lambda w, t: ["--data_dir", w["data"], "--randaug", "rand-m9-t3a",
                                                           *CLS_OUT(w, t)], lambda w: "use --loader torch"),
 }
