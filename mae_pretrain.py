@@ -17,7 +17,8 @@ from model import MAE_ViT
 # flags that define a run: --resume takes them from the checkpoint and refuses a conflicting value
 RUN_KEYS = ["seed", "batch_size", "base_learning_rate", "weight_decay", "mask_ratio", "total_epoch", "warmup_epoch",
             "image_size", "patch_size", "emb_dim", "encoder_layer", "encoder_head", "decoder_layer", "decoder_head",
-            "decoder_emb_dim", "pos_embed", "norm_pix_loss", "crop_scale", "flip", "model_path", "log_dir"]
+            "decoder_emb_dim", "pos_embed", "norm_pix_loss", "crop_scale", "interpolation", "flip", "model_path",
+            "log_dir"]
 # what a saved model is: --eval_only takes these from the checkpoint
 MODEL_KEYS = ["image_size", "patch_size", "emb_dim", "encoder_layer", "encoder_head", "decoder_layer", "decoder_head",
               "decoder_emb_dim", "pos_embed", "norm_pix_loss"]

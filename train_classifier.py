@@ -19,8 +19,8 @@ from model import MAE_Encoder, ViT_Classifier, check_config
 
 SIZE_KEYS = ["image_size", "patch_size", "emb_dim", "encoder_layer", "encoder_head"]
 RUN_KEYS = ["seed", "batch_size", "base_learning_rate", "weight_decay", "total_epoch", "warmup_epoch",
-            "pretrained_model_path", "pos_embed", "crop_scale", "flip", "randaug", "reprob", "mixup", "cutmix",
-            "label_smoothing", "drop_path", "layer_decay", "clip_grad", "ema", "ema_decay", "global_pool",
+            "pretrained_model_path", "pos_embed", "crop_scale", "interpolation", "flip", "randaug", "reprob", "mixup",
+            "cutmix", "label_smoothing", "drop_path", "layer_decay", "clip_grad", "ema", "ema_decay", "global_pool",
             "linear_probe", "val_size", "output_model_path", "log_dir"] + SIZE_KEYS
 NO_WEIGHT_DECAY = {"cls_token", "pos_embed"}
 

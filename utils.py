@@ -186,9 +186,14 @@ def add_encoder_args(group):
     return group
 
 
+INTERPOLATIONS = ["bilinear", "bicubic"]
+
+
 def add_augmentation_args(group, crop_scale):
     group.add_argument("--crop_scale", type=float, nargs=2, default=crop_scale, metavar=("MIN", "MAX"),
                        help="random-resized-crop area range; 1 1 turns cropping off")
+    group.add_argument("--interpolation", default="bilinear", choices=INTERPOLATIONS,
+                       help="filter of the random-resized-crop (the official MAE recipes use bicubic)")
     group.add_argument("--flip", default=True, action=argparse.BooleanOptionalAction, help="random horizontal flip")
     return group
 
@@ -452,12 +457,15 @@ def sample_crop_boxes(n, height, width, scale, ratio=(3 / 4, 4 / 3), generator=N
     return torch.stack([(width - w) * u[:, 2], (height - h) * u[:, 3], w, h], dim=1)
 
 
-def crop_resize_flip(images, boxes, flip, out_size):
-    """Crop each box, resize it bilinearly to out_size and mirror it where flip, in one grid_sample.
+def crop_resize_flip(images, boxes, flip, out_size, interpolation="bilinear"):
+    """Crop each box, resize it to out_size and mirror it where flip: bilinear in one grid_sample, or bicubic.
 
     images: float (n, C, H, W); boxes: (n, 4) (x0, y0, w, h) pixels; flip: bool (n,) -> (n, C, out, out).
     A box whose size equals out_size at integer offsets reproduces the slice exactly.
     """
+    if interpolation == "bicubic":
+        out = _resize_bicubic(images, boxes, out_size)
+        return torch.where(flip[:, None, None, None], out.flip(-1), out)
     x0, y0, w, h = boxes.to(images.dtype)[:, :, None, None].unbind(1)                 # (n, 1, 1) each
     _, _, height, width = images.shape
     # the grid affine_grid would give, written elementwise: on CUDA its batched matmul may run in TF32
@@ -467,6 +475,39 @@ def crop_resize_flip(images, boxes, flip, out_size):
     grid_y = (h / height * centres[:, None] + (2 * y0 + h) / height - 1).expand(-1, -1, out_size)
     grid = torch.stack([grid_x, grid_y], dim=-1)
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def _pil_bicubic_taps(start, length, in_size, out_size):
+    """The 4 taps of PIL's bicubic resize (a = -0.5) of the spans [start, start + length) of rows of in_size
+    pixels onto out_size pixels, when enlarging -> indexes (n, out, 4) and weights (n, out, 4).
+
+    As PIL resizing a cropped image: taps on pixels outside the span's pixels are dropped and the rest
+    renormalised. (When shrinking, PIL widens the filter; this does not.)
+    """
+    steps = torch.arange(out_size, device=start.device, dtype=torch.float64) + 0.5
+    centre = start.double()[:, None] + steps * (length.double() / out_size)[:, None]     # (n, out) pixels
+    index = (centre - 0.5).floor()[..., None] + torch.arange(-1, 3, device=start.device)  # (n, out, 4)
+    t = (index + 0.5 - centre[..., None]).abs()
+    weight = torch.where(t < 1, (1.5 * t - 2.5) * t * t + 1, (((t - 5) * t + 8) * t - 4) * -0.5)
+    weight = torch.where(t < 2, weight, 0.0)
+    low, high = start.double().floor(), (start.double() + length.double()).ceil().clamp(max=in_size)
+    weight = weight * ((index >= low[:, None, None]) & (index < high[:, None, None]))
+    weight = weight / weight.sum(-1, keepdim=True)
+    return index.clamp(0, in_size - 1).long(), weight.float()
+
+
+def _resize_bicubic(images, boxes, out_size):
+    """Each box of each image resized to out_size with PIL's bicubic: a horizontal pass, then a vertical one,
+    each rounded to whole numbers in 0-255 as PIL's 8-bit passes are -> (n, C, out, out)."""
+    n, channels, height, width = images.shape
+    x0, y0, w, h = boxes.unbind(1)
+    index, weight = _pil_bicubic_taps(x0, w, width, out_size)                           # along the width
+    taps = images.gather(3, index.view(n, 1, 1, -1).expand(-1, channels, height, -1))
+    rows = (taps.view(n, channels, height, out_size, 4) * weight[:, None, None]).sum(-1).round_().clamp_(0, 255)
+    index, weight = _pil_bicubic_taps(y0, h, height, out_size)                          # along the height
+    taps = rows.gather(2, index.view(n, 1, -1, 1).expand(-1, channels, -1, out_size))
+    out = (taps.view(n, channels, out_size, 4, out_size) * weight[:, None, :, :, None]).sum(3)
+    return out.round_().clamp_(0, 255)
 
 
 # RandAugment, per sample on the device. timm's rand_augment_transform runs on one PIL image at a time and
@@ -839,17 +880,19 @@ class BatchOrder:
 class DeviceLoader:
     """The whole dataset as uint8 on the device; batches are gathered, augmented and normalised there.
 
-    Augmentation is per sample: random-resized-crop with area in `crop_scale` (None: no crop), a horizontal
+    Augmentation is per sample: random-resized-crop with area in `crop_scale` (None: no crop) and filter
+    `interpolation` (bicubic: PIL's, within a grey level of torchvision's on PIL images), a horizontal
     flip with probability 0.5, a timm RandAugment policy (`randaug`, None: off), normalisation, then random
     erasing with probability `reprob`, in that order (as timm's training transforms), all drawn from this
     loader's own generator.
     """
 
     def __init__(self, images, labels, batch_size, *, device, train, seed=0, crop_scale=None, flip=False,
-                 randaug=None, reprob=0.0, rank=0, world_size=1):
+                 randaug=None, reprob=0.0, interpolation="bilinear", rank=0, world_size=1):
         self.images, self.labels = images.to(device), labels.to(device)
         self.image_size = images.shape[-1]
         self.crop_scale, self.flip = (tuple(crop_scale) if crop_scale else None), flip
+        self.interpolation = interpolation
         self.randaug = DeviceRandAugment(randaug, device=device) if randaug else None
         self.reprob = reprob
         self.order_generator = torch.Generator(device=device)
@@ -874,7 +917,7 @@ class DeviceLoader:
         else:
             flip = torch.zeros(n, dtype=torch.bool, device=images.device)
         if boxes is not None:
-            images = crop_resize_flip(images.float(), boxes, flip, self.image_size)
+            images = crop_resize_flip(images.float(), boxes, flip, self.image_size, self.interpolation)
         elif self.flip:  # flip only: a mirror, no resampling
             images = torch.where(flip[:, None, None, None], images.flip(-1), images)
         if self.randaug is not None:  # its ops work on whole numbers 0-255, as timm's on uint8 PIL images
@@ -947,11 +990,12 @@ class TorchLoader:
     """
 
     def __init__(self, images, labels, batch_size, *, device, train, seed=0, crop_scale=None, flip=False,
-                 randaug=None, reprob=0.0, num_workers=0, rank=0, world_size=1):
+                 randaug=None, reprob=0.0, interpolation="bilinear", num_workers=0, rank=0, world_size=1):
         from torchvision import transforms
         steps = []
         if crop_scale:
-            steps.append(transforms.RandomResizedCrop(images.shape[-1], scale=tuple(crop_scale)))
+            steps.append(transforms.RandomResizedCrop(images.shape[-1], scale=tuple(crop_scale),
+                                                      interpolation=transforms.InterpolationMode(interpolation)))
         if flip:
             steps.append(transforms.RandomHorizontalFlip())
         if randaug:
@@ -1001,7 +1045,7 @@ def make_loader(args, rt, images, labels, batch_size, *, train, crop_scale=None,
     """The loader that --loader names, for one split (augmentation for training only)."""
     common = dict(device=rt.device, train=train, seed=args.seed, crop_scale=crop_scale if train else None,
                   flip=flip and train, randaug=randaug if train else None, reprob=reprob if train else 0.0,
-                  rank=rt.rank, world_size=rt.world_size)
+                  interpolation=args.interpolation, rank=rt.rank, world_size=rt.world_size)
     if args.loader == "torch":
         return TorchLoader(images, labels, batch_size, num_workers=args.num_workers, **common)
     return DeviceLoader(images, labels, batch_size, **common)

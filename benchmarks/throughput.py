@@ -66,6 +66,8 @@ def get_args_parser():
     parser.add_argument("--randaug", default=None,
                         help="a RandAugment policy (e.g. rand-m9-mstd0.5-inc1) for the data and fine-tuning cases: "
                              "timm's on PIL images in the plain path, per sample on the device in the fast path")
+    parser.add_argument("--interpolation", default="bilinear", choices=utils.INTERPOLATIONS,
+                        help="filter of the random-resized-crop, on both paths")
     parser.add_argument("--profile", type=int, default=0,
                         help="after the timed steps of each training case, profile this many steps and print "
                              "where the device time goes")
@@ -79,8 +81,9 @@ def runtime(device, fast, compile_mode="default"):
     return utils.setup_runtime(args)
 
 
-def make_loader(rt, images, labels, batch, fast, num_workers, randaug=None, seed=0):
-    common = dict(device=rt.device, train=True, seed=seed, crop_scale=(0.2, 1.0), flip=True, randaug=randaug)
+def make_loader(rt, images, labels, batch, fast, num_workers, aug=None, seed=0):
+    """aug: randaug and interpolation, as the loaders take them."""
+    common = dict(device=rt.device, train=True, seed=seed, crop_scale=(0.2, 1.0), flip=True, **(aug or {}))
     if fast:
         return utils.DeviceLoader(images, labels, batch, **common)
     return utils.TorchLoader(images, labels, batch, num_workers=num_workers, **common)
@@ -190,9 +193,9 @@ def profile_steps(trainer, batches, rt, steps, first_step, trace_path=None):
     return profile_summary(prof, steps, rt.device.type)
 
 
-def time_training(case, cfg, rt, images, labels, fast, num_workers, randaug, profile=0, trace_path=None):
+def time_training(case, cfg, rt, images, labels, fast, num_workers, aug, profile=0, trace_path=None):
     model, loss_fn, betas, batch, micro = build(case, cfg, rt)
-    loader = make_loader(rt, images, labels, batch, fast, num_workers, randaug)
+    loader = make_loader(rt, images, labels, batch, fast, num_workers, aug)
     x, y = next(loader.batches(loader.order.new_epoch()))
     flops, flop_shares = flops_per_image(model, loss_fn, x[:min(micro, 64)], y[:min(micro, 64)])
     optimizer = utils.make_optimizer([{"params": list(model.parameters()), "weight_decay": 0.05}], 1e-4, rt, betas)
@@ -267,14 +270,15 @@ def main(args):
                         compile=rt.compile, compile_mode=rt.compile_mode if rt.compile else None,
                         loader="device" if fast else f"torch({args.num_workers} workers)")
             randaug = args.randaug if case != "pretrain" else None  # MAE pretraining crops and flips only
-            line["randaug"] = randaug
+            aug = dict(randaug=randaug, interpolation=args.interpolation)
+            line.update(aug)
             if case == "data":
                 batch = cfg["pretrain_batch"]
-                loader = make_loader(rt, images, labels, batch, fast, args.num_workers, randaug)
+                loader = make_loader(rt, images, labels, batch, fast, args.num_workers, aug)
                 line.update(batch=batch, images_per_s=time_data(rt, loader, cfg["steps"] * 4, cfg["warmup"]))
             else:
                 trace = os.path.join(args.trace_dir, f"{case}-{path}.json") if args.trace_dir else None
-                line.update(time_training(case, cfg, rt, images, labels, fast, args.num_workers, randaug,
+                line.update(time_training(case, cfg, rt, images, labels, fast, args.num_workers, aug,
                                           args.profile, trace))
                 line["mfu"] = line["achieved_tflops"] / args.peak_tflops
             line["config"] = config

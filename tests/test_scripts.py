@@ -239,7 +239,8 @@ def test_classifier_holds_pretrained_encoder_weights(tmp_path, cifar_dir):
 @pytest.mark.parametrize("loader", ["torch", "device"])
 def test_randaug_and_random_erasing_on_both_loader_paths(tmp_path, folder_dir, loader):
     result, ckpt, logs = classify(tmp_path, folder_dir, *TINY_MODEL, "--loader", loader, "--num_workers", 0,
-                                  "--randaug", "rand-m9-mstd0.5-inc1", "--reprob", 0.25, "--total_epoch", 1)
+                                  "--randaug", "rand-m9-mstd0.5-inc1", "--reprob", 0.25, "--interpolation", "bicubic",
+                                  "--total_epoch", 1)
     assert result.returncode == 0, result.stderr
     assert load(ckpt)["epoch"] == 1
 

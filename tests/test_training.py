@@ -204,6 +204,45 @@ def test_crop_of_known_image_equals_slice_and_flip_mirrors():
     torch.testing.assert_close(whole[1], image[1])
 
 
+def test_bicubic_crop_is_within_a_grey_level_of_torchvision_on_pil_images():
+    from PIL import Image
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as TF
+    g = torch.Generator().manual_seed(0)
+    n = 32
+    images = torch.randint(0, 256, (n, 3, 16, 16), dtype=torch.uint8, generator=g)  # noise: overshoots get clipped
+    images[::2] = torch.nn.functional.avg_pool2d(images[::2].float(), 5, 1, 2).round().to(torch.uint8)
+    w, h = torch.randint(2, 17, (n,), generator=g), torch.randint(2, 17, (n,), generator=g)
+    x0, y0 = (torch.rand(n, generator=g) * (17 - w)).floor(), (torch.rand(n, generator=g) * (17 - h)).floor()
+    flip = torch.arange(n) % 3 == 0
+    ours = utils.crop_resize_flip(images.float(), torch.stack([x0, y0, w, h], 1).float(), flip, 16, "bicubic")
+    theirs = []
+    for i in range(n):
+        out = TF.resized_crop(Image.fromarray(images[i].permute(1, 2, 0).numpy()), int(y0[i]), int(x0[i]),
+                              int(h[i]), int(w[i]), [16, 16], InterpolationMode.BICUBIC)
+        theirs.append(torch.from_numpy(np.asarray(TF.hflip(out) if flip[i] else out).copy()).permute(2, 0, 1))
+    diff = (ours - torch.stack(theirs).float()).abs()
+    assert diff.max() <= 1 and (diff == 0).float().mean() > 0.99
+    # a box of the output's size at integer offsets is the slice itself
+    image = torch.arange(3 * 64, dtype=torch.float32).view(1, 3, 8, 8)
+    out = utils.crop_resize_flip(image, torch.tensor([[2.0, 1.0, 4.0, 4.0]]), torch.tensor([False]), 4, "bicubic")
+    assert torch.equal(out[0], image[0, :, 1:5, 2:6])
+
+
+def test_crop_interpolation_reaches_both_loaders():
+    from torchvision.transforms import InterpolationMode
+    bilinear, _ = make_loader(crop_scale=(0.2, 1.0), flip=True)
+    bicubic, _ = make_loader(crop_scale=(0.2, 1.0), flip=True, interpolation="bicubic")
+    a = bilinear.augment(bilinear.images[:8])
+    b = bicubic.augment(bicubic.images[:8])  # the same boxes and flips, another filter
+    assert not torch.equal(a, b) and torch.equal(b, b.round()) and (a - b).abs().mean() < 20
+    images = torch.zeros(8, 3, 8, 8, dtype=torch.uint8)
+    for mode in ("bilinear", "bicubic"):
+        loader = utils.TorchLoader(images, torch.zeros(8, dtype=torch.long), 4, device=torch.device("cpu"),
+                                   train=True, crop_scale=(0.2, 1.0), interpolation=mode)
+        assert loader.dataset.transform.transforms[0].interpolation == InterpolationMode(mode)
+
+
 def test_crop_boxes_within_image_and_scale():
     g = torch.Generator().manual_seed(0)
     boxes = utils.sample_crop_boxes(1000, 32, 32, (0.2, 1.0), generator=g)
