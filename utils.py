@@ -477,9 +477,9 @@ def crop_resize_flip(images, boxes, flip, out_size, interpolation="bilinear"):
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
-def _pil_bicubic_taps(start, length, in_size, out_size):
-    """The 4 taps of PIL's bicubic resize (a = -0.5) of the spans [start, start + length) of rows of in_size
-    pixels onto out_size pixels, when enlarging -> indexes (n, out, 4) and weights (n, out, 4).
+def _pil_bicubic_matrix(start, length, in_size, out_size):
+    """PIL's bicubic resize (a = -0.5) of the spans [start, start + length) of rows of in_size pixels onto
+    out_size pixels, when enlarging, as float64 matrices (n, out_size, in_size) of 4 taps per row.
 
     As PIL resizing a cropped image: taps on pixels outside the span's pixels are dropped and the rest
     renormalised. (When shrinking, PIL widens the filter; this does not.)
@@ -493,21 +493,22 @@ def _pil_bicubic_taps(start, length, in_size, out_size):
     low, high = start.double().floor(), (start.double() + length.double()).ceil().clamp(max=in_size)
     weight = weight * ((index >= low[:, None, None]) & (index < high[:, None, None]))
     weight = weight / weight.sum(-1, keepdim=True)
-    return index.clamp(0, in_size - 1).long(), weight.float()
+    matrix = weight.new_zeros(len(start), out_size, in_size)
+    return matrix.scatter_add_(2, index.clamp(0, in_size - 1).long(), weight)
 
 
 def _resize_bicubic(images, boxes, out_size):
     """Each box of each image resized to out_size with PIL's bicubic: a horizontal pass, then a vertical one,
-    each rounded to whole numbers in 0-255 as PIL's 8-bit passes are -> (n, C, out, out)."""
-    n, channels, height, width = images.shape
+    each rounded to whole numbers in 0-255 as PIL's 8-bit passes are -> (n, C, out, out).
+
+    Two small matmuls per image in float64: in float32 a CUDA matmul may run in TF32, whose 10-bit mantissa
+    would move values by a tenth of a grey level."""
+    _, _, height, width = images.shape
     x0, y0, w, h = boxes.unbind(1)
-    index, weight = _pil_bicubic_taps(x0, w, width, out_size)                           # along the width
-    taps = images.gather(3, index.view(n, 1, 1, -1).expand(-1, channels, height, -1))
-    rows = (taps.view(n, channels, height, out_size, 4) * weight[:, None, None]).sum(-1).round_().clamp_(0, 255)
-    index, weight = _pil_bicubic_taps(y0, h, height, out_size)                          # along the height
-    taps = rows.gather(2, index.view(n, 1, -1, 1).expand(-1, channels, -1, out_size))
-    out = (taps.view(n, channels, out_size, 4, out_size) * weight[:, None, :, :, None]).sum(3)
-    return out.round_().clamp_(0, 255)
+    along_width = _pil_bicubic_matrix(x0, w, width, out_size)                            # (n, out, W)
+    along_height = _pil_bicubic_matrix(y0, h, height, out_size)                          # (n, out, H)
+    rows = (images.double() @ along_width.transpose(1, 2)[:, None]).round_().clamp_(0, 255)  # (n, C, H, out)
+    return (along_height[:, None] @ rows).round_().clamp_(0, 255).to(images.dtype)
 
 
 # RandAugment, per sample on the device. timm's rand_augment_transform runs on one PIL image at a time and
