@@ -27,19 +27,22 @@ NO_WEIGHT_DECAY = {"cls_token", "pos_embed"}
 
 def get_args_parser():
     parser = argparse.ArgumentParser("ViT classifier", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--seed", type=int, default=2022)
+    parser.add_argument("--seed", type=int, default=2022, help="seeds every RNG (process k of a run takes seed + k)")
     parser.add_argument("--batch_size", type=int, default=128, help="images per optimizer step (global)")
     parser.add_argument("--max_device_batch_size", type=int, default=256, help="micro-batch per forward/backward")
     parser.add_argument("--base_learning_rate", type=float, default=1e-3, help="lr = base * batch_size / 256")
-    parser.add_argument("--weight_decay", type=float, default=0.05)
-    parser.add_argument("--total_epoch", type=int, default=100)
-    parser.add_argument("--warmup_epoch", type=int, default=5)
-    parser.add_argument("--pretrained_model_path", default=None, help="MAE checkpoint (default: from scratch)")
+    parser.add_argument("--weight_decay", type=float, default=0.05,
+                        help="AdamW weight decay (none on biases, norms, cls token, position embeddings)")
+    parser.add_argument("--total_epoch", type=int, default=100, help="epochs; the cosine schedule ends with the last")
+    parser.add_argument("--warmup_epoch", type=int, default=5, help="epochs of linear lr warmup")
+    parser.add_argument("--pretrained_model_path", default=None,
+                        help="MAE checkpoint whose encoder to fine-tune; none: train from scratch")
     parser.add_argument("--output_model_path", default="vit-t-classifier-from_scratch.pth",
                         help="best-accuracy weights; the full training state goes to NAME-last.pth beside it")
     parser.add_argument("--data_dir", default="data", help="cifar-10-batches-py/ or train/ + test/ image folders")
     parser.add_argument("--log_dir", default=None,
-                        help="default: logs/cifar10/pretrain-cls or logs/cifar10/scratch-cls")
+                        help="TensorBoard events and metrics.jsonl; none: logs/cifar10/pretrain-cls or "
+                             "logs/cifar10/scratch-cls")
     parser.add_argument("--val_size", type=int, default=0,
                         help="hold out this many training images (a fixed random subset) and pick the best epoch on "
                              "them instead of on the test set, which is then only used for the final report")
@@ -57,11 +60,11 @@ def get_args_parser():
                         help="random erasing probability (timm's RandomErasing, mode pixel; per sample on the device)")
     recipe.add_argument("--mixup", type=float, default=0.0, help="mixup alpha (0: off)")
     recipe.add_argument("--cutmix", type=float, default=0.0, help="cutmix alpha (0: off)")
-    recipe.add_argument("--label_smoothing", type=float, default=0.0)
+    recipe.add_argument("--label_smoothing", type=float, default=0.0, help="of the (mixed) targets")
     recipe.add_argument("--layer_decay", type=float, default=None, help="layer-wise lr decay, e.g. 0.75")
     recipe.add_argument("--clip_grad", type=float, default=None, help="clip the gradient norm to this")
     recipe.add_argument("--ema", action="store_true", help="keep an EMA of the weights; evaluate and save it")
-    recipe.add_argument("--ema_decay", type=float, default=0.9999)
+    recipe.add_argument("--ema_decay", type=float, default=0.9999, help="per optimizer step")
     actions = parser.add_argument_group("other jobs")
     actions.add_argument("--eval_only", default=None, metavar="CHECKPOINT",
                          help="evaluate a saved classifier on the test set and exit")

@@ -176,11 +176,11 @@ def all_reduce_sum(values, rt):
 
 def add_encoder_args(group):
     """The encoder's size flags, shared by both scripts (defaults: ViT-T/2 on 32x32 images)."""
-    group.add_argument("--image_size", type=int, default=32)
-    group.add_argument("--patch_size", type=int, default=2)
-    group.add_argument("--emb_dim", type=int, default=192)
-    group.add_argument("--encoder_layer", type=int, default=12)
-    group.add_argument("--encoder_head", type=int, default=3)
+    group.add_argument("--image_size", type=int, default=32, help="images are resized to this square size")
+    group.add_argument("--patch_size", type=int, default=2, help="pixels per side of a patch (token)")
+    group.add_argument("--emb_dim", type=int, default=192, help="encoder width")
+    group.add_argument("--encoder_layer", type=int, default=12, help="encoder blocks")
+    group.add_argument("--encoder_head", type=int, default=3, help="encoder attention heads")
     group.add_argument("--pos_embed", default="learned", choices=["learned", "sincos"],
                        help="learned, or fixed 2-D sin-cos position embeddings")
     return group
