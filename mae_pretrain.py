@@ -52,6 +52,9 @@ def get_args_parser():
     monitor.add_argument("--eval_only", default=None, metavar="CHECKPOINT",
                          help="print a saved MAE's kNN accuracy and test-set reconstruction loss (at --mask_ratio if "
                               "given, else the checkpoint's) and exit")
+    monitor.add_argument("--export_timm", default=None, metavar="PATH",
+                         help="with --eval_only: also write the encoder as a state_dict for timm's VisionTransformer "
+                              "(num_classes=0: a backbone to fine-tune with timm)")
     return utils.add_runtime_args(parser)
 
 
@@ -136,7 +139,15 @@ def reconstruction_loss(model, loader, rt, mask_ratio):
     return total / count
 
 
+def timm_export(model):
+    """(state_dict, create_model kwargs) of the encoder as timm's VisionTransformer without a head."""
+    state = {k: v.detach().clone() for k, v in model.encoder.state_dict().items()}
+    return state, utils.timm_vit_kwargs(model.config, 0, "token")
+
+
 def eval_only(args):
+    if args.export_timm:
+        utils.check_writable(args.export_timm, "--export_timm")
     ckpt = utils.load_checkpoint(args.eval_only, "mae_pretrain", "--eval_only")
     config = ckpt["model_config"]
     utils.resolve_resume_args(args, get_args_parser(), config, MODEL_KEYS, what=f"--eval_only {args.eval_only}",
@@ -158,6 +169,8 @@ def eval_only(args):
         print(f"{args.eval_only} (epoch {ckpt['epoch']}): kNN accuracy {result['knn_acc']:.2%} (k {args.knn_k}, "
               f"T {args.knn_t}, cls feature, training set as memory), test reconstruction loss "
               f"{result['test_loss']:.4f} at mask ratio {args.mask_ratio}")
+        if args.export_timm:
+            utils.write_timm_state(*timm_export(model), args.export_timm)
     return result
 
 
@@ -172,6 +185,8 @@ def save_checkpoint(args, rt, model, trainer, loader, *, epoch, step, epoch_stat
 def main(args):
     if args.eval_only:
         return eval_only(args)
+    if args.export_timm:
+        raise utils.UserError("--export_timm writes a saved MAE's encoder: give the checkpoint with --eval_only")
     parser = get_args_parser()
     ckpt = None
     if args.resume:

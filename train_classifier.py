@@ -211,18 +211,11 @@ def timm_export(model, config):
         weight, bias = state.pop("head.1.weight"), state.pop("head.1.bias")
         state["head.weight"] = weight * scale
         state["head.bias"] = bias - (weight * scale) @ mean
-    kwargs = dict(img_size=config["image_size"], patch_size=config["patch_size"], in_chans=config["in_chans"],
-                  embed_dim=config["emb_dim"], depth=config["encoder_layer"], num_heads=config["encoder_head"],
-                  num_classes=config["num_classes"], global_pool="avg" if config["global_pool"] else "token")
-    return state, kwargs
+    return state, utils.timm_vit_kwargs(config, config["num_classes"], "avg" if config["global_pool"] else "token")
 
 
 def write_timm_export(model, config, path):
-    state, kwargs = timm_export(model, config)
-    utils.save_atomic(state, path)
-    call = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
-    print(f"wrote {path}; load it with:\n  model = timm.create_model('vit_tiny_patch16_224', pretrained=False, "
-          f"{call})\n  model.load_state_dict(torch.load({path!r}, weights_only=True))")
+    utils.write_timm_state(*timm_export(model, config), path)
 
 
 def selection_split(data, val_size):

@@ -1424,6 +1424,21 @@ def resolve_resume_args(args, parser, saved_args, keys, what="the checkpoint bei
         setattr(args, key, saved)
 
 
+def timm_vit_kwargs(config, num_classes, global_pool):
+    """timm.create_model keyword arguments of the VisionTransformer that a model config describes."""
+    return dict(img_size=config["image_size"], patch_size=config["patch_size"], in_chans=config["in_chans"],
+                embed_dim=config["emb_dim"], depth=config["encoder_layer"], num_heads=config["encoder_head"],
+                num_classes=num_classes, global_pool=global_pool)
+
+
+def write_timm_state(state, kwargs, path):
+    """Save a state_dict for timm's VisionTransformer and print the create_model call that loads it."""
+    save_atomic(state, path)
+    call = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+    print(f"wrote {path}; load it with:\n  model = timm.create_model('vit_tiny_patch16_224', pretrained=False, "
+          f"{call})\n  model.load_state_dict(torch.load({path!r}, weights_only=True))")
+
+
 def last_checkpoint_path(path):
     """Where the full training state lives beside a classifier's best-weights file: name-last.pth."""
     root, ext = os.path.splitext(path)

@@ -130,10 +130,19 @@ def test_mae_eval_only_gives_the_knn_accuracy_of_training_and_the_test_loss(tmp_
         assert out["test_loss"] == pytest.approx(model.loss(images, *model(images, 0.75)).item(), rel=1e-6)
     half = evaluate("--mask_ratio", "0.5", "--knn_k", "5")
     assert half["mask_ratio"] == 0.5 and half["test_loss"] != out["test_loss"]
-    result = run("mae_pretrain.py", "--data_dir", cifar_dir, "--eval_only", mae_path)
+    result = run("mae_pretrain.py", "--data_dir", cifar_dir, "--eval_only", mae_path, "--export_timm",
+                 tmp_path / "timm.pth")
     assert result.returncode == 0, result.stderr
     assert f"kNN accuracy {out['knn_acc']:.2%} (k 200" in result.stdout
     assert f"test reconstruction loss {out['test_loss']:.4f} at mask ratio 0.75" in result.stdout
+    # the encoder as a timm backbone, loaded with the printed call
+    import timm
+    _, kwargs = mae_pretrain.timm_export(model)
+    call = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+    assert f"timm.create_model('vit_tiny_patch16_224', pretrained=False, {call})" in result.stdout
+    backbone = timm.create_model("vit_tiny_patch16_224", pretrained=False, **kwargs)
+    backbone.load_state_dict(load(tmp_path / "timm.pth"), strict=True)
+    assert torch.equal(backbone.blocks[1].mlp.fc2.weight, ckpt["model"]["encoder.blocks.1.mlp.fc2.weight"])
 
 
 def test_classifier_from_scratch_and_pretrained_end_to_end(tmp_path, cifar_dir):
@@ -513,6 +522,9 @@ BAD_INPUTS = {  # name: (script, argv from (world, tmp_path), what the error lin
     "evaluation at another size": ("cls", lambda w, t: ["--data_dir", w["data"], "--eval_only", w["cls"],
                                                         "--image_size", 16],
                                    lambda w: "--image_size 16 conflicts with --eval_only"),
+    "timm export of an MAE without --eval_only": ("mae", lambda w, t: ["--data_dir", w["data"], *TINY_MAE,
+                                                                       "--export_timm", t / "x.pth", *MAE_OUT(w, t)],
+                                                  lambda w: "give the checkpoint with --eval_only"),
     "classifier to the MAE evaluation": ("mae", lambda w, t: ["--data_dir", w["data"], "--eval_only", w["cls"]],
                                          lambda w: "an MAE pretraining checkpoint is needed"),
     "MAE evaluation with another width": ("mae", lambda w, t: ["--data_dir", w["data"], "--eval_only", w["mae"],

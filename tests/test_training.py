@@ -473,6 +473,22 @@ def test_timm_export_gives_same_logits(global_pool, linear_probe):
     torch.testing.assert_close(reference(x), model(x), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("pos_embed", ["learned", "sincos"])
+def test_mae_encoder_export_gives_timm_the_same_features(pos_embed):
+    import timm
+    torch.manual_seed(0)
+    mae = MAE_ViT(**TINY, pos_embed=pos_embed).eval()
+    state, kwargs = mae_pretrain.timm_export(mae)
+    assert kwargs["num_classes"] == 0 and kwargs["global_pool"] == "token"
+    backbone = timm.create_model("vit_tiny_patch16_224", pretrained=False, **kwargs)
+    backbone.load_state_dict(state, strict=True)
+    backbone.eval()
+    x = torch.randn(4, 3, 8, 8)
+    ours = mae.encoder.forward_features(x)  # all tokens, no masking
+    torch.testing.assert_close(backbone.forward_features(x), ours, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(backbone(x), ours[:, 0], rtol=1e-4, atol=1e-5)  # the pooled cls feature
+
+
 @pytest.mark.parametrize("flag, expected", [("default", None), ("reduce-overhead", "reduce-overhead"),
                                             ("max-autotune-no-cudagraphs", "max-autotune-no-cudagraphs")])
 def test_compile_mode_reaches_torch_compile(monkeypatch, flag, expected):
