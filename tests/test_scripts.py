@@ -309,6 +309,10 @@ def test_reconstruction_figure_at_several_mask_ratios(tmp_path, cifar_dir):
     result = run("tools/reconstruct.py", mae_path, "--out", out, "--images", *given, "--mask_ratios", 0.5)
     assert result.returncode == 0, result.stderr
     assert Image.open(out).size == (3 * 9 + 1, 2 * 9 + 1)
+    before = out.read_bytes()
+    result = run("tools/reconstruct.py", mae_path, "--out", out, "--data_dir", cifar_dir, "--num_images", 0)
+    assert_clean_error(result, 2, "--num_images must be positive, got 0")
+    assert out.read_bytes() == before
 
 
 def test_offline_without_data_exits_2_with_message(tmp_path):

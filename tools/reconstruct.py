@@ -48,6 +48,7 @@ def main(args):
     for ratio in args.mask_ratios:
         if not 0 <= ratio < 1:
             raise utils.UserError(f"--mask_ratios must lie in [0, 1), got {ratio}")
+    utils.check_positive(args, "num_images")
     ckpt = utils.load_checkpoint(args.checkpoint, "mae_pretrain", "checkpoint")
     model = MAE_ViT(**ckpt["model_config"])
     model.load_state_dict(ckpt["model"])
