@@ -18,6 +18,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import mae_pretrain  # noqa: E402
 import train_classifier  # noqa: E402
+import utils  # noqa: E402
 
 
 def get_args_parser():
@@ -45,7 +46,11 @@ def read_metrics(log_dir):
         return [json.loads(line) for line in f if line.strip()]
 
 
+@utils.cli_main
 def main(args):
+    if args.pretrain_epochs < 0:
+        raise utils.UserError(f"--pretrain_epochs must not be negative (0: no pretraining), got {args.pretrain_epochs}")
+    utils.check_positive(args, "finetune_epochs")
     os.makedirs(args.out_dir, exist_ok=True)
     report = {"pretrain_epochs": None if args.pretrained_model_path else args.pretrain_epochs,
               "pretrained_model_path": args.pretrained_model_path, "finetune_epochs": args.finetune_epochs,

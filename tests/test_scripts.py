@@ -227,6 +227,10 @@ def test_time_to_accuracy_reports_both_phases(tmp_path, cifar_dir):
     assert report["best_acc"] == max(line["val_acc"] for line in lines[:-1])  # picked on the held-out images
     assert report["best_test_acc"] == lines[-1]["acc"] and report["final_epoch_acc"] == lines[-1]["last_epoch_acc"]
     assert load(tmp_path / "tta" / "classifier.pth")["model_config"]["emb_dim"] == 16  # the pretrained sizes
+    result = run("benchmarks/time_to_accuracy.py", "--data_dir", cifar_dir, "--out_dir", tmp_path / "bad",
+                 "--pretrain_epochs", -1)
+    assert_clean_error(result, 2, "--pretrain_epochs must not be negative")
+    assert not (tmp_path / "bad").exists()
 
 
 def test_classifier_holds_pretrained_encoder_weights(tmp_path, cifar_dir):
