@@ -421,9 +421,8 @@ def _decode_folder(root, image_size):
     labels = torch.tensor(folder.targets, dtype=torch.int64)
     try:
         save_atomic({"key": key, "images": images, "labels": labels, "classes": folder.classes}, cache)
-    except OSError as e:
-        print(f"note: could not cache decoded images at {cache} ({e.strerror}); the next run decodes again",
-              file=sys.stderr)
+    except UserError as e:  # a read-only or full disk: the run goes on without the cache
+        print(f"note: {e}; the next run decodes the images again", file=sys.stderr)
     return images, labels, folder.classes
 
 
@@ -1282,12 +1281,14 @@ def split_batch(args, rt):
 def save_atomic(obj, path):
     """torch.save to a temporary file in the same folder, fsync, then rename over `path`.
 
-    A crash at any moment leaves either the previous complete file or the new one, never a torn one.
+    A crash at any moment leaves either the previous complete file or the new one, never a torn one. A write
+    that fails (a full disk) is a UserError with exit code 1 that says so.
     """
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    tmp = None
     try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide checkpoints from a shared group
@@ -1296,9 +1297,13 @@ def save_atomic(obj, path):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
+    except BaseException as e:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        if isinstance(e, OSError):
+            before = "the file that was there is unchanged" if os.path.exists(path) else "nothing was written"
+            raise UserError(f"could not write {path} ({e.strerror or e}); {before}", code=1) from None
         raise
     with contextlib.suppress(OSError):  # make the rename itself durable
         dir_fd = os.open(folder, os.O_RDONLY)

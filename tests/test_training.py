@@ -424,6 +424,34 @@ def test_atomic_checkpoint_roundtrip_weights_only(tmp_path):
     assert ckpt["args"]["crop_scale"] == [0.2, 1.0]
 
 
+def test_a_failed_write_is_one_error_and_leaves_the_previous_file(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt.pth"
+    utils.save_atomic({"step": 1}, str(path))
+
+    def full_disk(obj, f):
+        f.write(b"part of a checkpoint")
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(utils.torch, "save", full_disk)
+    with pytest.raises(utils.UserError, match=r"could not write .*ckpt.pth \(No space left on device\); the file "
+                                              "that was there is unchanged") as info:
+        utils.save_atomic({"step": 2}, str(path))
+    assert info.value.code == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pth"] and torch.load(path) == {"step": 1}
+    with pytest.raises(utils.UserError, match="nothing was written"):
+        utils.save_atomic({"step": 2}, str(tmp_path / "new.pth"))
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pth"]
+
+
+def test_an_unwritable_cache_is_a_note_and_the_images_still_load(tmp_path, capsys):
+    from conftest import write_image_folder
+    root = write_image_folder(str(tmp_path / "folder"))
+    (tmp_path / "folder" / ".cache").write_text("a file where the cache folder would go")
+    images, labels, classes = utils._decode_folder(os.path.join(root, "train"), 8)
+    assert images.shape == (40, 3, 8, 8) and len(labels) == 40 and len(classes) == 10
+    err = capsys.readouterr().err
+    assert "note: could not write" in err and "the next run decodes the images again" in err
+
+
 def test_rng_state_restores_every_stream():
     loader, _ = make_loader(crop_scale=(0.2, 1.0), flip=True)
     state = utils.rng_state(CPU, loader)
