@@ -222,7 +222,7 @@ def main(args):
         if rt.is_main:
             print(f"resumed {args.resume} after epoch {start_epoch}"
                   + (f" (+{epoch_state.step} steps)" if epoch_state else ""))
-    log = utils.MetricsLog(args.log_dir, rt.is_main, completed_epochs=start_epoch)
+    log = utils.MetricsLog(args.log_dir, rt, args, completed_epochs=start_epoch, resumed=ckpt is not None)
     val_images = utils.normalize(data.test_images[:16]).to(rt.device)
     knn_loaders = None
     if args.knn_every:

@@ -8,14 +8,17 @@ import json
 import math
 import os
 import pickle
+import platform
 import random
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import datetime, timezone
 
 import numpy as np
 import torch
@@ -1458,16 +1461,42 @@ def check_fresh_output(path, args, flag):
 
 # ---------------------------------------------------------------------------------------------- logging
 
+def source_version():
+    """The git commit of this code, with "-dirty" when tracked files differ from it; None outside a checkout."""
+    root = os.path.dirname(os.path.abspath(__file__))
+    git = lambda *cmd: subprocess.run(["git", *cmd], cwd=root, capture_output=True, text=True, timeout=10)
+    try:
+        commit = git("rev-parse", "HEAD")
+        if commit.returncode:
+            return None
+        dirty = git("status", "--porcelain", "--untracked-files=no").stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit.stdout.strip() + ("-dirty" if dirty else "")
+
+
+def run_info(args, rt):
+    """What one start of a job ran: when, the command, every setting, the code and software, the hardware."""
+    import timm
+    return {"started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "argv": sys.argv,
+            "args": plain_args(args), "commit": source_version(), "python": platform.python_version(),
+            "torch": torch.__version__, "timm": timm.__version__,
+            "device": torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else rt.device.type,
+            "processes": rt.world_size, "amp": str(rt.amp_dtype).replace("torch.", "") if rt.amp_dtype else "off",
+            "compile": rt.compile}
+
+
 class MetricsLog:
     """TensorBoard scalars/images plus one JSON line per epoch in log_dir/metrics.jsonl; main rank only.
 
     On resume after epoch k, TensorBoard events and JSON lines past epoch k are discarded, so a resumed run's
-    logs read as one run.
+    logs read as one run. log_dir/runs.jsonl gets one line per start of the job (run_info: the first start,
+    then each resume), and TensorBoard the same as text.
     """
 
-    def __init__(self, log_dir, enabled, completed_epochs=0):
+    def __init__(self, log_dir, rt, args, completed_epochs=0, resumed=False):
         self.writer = None
-        if not enabled:
+        if not rt.is_main:
             return
         from torch.utils.tensorboard import SummaryWriter
         os.makedirs(log_dir, exist_ok=True)
@@ -1479,6 +1508,10 @@ class MetricsLog:
         with open(self.path, "w") as f:
             f.writelines(kept)
         self.writer = SummaryWriter(log_dir, purge_step=completed_epochs + 1)
+        info = run_info(args, rt)
+        with open(os.path.join(log_dir, "runs.jsonl"), "a" if resumed else "w") as f:
+            f.write(json.dumps(info) + "\n")
+        self.writer.add_text("run", "```\n" + json.dumps(info, indent=1) + "\n```", global_step=completed_epochs)
 
     def scalars(self, values, epoch):
         if self.writer:

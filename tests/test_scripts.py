@@ -368,6 +368,19 @@ def test_pretraining_resume_is_bit_identical(tmp_path, cifar_dir):
     assert_same_tensors(a["model"], b["model"])
     assert_same_tensors(a["optimizer"]["state"], b["optimizer"]["state"])
     assert [line["epoch"] for line in metrics(logs)] == [1, 2, 3]
+    # one line per start: the command, the settings (the resumed start took them from the checkpoint), the code
+    with open(logs / "runs.jsonl") as f:
+        starts = [json.loads(line) for line in f]
+    assert len(starts) == 2 and starts[1]["argv"][-2:] == ["--resume", str(part)]
+    assert starts[0]["args"]["stop_after_epoch"] == 1 and starts[1]["args"]["total_epoch"] == 3
+    assert starts[0]["args"]["emb_dim"] == starts[1]["args"]["emb_dim"] == 16
+    assert starts[1]["torch"] == torch.__version__ and starts[1]["device"] == "cpu" and starts[1]["processes"] == 1
+    assert starts[1]["commit"] is None or len(starts[1]["commit"].split("-")[0]) == 40
+    assert "run/text_summary" in events(logs).Tags()["tensors"]  # the same as text in TensorBoard
+    result, _, logs = pretrain(tmp_path, cifar_dir, "--overwrite", name="part")  # a new run starts the file again
+    assert result.returncode == 0, result.stderr
+    with open(logs / "runs.jsonl") as f:
+        assert len(f.readlines()) == 1
 
 
 @pytest.mark.parametrize("loader", ["device", "torch"])
