@@ -343,8 +343,8 @@ def main(args):
     start_epoch, epoch_state, best_acc, best_epoch, best_state, last_acc = 0, None, 0.0, None, None, None
     if ckpt is not None:
         start_epoch, epoch_state = utils.restore_training_state(ckpt, model, trainer, train_loader, rt, ema)
-        best_acc = ckpt["best_acc"]
-        if os.path.isfile(args.output_model_path):
+        best_acc, best_state, best_epoch = ckpt["best_acc"], ckpt.get("best_model"), ckpt.get("best_epoch")
+        if best_state is None and os.path.isfile(args.output_model_path):  # a checkpoint from before best_model
             best = utils.load_checkpoint(args.output_model_path, "classifier")
             best_state, best_epoch = best["model"], best["epoch"]
         if rt.is_main:
@@ -357,11 +357,15 @@ def main(args):
               f"on {rt.device} ({rt.world_size} process(es)), {steps_per_epoch} steps/epoch, micro-batch "
               f"{micro_batch}, peak lr {peak_lr:.2e}, {rt.describe()}; the best epoch is picked on {selected_on}")
 
+    def save_best():
+        utils.save_atomic(checkpoint(best_state, config, data.classes, best_epoch, acc=best_acc,
+                                     selected_on=selected_on), args.output_model_path)
+
     def save_last(epoch, epoch_state=None):
         state = utils.training_state(trainer, train_loader, rt, args, epoch_state, ema)  # every rank takes part
-        if rt.is_main:
-            utils.save_atomic(checkpoint(model.state_dict(), config, data.classes, epoch, best_acc=best_acc, **state),
-                              last_path)
+        if rt.is_main:  # the best weights too: a resume needs no other file, on any machine
+            utils.save_atomic(checkpoint(model.state_dict(), config, data.classes, epoch, best_acc=best_acc,
+                                         best_model=best_state, best_epoch=best_epoch, **state), last_path)
 
     with utils.StopRequest() as stop:
         for epoch in range(start_epoch, args.total_epoch):
@@ -387,8 +391,7 @@ def main(args):
                 best_acc, best_epoch = val["acc"], epoch + 1
                 best_state = {k: v.detach().clone() for k, v in eval_model.state_dict().items()}
                 if rt.is_main:
-                    utils.save_atomic(checkpoint(best_state, config, data.classes, best_epoch, acc=best_acc,
-                                                 selected_on=selected_on), args.output_model_path)
+                    save_best()
             record["best_acc"] = best_acc
             log.line(record)
             if utils.checkpoint_due(args, epoch + 1):
@@ -405,6 +408,8 @@ def main(args):
                 log.close()
                 return {"best_acc": best_acc}
 
+    if rt.is_main and not os.path.isfile(args.output_model_path):  # gone since an earlier start of a resumed run
+        save_best()
     if args.val_size:  # the last epoch's weights on the test set, which no choice has looked at
         last_acc = evaluate(eval_model, test_loader, rt, num_classes)["acc"]
     # the final report is of the best weights, as saved (every rank kept a copy: no shared disk needed)

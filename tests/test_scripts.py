@@ -393,13 +393,17 @@ def test_classifier_resume_is_bit_identical(tmp_path, cifar_dir, loader):
     assert result.returncode == 0, result.stderr
     result, _, _ = classify(tmp_path, cifar_dir, *flags, "--num_workers", 0, "--stop_after_epoch", 1, name="part")
     assert result.returncode == 0, result.stderr
+    os.remove(tmp_path / "part.pth")  # the -last file alone resumes: it holds the best weights too
     result = run("train_classifier.py", "--data_dir", cifar_dir, "--resume", tmp_path / "part-last.pth",
                  "--num_workers", 1)
     assert result.returncode == 0, result.stderr
     a, b = load(tmp_path / "full-last.pth"), load(tmp_path / "part-last.pth")
-    for key in ("model", "ema"):
+    for key in ("model", "ema", "best_model"):
         assert_same_tensors(a[key], b[key], key)
-    assert a["best_acc"] == b["best_acc"]
+    assert a["best_acc"] == b["best_acc"] and a["best_epoch"] == b["best_epoch"]
+    best_full, best_part = load(tmp_path / "full.pth"), load(tmp_path / "part.pth")
+    assert_same_tensors(best_full["model"], best_part["model"])
+    assert best_full["epoch"] == best_part["epoch"] == a["best_epoch"]
 
 
 @pytest.mark.parametrize("signum,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
