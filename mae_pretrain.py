@@ -37,7 +37,8 @@ def get_args_parser():
     parser.add_argument("--total_epoch", type=int, default=2000, help="epochs; the cosine schedule ends with the last")
     parser.add_argument("--warmup_epoch", type=int, default=200, help="epochs of linear lr warmup")
     parser.add_argument("--model_path", default="vit-t-mae.pth", help="checkpoint written after every epoch")
-    parser.add_argument("--data_dir", default="data", help="cifar-10-batches-py/ or train/ + test/ image folders")
+    parser.add_argument("--data_dir", default="data",
+                        help="cifar-10-batches-py/, cifar-100-python/ or train/ + test/ image folders")
     parser.add_argument("--log_dir", default="logs/cifar10/mae-pretrain", help="TensorBoard events and metrics.jsonl")
     model = utils.add_encoder_args(parser.add_argument_group("model"))
     model.add_argument("--decoder_layer", type=int, default=4, help="decoder blocks")

@@ -39,7 +39,8 @@ def get_args_parser():
                         help="MAE checkpoint whose encoder to fine-tune; none: train from scratch")
     parser.add_argument("--output_model_path", default="vit-t-classifier-from_scratch.pth",
                         help="best-accuracy weights; the full training state goes to NAME-last.pth beside it")
-    parser.add_argument("--data_dir", default="data", help="cifar-10-batches-py/ or train/ + test/ image folders")
+    parser.add_argument("--data_dir", default="data",
+                        help="cifar-10-batches-py/, cifar-100-python/ or train/ + test/ image folders")
     parser.add_argument("--log_dir", default=None,
                         help="TensorBoard events and metrics.jsonl; none: logs/cifar10/pretrain-cls or "
                              "logs/cifar10/scratch-cls")

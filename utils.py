@@ -247,7 +247,8 @@ class ImageData:
 
 
 def load_data(data_dir, image_size, rt=None):
-    """CIFAR-10 batches (cifar-10-batches-py/), an ImageFolder tree (train/ and test/ or val/), or a download.
+    """CIFAR-10 or CIFAR-100 batches (cifar-10-batches-py/, cifar-100-python/), an ImageFolder tree (train/ and
+    test/ or val/), or a download of CIFAR-10.
 
     Under torchrun the first process of each machine downloads or decodes (and caches) first, and the others
     then read what it left: one decode per machine, whether or not the machines share a disk."""
@@ -263,22 +264,24 @@ def load_data(data_dir, image_size, rt=None):
 
 
 def _find_and_load(data_dir, image_size):
-    if os.path.isdir(os.path.join(data_dir, "cifar-10-batches-py")):
-        return _load_cifar_batches(data_dir, image_size)
+    from torchvision.datasets import CIFAR10, CIFAR100
+    for dataset in (CIFAR10, CIFAR100):  # cifar-10-batches-py/, cifar-100-python/
+        if os.path.isdir(os.path.join(data_dir, dataset.base_folder)):
+            return _load_cifar_batches(data_dir, image_size, dataset)
     if os.path.isdir(os.path.join(data_dir, "train")):
         for test_name in ("test", "val"):
             if os.path.isdir(os.path.join(data_dir, test_name)):
                 return _load_image_folders(data_dir, test_name, image_size)
         raise UserError(f"{data_dir} has train/ but neither test/ nor val/ beside it")
     _download_cifar(data_dir)
-    return _load_cifar_batches(data_dir, image_size)
+    return _load_cifar_batches(data_dir, image_size, CIFAR10)
 
 
 def _download_cifar(data_dir):
     """torchvision's download into a temporary folder, moved into place only when complete."""
     from torchvision.datasets import CIFAR10
-    looked = (f"no CIFAR-10 in {os.path.abspath(data_dir)} (looked for cifar-10-batches-py/, and for train/ "
-              "with test/ or val/ class folders)")
+    looked = (f"no CIFAR-10 in {os.path.abspath(data_dir)} (looked for cifar-10-batches-py/, cifar-100-python/, "
+              "and for train/ with test/ or val/ class folders)")
     target = os.path.join(data_dir, "cifar-10-batches-py")
     tmp, created, path = None, None, os.path.abspath(data_dir)
     while not os.path.exists(path):  # the outermost folder this creates
@@ -297,8 +300,8 @@ def _download_cifar(data_dir):
     except Exception as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UserError(f"{looked}, and downloading it failed ({reason}); pass --data_dir with a folder holding "
-                        "cifar-10-batches-py/ or train/ + test/ image folders (see README, 'Local or offline "
-                        "data')") from None
+                        "cifar-10-batches-py/, cifar-100-python/ or train/ + test/ image folders (see README, 'Data: "
+                        "local or offline')") from None
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -315,10 +318,10 @@ def _resize(images, image_size):
     return out.round().clamp(0, 255).to(torch.uint8)
 
 
-def _load_cifar_batches(data_dir, image_size):
-    from torchvision.datasets import CIFAR10
+def _load_cifar_batches(data_dir, image_size, dataset):
+    """torchvision's CIFAR10 or CIFAR100 files (the pickled batches its download writes) as uint8 tensors."""
 
-    class LocalCIFAR10(CIFAR10):
+    class LocalCIFAR(dataset):
         """torchvision's reader without its md5 checks, so subsets and copies of the batches load too."""
 
         def _check_integrity(self):
@@ -330,18 +333,18 @@ def _load_cifar_batches(data_dir, image_size):
             with open(path, "rb") as f:
                 self.classes = pickle.load(f, encoding="latin1")[self.meta["key"]]
 
-    folder = os.path.join(data_dir, "cifar-10-batches-py")
+    folder = os.path.join(data_dir, dataset.base_folder)
     splits = []
     for train in (True, False):
         try:
-            ds = LocalCIFAR10(data_dir, train=train)
+            ds = LocalCIFAR(data_dir, train=train)
         except RuntimeError:
-            missing = [n for n, _ in CIFAR10.train_list + CIFAR10.test_list + [(CIFAR10.meta["filename"], 0)]
+            missing = [n for n, _ in dataset.train_list + dataset.test_list + [(dataset.meta["filename"], 0)]
                        if not os.path.isfile(os.path.join(folder, n))]
             raise UserError(f"{folder} is incomplete: missing {', '.join(missing)}") from None
         except Exception:
-            split_list = CIFAR10.train_list if train else CIFAR10.test_list
-            bad = _first_unreadable_pickle(folder, [n for n, _ in split_list] + [CIFAR10.meta["filename"]])
+            split_list = dataset.train_list if train else dataset.test_list
+            bad = _first_unreadable_pickle(folder, [n for n, _ in split_list] + [dataset.meta["filename"]])
             raise UserError(f"cannot read {bad}: the file is corrupt or truncated") from None
         images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
         splits += [_resize(images, image_size), torch.tensor(ds.targets, dtype=torch.int64)]
@@ -357,7 +360,7 @@ def _first_unreadable_pickle(folder, names):
             if name.endswith("meta"):
                 continue
             np.asarray(entry["data"]).reshape(-1, 3, 32, 32)
-            assert len(entry["labels"]) == len(entry["data"])
+            assert len(entry["labels"] if "labels" in entry else entry["fine_labels"]) == len(entry["data"])
         except Exception:
             return path
     return folder

@@ -43,6 +43,24 @@ def write_cifar_batches(root, per_batch=20, test=20, seed=0):
     return root
 
 
+def write_cifar100(root, train=200, test=100, seed=0):
+    """Real cifar-100-python files (train, test, meta; 100 fine and 20 coarse labels) that torchvision reads."""
+    folder = os.path.join(root, "cifar-100-python")
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for name, n in (("train", train), ("test", test)):
+        fine = np.arange(n) % 100
+        entry = {"batch_label": name, "fine_labels": fine.tolist(), "coarse_labels": (fine // 5).tolist(),
+                 "data": rng.integers(0, 256, size=(n, 3072), dtype=np.uint8),
+                 "filenames": [f"{j}.png" for j in range(n)]}
+        with open(os.path.join(folder, name), "wb") as f:
+            pickle.dump(entry, f)
+    with open(os.path.join(folder, "meta"), "wb") as f:
+        pickle.dump({"fine_label_names": [f"fine{i:02d}" for i in range(100)],
+                     "coarse_label_names": [f"coarse{i:02d}" for i in range(20)]}, f)
+    return root
+
+
 def write_image_folder(root, train=40, test=20, size=12, test_name="test", seed=0):
     """root/train/<class>/N.jpg and root/<test_name>/<class>/N.jpg (size differs from 8 to test resizing)."""
     from PIL import Image

@@ -13,7 +13,7 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT, TINY_MAE, TINY_MODEL, write_cifar_batches, write_image_folder
+from conftest import ROOT, TINY_MAE, TINY_MODEL, write_cifar100, write_cifar_batches, write_image_folder
 
 SHARED_CIFAR = os.path.join(ROOT, "..", "shared", "data", "cifar10-jpeg.tar.gz")
 OFFLINE = {"http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9",
@@ -231,6 +231,19 @@ def test_time_to_accuracy_reports_both_phases(tmp_path, cifar_dir):
                  "--pretrain_epochs", -1)
     assert_clean_error(result, 2, "--pretrain_epochs must not be negative")
     assert not (tmp_path / "bad").exists()
+
+
+def test_cifar100_batches_train_a_100_class_classifier(tmp_path):
+    data = write_cifar100(str(tmp_path / "data"))
+    result, ckpt_path, _ = classify(tmp_path, data, *TINY_MODEL, "--total_epoch", 1)
+    assert result.returncode == 0, result.stderr
+    ckpt = load(ckpt_path)
+    assert ckpt["model_config"]["num_classes"] == 100 and ckpt["model"]["head.weight"].shape == (100, 16)
+    assert ckpt["classes"][:2] == ["fine00", "fine01"] and "fine99" in result.stdout  # the per-class table
+    with open(os.path.join(data, "cifar-100-python", "train"), "r+b") as f:
+        f.truncate(100)
+    result, _, _ = classify(tmp_path, data, *TINY_MODEL, "--total_epoch", 1, name="broken")
+    assert_clean_error(result, 2, "cifar-100-python/train: the file is corrupt or truncated")
 
 
 def test_classifier_holds_pretrained_encoder_weights(tmp_path, cifar_dir):
