@@ -37,8 +37,9 @@ def get_args_parser():
     parser.add_argument("--warmup_epoch", type=int, default=5, help="epochs of linear lr warmup")
     parser.add_argument("--pretrained_model_path", default=None,
                         help="MAE checkpoint whose encoder to fine-tune; none: train from scratch")
-    parser.add_argument("--output_model_path", default="vit-t-classifier-from_scratch.pth",
-                        help="best-accuracy weights; the full training state goes to NAME-last.pth beside it")
+    parser.add_argument("--output_model_path", default=None,
+                        help="best-accuracy weights; the full training state goes to NAME-last.pth beside it; "
+                             "none: vit-t-classifier-from_pretrained.pth or vit-t-classifier-from_scratch.pth")
     parser.add_argument("--data_dir", default="data",
                         help="cifar-10-batches-py/, cifar-100-python/ or train/ + test/ image folders")
     parser.add_argument("--log_dir", default=None,
@@ -231,6 +232,14 @@ def selection_split(data, val_size):
     return data.train_images[kept], data.train_labels[kept], data.train_images[held], data.train_labels[held]
 
 
+def default_paths(args):
+    """Where a run writes when not told: names that say whether the encoder started pretrained."""
+    pretrained = bool(args.pretrained_model_path)
+    args.output_model_path = args.output_model_path or \
+        f"vit-t-classifier-from_{'pretrained' if pretrained else 'scratch'}.pth"
+    args.log_dir = args.log_dir or f"logs/cifar10/{'pretrain' if pretrained else 'scratch'}-cls"
+
+
 def check_classes(ckpt, data, what):
     """Labels are indexes into the class list, so a saved classifier only fits data with its classes, in order."""
     saved = ckpt.get("classes")
@@ -285,9 +294,8 @@ def main(args):
                                   f"written beside it ({utils.last_checkpoint_path(args.resume)})")
         utils.resolve_resume_args(args, parser, ckpt["args"], RUN_KEYS, soft_keys=utils.SOFT_RESUME_KEYS)
     validate(args)
+    default_paths(args)
     last_path = utils.last_checkpoint_path(args.output_model_path)
-    args.log_dir = args.log_dir or ("logs/cifar10/pretrain-cls" if args.pretrained_model_path
-                                    else "logs/cifar10/scratch-cls")
     rt = utils.setup_runtime(args)
     if rt.is_main:
         for path in (args.output_model_path, last_path):

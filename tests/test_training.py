@@ -501,6 +501,20 @@ def test_timm_export_gives_same_logits(global_pool, linear_probe):
     torch.testing.assert_close(reference(x), model(x), rtol=1e-4, atol=1e-5)
 
 
+def test_default_output_and_log_paths_say_pretrained_or_scratch():
+    parse = lambda *argv: train_classifier.get_args_parser().parse_args(list(argv))
+    args = parse("--pretrained_model_path", "vit-t-mae.pth")
+    train_classifier.default_paths(args)
+    assert (args.output_model_path, args.log_dir) == ("vit-t-classifier-from_pretrained.pth",
+                                                      "logs/cifar10/pretrain-cls")
+    args = parse()
+    train_classifier.default_paths(args)
+    assert (args.output_model_path, args.log_dir) == ("vit-t-classifier-from_scratch.pth", "logs/cifar10/scratch-cls")
+    args = parse("--pretrained_model_path", "m.pth", "--output_model_path", "x.pth", "--log_dir", "l")
+    train_classifier.default_paths(args)
+    assert (args.output_model_path, args.log_dir) == ("x.pth", "l")
+
+
 @pytest.mark.parametrize("pos_embed", ["learned", "sincos"])
 def test_mae_encoder_export_gives_timm_the_same_features(pos_embed):
     import timm
