@@ -190,6 +190,7 @@ def main(args):
         raise utils.UserError("--export_timm writes a saved MAE's encoder: give the checkpoint with --eval_only")
     parser = get_args_parser()
     ckpt = None
+    utils.auto_resume(args, args.model_path)
     if args.resume:
         ckpt = utils.load_checkpoint(args.resume, "mae_pretrain", "--resume")
         utils.resolve_resume_args(args, parser, ckpt["args"], RUN_KEYS, soft_keys=utils.SOFT_RESUME_KEYS)

@@ -287,6 +287,9 @@ def main(args):
         return eval_only(args)
     parser = get_args_parser()
     ckpt = None
+    if args.resume == "auto":
+        default_paths(args)
+        utils.auto_resume(args, utils.last_checkpoint_path(args.output_model_path))
     if args.resume:
         ckpt = utils.load_checkpoint(args.resume, "classifier", "--resume")
         if "optimizer" not in ckpt:

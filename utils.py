@@ -221,7 +221,9 @@ def add_runtime_args(parser):
     group.add_argument("--num_workers", type=int, default=4, help="DataLoader workers (--loader torch only)")
     group.add_argument("--log_interval", type=int, default=50,
                        help="optimizer steps between loss read-backs (the only host-device syncs)")
-    group.add_argument("--resume", default=None, help="checkpoint to resume from (everything is restored)")
+    group.add_argument("--resume", default=None,
+                       help="checkpoint to resume from (everything is restored); auto: the run's own checkpoint when "
+                            "it exists, else a fresh start (for jobs that are re-submitted after preemption)")
     group.add_argument("--overwrite", action="store_true", help="allow starting over an existing output checkpoint")
     group.add_argument("--save_every", type=int, default=1,
                        help="write the resumable checkpoint every N epochs (and at the last epoch and on a stop); "
@@ -1448,6 +1450,12 @@ def write_timm_state(state, kwargs, path):
     call = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
     print(f"wrote {path}; load it with:\n  model = timm.create_model('vit_tiny_patch16_224', pretrained=False, "
           f"{call})\n  model.load_state_dict(torch.load({path!r}, weights_only=True))")
+
+
+def auto_resume(args, path):
+    """--resume auto: resume from `path`, the run's own checkpoint, when it is there; else start afresh."""
+    if args.resume == "auto":
+        args.resume = path if os.path.isfile(path) else None
 
 
 def last_checkpoint_path(path):
