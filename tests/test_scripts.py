@@ -397,14 +397,13 @@ def test_pretraining_resume_is_bit_identical(tmp_path, cifar_dir):
 
 
 def test_resume_auto_starts_fresh_then_goes_on_from_the_runs_own_checkpoint(tmp_path, cifar_dir):
-    result, full, _ = pretrain(tmp_path, cifar_dir, name="full")
-    assert result.returncode == 0, result.stderr
+    # (auto only picks the path: what a resume restores is checked bit for bit by the tests below)
     result, part, _ = pretrain(tmp_path, cifar_dir, "--resume", "auto", "--stop_after_epoch", 1, name="part")
     assert result.returncode == 0 and "resumed" not in result.stdout, result.stderr  # nothing there yet: fresh
     assert load(part)["epoch"] == 1
     result, part, _ = pretrain(tmp_path, cifar_dir, "--resume", "auto", name="part")  # the same job, again
     assert result.returncode == 0 and f"resumed {part} after epoch 1" in result.stdout, result.stderr
-    assert_same_tensors(load(full)["model"], load(part)["model"])
+    assert load(part)["epoch"] == 2
     # the classifier finds its -last.pth from the same flags
     result, _, _ = classify(tmp_path, cifar_dir, *TINY_MODEL, "--resume", "auto", "--stop_after_epoch", 1)
     assert result.returncode == 0 and "resumed" not in result.stdout, result.stderr
