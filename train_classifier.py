@@ -256,7 +256,14 @@ def eval_only(args):
                               hint="drop the flag: the model's sizes come from the checkpoint")
     rt = utils.setup_runtime(args)
     model = build_classifier(config)
-    model.load_state_dict(ckpt["model"])
+    weights = ckpt["model"]
+    if "optimizer" in ckpt:  # a NAME-last.pth training state: the weights its run evaluates (EMA when on)
+        ema = ckpt.get("ema") is not None
+        weights = ckpt["ema"] if ema else weights
+        if rt.is_main:
+            print(f"note: {args.eval_only} is a training state; evaluating its {'EMA' if ema else 'live'} weights "
+                  f"after epoch {ckpt['epoch']} (the best epoch's are in the file without -last)")
+    model.load_state_dict(weights)
     model.to(rt.device)
     data = utils.load_data(args.data_dir, config["image_size"], rt)
     check_classes(ckpt, data, f"--eval_only {args.eval_only}")

@@ -419,7 +419,7 @@ def test_classifier_resume_is_bit_identical(tmp_path, cifar_dir, loader):
     flags = [*TINY_MODEL, "--total_epoch", 3, "--ema", "--ema_decay", 0.9, "--mixup", 0.5, "--cutmix", 0.5,
              "--drop_path", 0.1, "--layer_decay", 0.8, "--randaug", "rand-m9-mstd0.5-inc1", "--reprob", 0.25,
              "--loader", loader]
-    result, _, _ = classify(tmp_path, cifar_dir, *flags, "--num_workers", 2, name="full")
+    result, _, full_logs = classify(tmp_path, cifar_dir, *flags, "--num_workers", 2, name="full")
     assert result.returncode == 0, result.stderr
     result, _, _ = classify(tmp_path, cifar_dir, *flags, "--num_workers", 0, "--stop_after_epoch", 1, name="part")
     assert result.returncode == 0, result.stderr
@@ -434,6 +434,11 @@ def test_classifier_resume_is_bit_identical(tmp_path, cifar_dir, loader):
     best_full, best_part = load(tmp_path / "full.pth"), load(tmp_path / "part.pth")
     assert_same_tensors(best_full["model"], best_part["model"])
     assert best_full["epoch"] == best_part["epoch"] == a["best_epoch"]
+    if loader == "device":  # --eval_only of a training state evaluates what its run evaluated last: the EMA
+        result = run("train_classifier.py", "--data_dir", cifar_dir, "--eval_only", tmp_path / "full-last.pth")
+        assert result.returncode == 0, result.stderr
+        assert "evaluating its EMA weights after epoch 3" in result.stdout
+        assert f"top-1 {metrics(full_logs)[2]['val_acc']:.2%}" in result.stdout
 
 
 @pytest.mark.parametrize("signum,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
