@@ -764,6 +764,20 @@ def test_throughput_benchmark_tiny_preset_runs():
     assert [json.loads(line)["case"] for line in result.stdout.splitlines()] == ["data-fast"]  # no empty summary
 
 
+def test_gpu_throughput_script_runs_its_stages_and_refuses_unknown_ones(tmp_path):
+    env = {**os.environ, "OUT_DIR": str(tmp_path / "out"), "STAGES": "crop", "OMP_NUM_THREADS": "1",
+           "EXTRA": "--preset tiny --steps 1 --warmup 1"}
+    script = os.path.join(ROOT, "benchmarks", "gpu_throughput.sh")
+    result = subprocess.run(["bash", script], capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr
+    crop = [json.loads(line) for line in open(tmp_path / "out" / "crop.jsonl")]
+    assert [(line["case"], line["interpolation"]) for line in crop if "case" in line] == [
+        ("data-fast", "bilinear"), ("data-fast", "bicubic")]
+    result = subprocess.run(["bash", script], capture_output=True, text=True, timeout=60,
+                            env={**env, "STAGES": "nope"})
+    assert result.returncode == 2 and "unknown stage 'nope'" in result.stderr
+
+
 def test_throughput_benchmark_profiles_where_the_time_goes(tmp_path):
     result = run("benchmarks/throughput.py", "--preset", "tiny", "--steps", 1, "--warmup", 1, "--cases", "pretrain",
                  "--paths", "fast", "--profile", 2, "--trace_dir", tmp_path / "traces")
