@@ -147,8 +147,7 @@ def timm_export(model):
 
 
 def eval_only(args):
-    if args.export_timm:
-        utils.check_writable(args.export_timm, "--export_timm")
+    utils.check_export_path(args)
     ckpt = utils.load_checkpoint(args.eval_only, "mae_pretrain", "--eval_only")
     config = ckpt["model_config"]
     utils.resolve_resume_args(args, get_args_parser(), config, MODEL_KEYS, what=f"--eval_only {args.eval_only}",

@@ -249,6 +249,7 @@ def check_classes(ckpt, data, what):
 
 
 def eval_only(args):
+    utils.check_export_path(args)
     ckpt = utils.load_checkpoint(args.eval_only, "classifier", "--eval_only")
     config = ckpt["model_config"]
     utils.resolve_resume_args(args, get_args_parser(), {key: config[key] for key in SIZE_KEYS}, SIZE_KEYS,
@@ -312,8 +313,7 @@ def main(args):
             utils.check_fresh_output(path, args, "--output_model_path")
         utils.check_writable(args.output_model_path, "--output_model_path")
         utils.check_writable(args.log_dir, "--log_dir", is_dir=True)
-        if args.export_timm:
-            utils.check_writable(args.export_timm, "--export_timm")
+        utils.check_export_path(args)
     local_batch, micro_batch = utils.split_batch(args, rt)
     if (args.mixup or args.cutmix) and micro_batch % 2:
         raise utils.UserError(f"mixup/cutmix need an even micro-batch, got {micro_batch}")

@@ -1458,6 +1458,15 @@ def auto_resume(args, path):
         args.resume = path if os.path.isfile(path) else None
 
 
+def check_export_path(args):
+    """--export_timm: a path that can be written and holds no file yet (a typo must not replace a checkpoint)."""
+    if args.export_timm is None:
+        return
+    if os.path.exists(args.export_timm) and not args.overwrite:
+        raise UserError(f"--export_timm {args.export_timm} already exists; pass --overwrite to replace it")
+    check_writable(args.export_timm, "--export_timm")
+
+
 def last_checkpoint_path(path):
     """Where the full training state lives beside a classifier's best-weights file: name-last.pth."""
     root, ext = os.path.splitext(path)
