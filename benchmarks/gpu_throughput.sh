@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The fast path's throughput measurements that docs/RESULTS.md reports or still lacks, in one go on a GPU box.
 # Each stage prints its JSON lines, prefixed by a "# stage" line, and appends them to $OUT_DIR/STAGE.jsonl.
-#   bash benchmarks/gpu_throughput.sh                      # every stage (about 10 minutes on an H100)
+#   bash benchmarks/gpu_throughput.sh                      # every stage (not yet timed on a GPU; each run compiles)
 #   STAGES="profile autotune" bash benchmarks/gpu_throughput.sh
 #   EXTRA="--preset tiny" STAGES=crop bash benchmarks/gpu_throughput.sh   # EXTRA: more flags for every run
 # Stages:
