@@ -146,25 +146,33 @@ def timm_export(model):
     return state, utils.timm_vit_kwargs(model.config, 0, "token")
 
 
+def plain_loaders(args, rt, data):
+    """The training and test sets without augmentation, for the kNN monitor and evaluation."""
+    return [utils.make_loader(args, rt, x, y, 1024, train=False)
+            for x, y in ((data.train_images, data.train_labels), (data.test_images, data.test_labels))]
+
+
+def knn_accuracy(args, encoder, loaders, data, rt):
+    return utils.knn_monitor(encoder, *loaders, len(data.classes), rt, k=args.knn_k, temperature=args.knn_t)
+
+
 def eval_only(args):
     utils.check_export_path(args)
     ckpt = utils.load_checkpoint(args.eval_only, "mae_pretrain", "--eval_only")
     config = ckpt["model_config"]
     utils.resolve_resume_args(args, get_args_parser(), config, MODEL_KEYS, what=f"--eval_only {args.eval_only}",
                               soft_keys=["mask_ratio"],
-                              hint="drop the flag: the model's sizes come from the checkpoint")
+                              hint=utils.SIZES_FROM_CHECKPOINT)
     validate(args)
     rt = utils.setup_runtime(args)
     model = build_model(config)
     model.load_state_dict(ckpt["model"])
     model.to(rt.device)
     data = utils.load_data(args.data_dir, config["image_size"], rt)
-    train_loader, test_loader = [utils.make_loader(args, rt, x, y, 1024, train=False) for x, y in
-                                 ((data.train_images, data.train_labels), (data.test_images, data.test_labels))]
+    loaders = plain_loaders(args, rt, data)
     result = {"epoch": ckpt["epoch"], "mask_ratio": args.mask_ratio,
-              "test_loss": reconstruction_loss(model, test_loader, rt, args.mask_ratio),
-              "knn_acc": utils.knn_monitor(model.encoder, train_loader, test_loader, len(data.classes), rt,
-                                           k=args.knn_k, temperature=args.knn_t)}
+              "test_loss": reconstruction_loss(model, loaders[1], rt, args.mask_ratio),
+              "knn_acc": knn_accuracy(args, model.encoder, loaders, data, rt)}
     if rt.is_main:
         print(f"{args.eval_only} (epoch {ckpt['epoch']}): kNN accuracy {result['knn_acc']:.2%} (k {args.knn_k}, "
               f"T {args.knn_t}, cls feature, training set as memory), test reconstruction loss "
@@ -225,10 +233,7 @@ def main(args):
                   + (f" (+{epoch_state.step} steps)" if epoch_state else ""))
     log = utils.MetricsLog(args.log_dir, rt, args, completed_epochs=start_epoch, resumed=ckpt is not None)
     val_images = utils.normalize(data.test_images[:16]).to(rt.device)
-    knn_loaders = None
-    if args.knn_every:
-        knn_loaders = [utils.make_loader(args, rt, x, y, 1024, train=False)
-                       for x, y in ((data.train_images, data.train_labels), (data.test_images, data.test_labels))]
+    knn_loaders = plain_loaders(args, rt, data) if args.knn_every else None
     if rt.is_main:
         print(f"pretraining {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters on {rt.device} "
               f"({rt.world_size} process(es)), {steps_per_epoch} steps/epoch, micro-batch {micro_batch}, "
@@ -249,8 +254,7 @@ def main(args):
             if trainer.compile_seconds is not None and epoch == start_epoch:
                 record["compile_seconds"] = trainer.compile_seconds
             if args.knn_every and (epoch + 1) % args.knn_every == 0:
-                record["knn_acc"] = utils.knn_monitor(model.encoder, *knn_loaders, len(data.classes), rt,
-                                                      k=args.knn_k, temperature=args.knn_t)
+                record["knn_acc"] = knn_accuracy(args, model.encoder, knn_loaders, data, rt)
             log.scalars({"mae_loss": record["loss"], "lr": record["lr"], "images_per_s": record["images_per_s"],
                          **({"knn_acc": record["knn_acc"]} if "knn_acc" in record else {})}, epoch + 1)
             if rt.is_main:

@@ -254,7 +254,7 @@ def eval_only(args):
     config = ckpt["model_config"]
     utils.resolve_resume_args(args, get_args_parser(), {key: config[key] for key in SIZE_KEYS}, SIZE_KEYS,
                               what=f"--eval_only {args.eval_only}",  # a size flag that differs is an error
-                              hint="drop the flag: the model's sizes come from the checkpoint")
+                              hint=utils.SIZES_FROM_CHECKPOINT)
     rt = utils.setup_runtime(args)
     model = build_classifier(config)
     weights = ckpt["model"]

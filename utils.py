@@ -494,9 +494,7 @@ def _pil_bicubic_matrix(start, length, in_size, out_size):
     steps = torch.arange(out_size, device=start.device, dtype=torch.float64) + 0.5
     centre = start.double()[:, None] + steps * (length.double() / out_size)[:, None]     # (n, out) pixels
     index = (centre - 0.5).floor()[..., None] + torch.arange(-1, 3, device=start.device)  # (n, out, 4)
-    t = (index + 0.5 - centre[..., None]).abs()
-    weight = torch.where(t < 1, (1.5 * t - 2.5) * t * t + 1, (((t - 5) * t + 8) * t - 4) * -0.5)
-    weight = torch.where(t < 2, weight, 0.0)
+    weight = _cubic_kernel(index + 0.5 - centre[..., None], a=-0.5)
     low, high = start.double().floor(), (start.double() + length.double()).ceil().clamp(max=in_size)
     weight = weight * ((index >= low[:, None, None]) & (index < high[:, None, None]))
     weight = weight / weight.sum(-1, keepdim=True)
@@ -653,12 +651,19 @@ def _pixel_centres(height, width, device):
     return u, v
 
 
+def _cubic_kernel(t, a):
+    """The cubic convolution kernel at distances t: PIL's bicubic uses a = -0.5 to resize, a = -1 for affine
+    transforms (Geometry.c)."""
+    t = t.abs()
+    near = ((a + 2) * t - (a + 3)) * t * t + 1
+    far = (((t - 5) * t + 8) * t - 4) * a
+    return torch.where(t < 1, near, torch.where(t < 2, far, 0.0))
+
+
 def _cubic_weights(d):
-    """PIL's bicubic for affine transforms, the cubic convolution with a = -1 (Geometry.c; its resize uses
-    a = -0.5): weights of the taps at offsets -1, 0, 1, 2 from the floor, at fraction d (...) -> (..., 4)."""
-    d2 = d * d
-    d3 = d2 * d
-    return torch.stack([-d + 2 * d2 - d3, 1 - 2 * d2 + d3, d + d2 - d3, d3 - d2], dim=-1)
+    """PIL's bicubic for affine transforms: weights of the taps at offsets -1, 0, 1, 2 from the floor, at
+    fraction d (...) -> (..., 4)."""
+    return _cubic_kernel(torch.stack([d + 1, d, d - 1, d - 2], dim=-1), a=-1.0)
 
 
 def _bicubic(x, source_x, source_y):
@@ -1421,6 +1426,9 @@ def checkpoint_due(args, epoch):
     return epoch % args.save_every == 0 or epoch == args.total_epoch or epoch == args.stop_after_epoch
 
 
+SIZES_FROM_CHECKPOINT = "drop the flag: the model's sizes come from the checkpoint"  # hint for --eval_only
+
+
 def resolve_resume_args(args, parser, saved_args, keys, what="the checkpoint being resumed", soft_keys=(),
                         hint="drop the flag (or start a new run to change it)"):
     """Take a checkpoint's value of each key (a resumed run keeps its settings, a pretrained encoder its
@@ -1458,13 +1466,16 @@ def auto_resume(args, path):
         args.resume = path if os.path.isfile(path) else None
 
 
+def check_new_file(path, flag, overwrite):
+    """An output that can be written and does not replace a file by accident (a typo could name a checkpoint)."""
+    if os.path.exists(path) and not overwrite:
+        raise UserError(f"{flag} {path} already exists; pass --overwrite to replace it")
+    check_writable(path, flag)
+
+
 def check_export_path(args):
-    """--export_timm: a path that can be written and holds no file yet (a typo must not replace a checkpoint)."""
-    if args.export_timm is None:
-        return
-    if os.path.exists(args.export_timm) and not args.overwrite:
-        raise UserError(f"--export_timm {args.export_timm} already exists; pass --overwrite to replace it")
-    check_writable(args.export_timm, "--export_timm")
+    if args.export_timm is not None:
+        check_new_file(args.export_timm, "--export_timm", args.overwrite)
 
 
 def last_checkpoint_path(path):

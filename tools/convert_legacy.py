@@ -90,8 +90,7 @@ def safe_load(path):
 def main(args):
     if not os.path.isfile(args.source):
         raise utils.UserError(f"{args.source} does not exist")
-    if os.path.exists(args.destination) and not args.overwrite:
-        raise utils.UserError(f"{args.destination} already exists; pass --overwrite to replace it")
+    utils.check_new_file(args.destination, "destination", args.overwrite)
     plain = safe_load(args.source)
     if isinstance(plain, dict) and "format" in plain:
         raise utils.UserError(f"{args.source} is already a {plain.get('kind', '')} checkpoint of this project "
@@ -115,7 +114,6 @@ def main(args):
         raise utils.UserError(f"{args.source} does not hold the original repository's MAE_ViT or ViT_Classifier "
                               "weights (no cls_token / patchify / pos_embedding found)") from None
     kind = "mae_pretrain" if "encoder.cls_token" in state else "classifier"
-    utils.check_writable(args.destination, "destination")
     utils.save_atomic({"format": utils.CHECKPOINT_FORMAT, "kind": kind, "model": state, "model_config": config,
                        "epoch": 0, "converted_from": os.path.basename(args.source)}, args.destination)
     print(f"wrote {args.destination} ({kind} checkpoint); it loads with weights_only=True")
