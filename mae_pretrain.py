@@ -39,7 +39,9 @@ def get_args_parser():
     parser.add_argument("--model_path", default="vit-t-mae.pth", help="checkpoint written after every epoch")
     parser.add_argument("--data_dir", default="data",
                         help="cifar-10-batches-py/, cifar-100-python/ or train/ + test/ image folders")
-    parser.add_argument("--log_dir", default="logs/cifar10/mae-pretrain", help="TensorBoard events and metrics.jsonl")
+    parser.add_argument("--log_dir", default=None,
+                        help="TensorBoard events and metrics.jsonl; none: logs/<dataset>/<--model_path's name>, "
+                             "logs/cifar10/vit-t-mae by default")
     model = utils.add_encoder_args(parser.add_argument_group("model"))
     model.add_argument("--decoder_layer", type=int, default=4, help="decoder blocks")
     model.add_argument("--decoder_head", type=int, default=3, help="decoder attention heads")
@@ -202,6 +204,7 @@ def main(args):
         ckpt = utils.load_checkpoint(args.resume, "mae_pretrain", "--resume")
         utils.resolve_resume_args(args, parser, ckpt["args"], RUN_KEYS, soft_keys=utils.SOFT_RESUME_KEYS)
     validate(args)
+    args.log_dir = args.log_dir or utils.default_log_dir(args.data_dir, args.model_path)
     config = model_config(args)
     rt = utils.setup_runtime(args)  # seeds every RNG, so the model's initial weights repeat
     model = build_model(config)  # a bad configuration fails here, before the data is read
@@ -209,6 +212,7 @@ def main(args):
         utils.check_fresh_output(args.model_path, args, "--model_path")
         utils.check_writable(args.model_path, "--model_path")
         utils.check_writable(args.log_dir, "--log_dir", is_dir=True)
+        utils.check_fresh_log_dir(args.log_dir, args)
     local_batch, micro_batch = utils.split_batch(args, rt)
     data = utils.load_data(args.data_dir, args.image_size, rt)
     if len(data.train_images) < args.batch_size:

@@ -43,8 +43,8 @@ def get_args_parser():
     parser.add_argument("--data_dir", default="data",
                         help="cifar-10-batches-py/, cifar-100-python/ or train/ + test/ image folders")
     parser.add_argument("--log_dir", default=None,
-                        help="TensorBoard events and metrics.jsonl; none: logs/cifar10/pretrain-cls or "
-                             "logs/cifar10/scratch-cls")
+                        help="TensorBoard events and metrics.jsonl; none: logs/<dataset>/<--output_model_path's "
+                             "name>, such as logs/cifar10/vit-t-classifier-from_scratch")
     parser.add_argument("--val_size", type=int, default=0,
                         help="hold out this many training images (a fixed random subset) and pick the best epoch on "
                              "them instead of on the test set, which is then only used for the final report")
@@ -232,12 +232,10 @@ def selection_split(data, val_size):
     return data.train_images[kept], data.train_labels[kept], data.train_images[held], data.train_labels[held]
 
 
-def default_paths(args):
-    """Where a run writes when not told: names that say whether the encoder started pretrained."""
-    pretrained = bool(args.pretrained_model_path)
+def default_output_path(args):
+    """Where a run writes its weights when not told: a name that says whether the encoder started pretrained."""
     args.output_model_path = args.output_model_path or \
-        f"vit-t-classifier-from_{'pretrained' if pretrained else 'scratch'}.pth"
-    args.log_dir = args.log_dir or f"logs/cifar10/{'pretrain' if pretrained else 'scratch'}-cls"
+        f"vit-t-classifier-from_{'pretrained' if args.pretrained_model_path else 'scratch'}.pth"
 
 
 def check_classes(ckpt, data, what):
@@ -296,7 +294,7 @@ def main(args):
     parser = get_args_parser()
     ckpt = None
     if args.resume == "auto":
-        default_paths(args)
+        default_output_path(args)
         utils.auto_resume(args, utils.last_checkpoint_path(args.output_model_path))
     if args.resume:
         ckpt = utils.load_checkpoint(args.resume, "classifier", "--resume")
@@ -305,7 +303,8 @@ def main(args):
                                   f"written beside it ({utils.last_checkpoint_path(args.resume)})")
         utils.resolve_resume_args(args, parser, ckpt["args"], RUN_KEYS, soft_keys=utils.SOFT_RESUME_KEYS)
     validate(args)
-    default_paths(args)
+    default_output_path(args)
+    args.log_dir = args.log_dir or utils.default_log_dir(args.data_dir, args.output_model_path)
     last_path = utils.last_checkpoint_path(args.output_model_path)
     rt = utils.setup_runtime(args)
     if rt.is_main:
@@ -313,6 +312,7 @@ def main(args):
             utils.check_fresh_output(path, args, "--output_model_path")
         utils.check_writable(args.output_model_path, "--output_model_path")
         utils.check_writable(args.log_dir, "--log_dir", is_dir=True)
+        utils.check_fresh_log_dir(args.log_dir, args)
         utils.check_export_path(args)
     local_batch, micro_batch = utils.split_batch(args, rt)
     if (args.mixup or args.cutmix) and micro_batch % 2:

@@ -265,18 +265,40 @@ def load_data(data_dir, image_size, rt=None):
     return data
 
 
-def _find_and_load(data_dir, image_size):
+def _data_kind(data_dir):
+    """What load_data finds in data_dir: torchvision's CIFAR10 or CIFAR100 class, "folders", or None (download)."""
     from torchvision.datasets import CIFAR10, CIFAR100
     for dataset in (CIFAR10, CIFAR100):  # cifar-10-batches-py/, cifar-100-python/
         if os.path.isdir(os.path.join(data_dir, dataset.base_folder)):
-            return _load_cifar_batches(data_dir, image_size, dataset)
-    if os.path.isdir(os.path.join(data_dir, "train")):
+            return dataset
+    return "folders" if os.path.isdir(os.path.join(data_dir, "train")) else None
+
+
+def dataset_name(data_dir):
+    """A short name of the data in data_dir, for default log folders: cifar10, cifar100 or the folder's name."""
+    kind = _data_kind(data_dir)
+    if kind == "folders":
+        return os.path.basename(os.path.abspath(data_dir)) or "images"
+    return "cifar100" if kind is not None and kind.__name__ == "CIFAR100" else "cifar10"
+
+
+def default_log_dir(data_dir, model_path):
+    """logs/<dataset>/<checkpoint's file name without .pth>: runs that write differently named checkpoints keep
+    their logs apart (check_fresh_log_dir refuses to start a new run over another's logs)."""
+    return os.path.join("logs", dataset_name(data_dir), os.path.splitext(os.path.basename(model_path))[0])
+
+
+def _find_and_load(data_dir, image_size):
+    from torchvision.datasets import CIFAR10
+    kind = _data_kind(data_dir)
+    if kind == "folders":
         for test_name in ("test", "val"):
             if os.path.isdir(os.path.join(data_dir, test_name)):
                 return _load_image_folders(data_dir, test_name, image_size)
         raise UserError(f"{data_dir} has train/ but neither test/ nor val/ beside it")
-    _download_cifar(data_dir)
-    return _load_cifar_batches(data_dir, image_size, CIFAR10)
+    if kind is None:
+        _download_cifar(data_dir)
+    return _load_cifar_batches(data_dir, image_size, kind or CIFAR10)
 
 
 def _download_cifar(data_dir):
@@ -1488,6 +1510,14 @@ def check_fresh_output(path, args, flag):
     if os.path.exists(path) and not args.resume and not args.overwrite:
         raise UserError(f"{flag} {path} already exists; pass --resume {path} to continue that run or "
                         "--overwrite to start over")
+
+
+def check_fresh_log_dir(log_dir, args):
+    """A new run does not wipe the logs of another: MetricsLog restarts metrics.jsonl and TensorBoard's curves."""
+    path = os.path.join(log_dir, "metrics.jsonl")
+    if os.path.isfile(path) and os.path.getsize(path) and not args.resume and not args.overwrite:
+        raise UserError(f"--log_dir {log_dir} already holds the logs of a run (metrics.jsonl); pass --overwrite to "
+                        "replace them, --resume CHECKPOINT to continue that run, or another --log_dir")
 
 
 # ---------------------------------------------------------------------------------------------- logging

@@ -178,6 +178,29 @@ def test_classifier_from_scratch_and_pretrained_end_to_end(tmp_path, cifar_dir):
     assert f"top-1 {best['acc']:.2%}" in result.stdout and "top-5" in result.stdout and "truck" in result.stdout
 
 
+def test_default_log_dirs_keep_runs_apart_and_a_new_run_needs_overwrite_to_replace_logs(tmp_path, cifar_dir,
+                                                                                          monkeypatch):
+    import train_classifier
+    monkeypatch.chdir(tmp_path)
+    go = lambda *argv: train_classifier.main(train_classifier.get_args_parser().parse_args(
+        ["--data_dir", cifar_dir, *TINY_MODEL, "--batch_size", "16", "--total_epoch", "1", "--warmup_epoch", "1",
+         *map(str, argv)]))
+    go("--output_model_path", "ft.pth")
+    go("--output_model_path", "probe.pth")  # the README's recipes: two runs of one kind, two checkpoint names
+    logs = tmp_path / "logs" / "cifar10"
+    assert sorted(os.listdir(logs)) == ["ft", "probe"]
+    ft_lines = (logs / "ft" / "metrics.jsonl").read_text()
+    assert len(ft_lines.splitlines()) == 2  # the epoch and the final report
+    # a new run into a log dir that holds another run's logs needs --overwrite, as its checkpoint does
+    with pytest.raises(SystemExit) as exit_info:
+        go("--output_model_path", "other.pth", "--log_dir", logs / "ft")
+    assert exit_info.value.code == 2 and not os.path.exists("other.pth")
+    assert (logs / "ft" / "metrics.jsonl").read_text() == ft_lines
+    go("--output_model_path", "other.pth", "--log_dir", logs / "ft", "--overwrite", "--seed", "7")
+    assert (logs / "ft" / "metrics.jsonl").read_text() != ft_lines
+    assert json.loads((logs / "ft" / "runs.jsonl").read_text())["args"]["seed"] == 7
+
+
 def test_val_size_picks_the_best_epoch_on_held_out_training_images(tmp_path, cifar_dir):
     import train_classifier
     import utils
@@ -488,9 +511,9 @@ def trained(tmp_path_factory):
     data = write_cifar_batches(str(tmp / "data"))
     result, mae, _ = pretrain(tmp, data, "--total_epoch", 1)
     assert result.returncode == 0, result.stderr
-    result, cls, _ = classify(tmp, data, *TINY_MODEL, "--total_epoch", 1)
+    result, cls, cls_logs = classify(tmp, data, *TINY_MODEL, "--total_epoch", 1)
     assert result.returncode == 0, result.stderr
-    world = {"data": data, "mae": mae, "cls": cls, "tmp": tmp}
+    world = {"data": data, "mae": mae, "cls": cls, "tmp": tmp, "cls_logs": cls_logs}
     world["truncated"] = tmp / "truncated.pth"
     world["truncated"].write_bytes(mae.read_bytes()[:1000])
     world["corrupt"] = tmp / "corrupt"
@@ -558,6 +581,9 @@ BAD_INPUTS = {  # name: (script, argv from (world, tmp_path), what the error lin
                               lambda w: "--model_path"),
     "unwritable log dir": ("cls", lambda w, t: ["--data_dir", w["data"], *TINY_MODEL, "--log_dir", w["a_file"] / "logs",
                                                 "--output_model_path", t / "x.pth"], lambda w: "--log_dir"),
+    "log dir of another run": ("cls", lambda w, t: ["--data_dir", w["data"], *TINY_MODEL, "--log_dir", w["cls_logs"],
+                                                    "--output_model_path", t / "new-cls.pth"],
+                               lambda w: f"--log_dir {w['cls_logs']} already holds the logs of a run"),
     "resume with conflicting flag": ("mae", lambda w, t: ["--data_dir", w["data"], "--resume", w["mae"],
                                                           "--emb_dim", 32], lambda w: "conflicts with"),
     "existing checkpoint": ("mae", lambda w, t: ["--data_dir", w["data"], *TINY_MAE, "--model_path", w["mae"]],
@@ -607,7 +633,7 @@ def test_bad_input_ends_with_one_clear_line(case, tmp_path, trained, capsys):
     import train_classifier
     script, argv, fragment = BAD_INPUTS[case]
     module = mae_pretrain if script == "mae" else train_classifier
-    good = {path: path.read_bytes() for path in (trained["mae"], trained["cls"])}
+    good = {path: path.read_bytes() for path in (trained["mae"], trained["cls"], trained["cls_logs"] / "metrics.jsonl")}
     with pytest.raises(SystemExit) as exit_info:
         module.main(module.get_args_parser().parse_args([str(a) for a in argv(trained, tmp_path)]))
     lines = capsys.readouterr().err.strip().splitlines()

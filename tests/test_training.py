@@ -11,6 +11,7 @@ import torch
 import mae_pretrain
 import train_classifier
 import utils
+from conftest import write_cifar100, write_cifar_batches, write_image_folder
 from model import MAE_Encoder, MAE_ViT, ViT_Classifier
 
 CPU = utils.Runtime(torch.device("cpu"))
@@ -501,18 +502,27 @@ def test_timm_export_gives_same_logits(global_pool, linear_probe):
     torch.testing.assert_close(reference(x), model(x), rtol=1e-4, atol=1e-5)
 
 
-def test_default_output_and_log_paths_say_pretrained_or_scratch():
+def test_default_output_and_log_paths_follow_the_checkpoint_and_the_dataset(tmp_path):
     parse = lambda *argv: train_classifier.get_args_parser().parse_args(list(argv))
     args = parse("--pretrained_model_path", "vit-t-mae.pth")
-    train_classifier.default_paths(args)
-    assert (args.output_model_path, args.log_dir) == ("vit-t-classifier-from_pretrained.pth",
-                                                      "logs/cifar10/pretrain-cls")
+    train_classifier.default_output_path(args)
+    assert args.output_model_path == "vit-t-classifier-from_pretrained.pth"
     args = parse()
-    train_classifier.default_paths(args)
-    assert (args.output_model_path, args.log_dir) == ("vit-t-classifier-from_scratch.pth", "logs/cifar10/scratch-cls")
-    args = parse("--pretrained_model_path", "m.pth", "--output_model_path", "x.pth", "--log_dir", "l")
-    train_classifier.default_paths(args)
-    assert (args.output_model_path, args.log_dir) == ("x.pth", "l")
+    train_classifier.default_output_path(args)
+    assert args.output_model_path == "vit-t-classifier-from_scratch.pth"
+    args = parse("--pretrained_model_path", "m.pth", "--output_model_path", "x.pth")
+    train_classifier.default_output_path(args)
+    assert args.output_model_path == "x.pth"
+    # the data's name as load_data would find it: CIFAR-10 (also when it is still to be downloaded), CIFAR-100,
+    # or the ImageFolder tree's own folder name
+    write_cifar_batches(str(tmp_path / "c10"), per_batch=1, test=1)
+    write_cifar100(str(tmp_path / "c100"), train=1, test=1)
+    write_image_folder(str(tmp_path / "pets"), train=2, test=2)
+    names = {d: utils.default_log_dir(str(tmp_path / d), "runs/vit-t-ft.pth") for d in ("c10", "c100", "pets", "none")}
+    assert names == {"c10": os.path.join("logs", "cifar10", "vit-t-ft"),
+                     "c100": os.path.join("logs", "cifar100", "vit-t-ft"),
+                     "pets": os.path.join("logs", "pets", "vit-t-ft"),
+                     "none": os.path.join("logs", "cifar10", "vit-t-ft")}
 
 
 @pytest.mark.parametrize("pos_embed", ["learned", "sincos"])
