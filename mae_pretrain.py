@@ -242,6 +242,8 @@ def main(args):
         print(f"pretraining {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters on {rt.device} "
               f"({rt.world_size} process(es)), {steps_per_epoch} steps/epoch, micro-batch {micro_batch}, "
               f"peak lr {peak_lr:.2e}, {rt.describe()}, loader {args.loader}")
+        if start_epoch >= args.total_epoch:
+            print(f"{args.resume} has finished all {args.total_epoch} epochs: nothing to train")
 
     with utils.StopRequest() as stop:
         for epoch in range(start_epoch, args.total_epoch):

@@ -97,6 +97,9 @@ def check_writable(path, flag, is_dir=False):
 
 # ---------------------------------------------------------------------------------------------- runtime
 
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}  # --amp: the autocast dtype
+
+
 @dataclass
 class Runtime:
     device: torch.device
@@ -115,10 +118,15 @@ class Runtime:
     def distributed(self):
         return self.world_size > 1
 
+    @property
+    def amp(self):
+        """The --amp value of this precision: bf16, fp16 or off."""
+        return {v: k for k, v in AMP_DTYPES.items()}[self.amp_dtype]
+
     def describe(self):
         """amp and compile settings, for the start-up line."""
         mode = f" ({self.compile_mode})" if self.compile and self.compile_mode else ""
-        return f"amp {self.amp_dtype}, compile {self.compile}{mode}"
+        return f"amp {self.amp}, compile {self.compile}{mode}"
 
     def autocast(self):
         """One autocast context for the whole run: bf16/fp16 on CUDA, nothing on CPU."""
@@ -155,7 +163,7 @@ def setup_runtime(args):
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", device_id=device
                                 if device.type == "cuda" else None)
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
+    amp_dtype = AMP_DTYPES[amp]
     use_compile = device.type == "cuda" if args.compile is None else args.compile
     mode = getattr(args, "compile_mode", None)
     seed_everything(args.seed + rank)
@@ -208,7 +216,7 @@ CUDAGRAPH_MODES = ["reduce-overhead", "max-autotune"]  # the modes in which torc
 def add_runtime_args(parser):
     group = parser.add_argument_group("runtime")
     group.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda when available)")
-    group.add_argument("--amp", default=None, choices=["bf16", "fp16", "off"],
+    group.add_argument("--amp", default=None, choices=list(AMP_DTYPES),
                        help="mixed precision (default: bf16 on CUDA, off on CPU)")
     group.add_argument("--compile", default=None, action=argparse.BooleanOptionalAction,
                        help="torch.compile the model (default: on for CUDA, off for CPU)")
@@ -1543,7 +1551,7 @@ def run_info(args, rt):
             "args": plain_args(args), "commit": source_version(), "python": platform.python_version(),
             "torch": torch.__version__, "timm": timm.__version__,
             "device": torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else rt.device.type,
-            "processes": rt.world_size, "amp": str(rt.amp_dtype).replace("torch.", "") if rt.amp_dtype else "off",
+            "processes": rt.world_size, "amp": rt.amp,
             "compile": rt.compile}
 
 

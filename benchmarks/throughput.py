@@ -266,7 +266,7 @@ def main(args):
             torch.manual_seed(0)
             line = dict(case=f"{case}-{path}", device=torch.cuda.get_device_name(rt.device)
                         if rt.device.type == "cuda" else "cpu", preset=args.preset,
-                        amp=str(rt.amp_dtype).replace("torch.", "") if rt.amp_dtype else "fp32",
+                        amp=rt.amp,
                         compile=rt.compile, compile_mode=rt.compile_mode if rt.compile else None,
                         loader="device" if fast else f"torch({args.num_workers} workers)")
             randaug = args.randaug if case != "pretrain" else None  # MAE pretraining crops and flips only

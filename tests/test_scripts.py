@@ -427,6 +427,10 @@ def test_resume_auto_starts_fresh_then_goes_on_from_the_runs_own_checkpoint(tmp_
     result, part, _ = pretrain(tmp_path, cifar_dir, "--resume", "auto", name="part")  # the same job, again
     assert result.returncode == 0 and f"resumed {part} after epoch 1" in result.stdout, result.stderr
     assert load(part)["epoch"] == 2
+    before = part.read_bytes()
+    result, part, _ = pretrain(tmp_path, cifar_dir, "--resume", "auto", name="part")  # once more: it is done
+    assert result.returncode == 0 and f"{part} has finished all 2 epochs: nothing to train" in result.stdout
+    assert "amp off, compile False" in result.stdout and part.read_bytes() == before
     # the classifier finds its -last.pth from the same flags
     result, _, _ = classify(tmp_path, cifar_dir, *TINY_MODEL, "--resume", "auto", "--stop_after_epoch", 1)
     assert result.returncode == 0 and "resumed" not in result.stdout, result.stderr
@@ -777,6 +781,7 @@ def test_throughput_benchmark_tiny_preset_runs():
     cases = [line["case"] for line in lines[:-1]]
     assert cases == ["data-plain", "data-fast", "pretrain-plain", "pretrain-fast", "finetune-plain", "finetune-fast"]
     pretrain_fast = lines[3]
+    assert pretrain_fast["amp"] == "off"  # named as the scripts' --amp flag names it
     assert pretrain_fast["gflop_per_image"] > 0 and pretrain_fast["images_per_s"] > 0
     shares = pretrain_fast["flop_shares"]  # the FLOPs split between the modules, and attention's part
     assert set(shares) == {"encoder", "decoder", "attention"} and 0 < shares["attention"] < 0.5
