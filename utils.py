@@ -479,39 +479,69 @@ def hash_json(obj):
 
 # ---------------------------------------------------------------------------------------------- augmentation
 
-def sample_crop_boxes(n, height, width, scale, ratio=(3 / 4, 4 / 3), generator=None, device=None):
-    """Random-resized-crop boxes for n images -> (n, 4) as (x0, y0, w, h) in pixels.
+def sample_crop_boxes(n, height, width, scale, ratio=(3 / 4, 4 / 3), generator=None, device=None, tries=10):
+    """Random-resized-crop boxes for n images -> float (n, 4) of whole pixels, (x0, y0, w, h).
 
-    Area fraction uniform in `scale`, log aspect uniform in `ratio` (as torchvision), but a box that does
-    not fit is clamped to the image instead of redrawn, so every sample costs the same fixed work.
+    torchvision's RandomResizedCrop.get_params, batched: up to `tries` draws of an area fraction (uniform in
+    `scale`) and a log aspect ratio (uniform in log `ratio`), w and h rounded to whole pixels; the first draw
+    that fits is taken, at a uniform whole-pixel position; if none fits, the central crop of torchvision's
+    fallback. Every sample makes all draws, so the work is fixed and the draws per sample are too.
     """
-    u = torch.rand(n, 4, generator=generator, device=device)
-    area = height * width * (scale[0] + (scale[1] - scale[0]) * u[:, 0])
-    log_ratio = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * u[:, 1]
-    aspect = torch.exp(log_ratio)
-    w = torch.sqrt(area * aspect).clamp(1, width)
-    h = torch.sqrt(area / aspect).clamp(1, height)
-    return torch.stack([(width - w) * u[:, 2], (height - h) * u[:, 3], w, h], dim=1)
+    u = torch.rand(n, tries + 1, 2, generator=generator, device=device, dtype=torch.float64)
+    area = height * width * (scale[0] + (scale[1] - scale[0]) * u[:, :tries, 0])
+    log_ratio = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * u[:, :tries, 1]
+    w = torch.sqrt(area * torch.exp(log_ratio)).round()  # half to even, as Python's round
+    h = torch.sqrt(area / torch.exp(log_ratio)).round()
+    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)                            # (n, tries)
+    first = fits.int().argmax(1, keepdim=True)  # the first draw that fits (0 when none does)
+    w, h, found = w.gather(1, first)[:, 0], h.gather(1, first)[:, 0], fits.any(1)
+    in_ratio = width / height  # the fallback: the whole image, or its centre at the nearest allowed ratio
+    fallback_w = width if in_ratio <= max(ratio) else round(height * max(ratio))
+    fallback_h = height if in_ratio >= min(ratio) else round(width / min(ratio))
+    w = torch.where(found, w, torch.full_like(w, fallback_w))
+    h = torch.where(found, h, torch.full_like(h, fallback_h))
+    x0 = torch.where(found, (u[:, tries, 0] * (width - w + 1)).floor(), (width - w) // 2)
+    y0 = torch.where(found, (u[:, tries, 1] * (height - h + 1)).floor(), (height - h) // 2)
+    return torch.stack([x0, y0, w, h], dim=1).float()
 
 
 def crop_resize_flip(images, boxes, flip, out_size, interpolation="bilinear"):
-    """Crop each box, resize it to out_size and mirror it where flip: bilinear in one grid_sample, or bicubic.
+    """Crop each box, resize it to out_size and mirror it where flip, as torchvision's resized_crop does on
+    PIL images (enlarging): a horizontal pass, then a vertical one, each rounded to whole numbers 0-255 as
+    PIL's 8-bit passes are. Within a grey level of PIL's pixels; most are equal.
 
-    images: float (n, C, H, W); boxes: (n, 4) (x0, y0, w, h) pixels; flip: bool (n,) -> (n, C, out, out).
-    A box whose size equals out_size at integer offsets reproduces the slice exactly.
+    images: float (n, C, H, W) of whole numbers 0-255; boxes: (n, 4) (x0, y0, w, h) whole pixels; flip: bool
+    (n,) -> float (n, C, out, out) of whole numbers. A box whose size equals out_size reproduces the slice.
     """
     if interpolation == "bicubic":
         out = _resize_bicubic(images, boxes, out_size)
         return torch.where(flip[:, None, None, None], out.flip(-1), out)
-    x0, y0, w, h = boxes.to(images.dtype)[:, :, None, None].unbind(1)                 # (n, 1, 1) each
-    _, _, height, width = images.shape
-    # the grid affine_grid would give, written elementwise: on CUDA its batched matmul may run in TF32
-    centres = (2 * torch.arange(out_size, device=images.device, dtype=images.dtype) + 1) / out_size - 1
-    scale_x = torch.where(flip[:, None, None], -w / width, w / width)
-    grid_x = (scale_x * centres + (2 * x0 + w) / width - 1).expand(-1, out_size, -1)         # (n, out, out)
-    grid_y = (h / height * centres[:, None] + (2 * y0 + h) / height - 1).expand(-1, -1, out_size)
-    grid = torch.stack([grid_x, grid_y], dim=-1)
-    return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    n, _, height, width = images.shape
+    steps = torch.arange(out_size, device=images.device, dtype=images.dtype) + 0.5
+    centres = lambda size: (2 * torch.arange(size, device=images.device, dtype=images.dtype) + 1) / size - 1
+
+    def along(start, length, size):  # each output pixel's place in grid_sample's coordinates (n, out)
+        place = start[:, None] + steps * (length[:, None] / out_size) - 0.5  # in pixel indexes
+        # PIL resizes the cropped image, so it never reads outside the box: at the box's edges its two taps
+        # become one, which is the place clamped to the edge pixel's centre
+        place = torch.minimum(torch.maximum(place, start[:, None]), (start + length - 1)[:, None])
+        return (2 * place + 1) / size - 1
+
+    x0, y0, w, h = boxes.to(images.dtype).unbind(1)
+    grid_x = along(x0, w, width)
+    grid_x = torch.where(flip[:, None], grid_x.flip(-1), grid_x)
+    across = torch.stack([grid_x[:, None, :].expand(-1, height, -1),
+                          centres(height)[None, :, None].expand(n, -1, out_size)], dim=-1)  # (n, H, out, 2)
+    rows = _round_pixels(F.grid_sample(images, across, mode="bilinear", padding_mode="border",
+                                       align_corners=False))                              # (n, C, H, out)
+    down = torch.stack([centres(out_size)[None, None, :].expand(n, out_size, -1),
+                        along(y0, h, height)[:, :, None].expand(-1, -1, out_size)], dim=-1)  # (n, out, out, 2)
+    return _round_pixels(F.grid_sample(rows, down, mode="bilinear", padding_mode="border", align_corners=False))
+
+
+def _round_pixels(x):
+    """To whole numbers 0-255, halves up, as PIL's 8-bit resampling passes round."""
+    return x.add_(0.5).floor_().clamp_(0, 255)
 
 
 def _pil_bicubic_matrix(start, length, in_size, out_size):
@@ -542,8 +572,8 @@ def _resize_bicubic(images, boxes, out_size):
     x0, y0, w, h = boxes.unbind(1)
     along_width = _pil_bicubic_matrix(x0, w, width, out_size)                            # (n, out, W)
     along_height = _pil_bicubic_matrix(y0, h, height, out_size)                          # (n, out, H)
-    rows = (images.double() @ along_width.transpose(1, 2)[:, None]).round_().clamp_(0, 255)  # (n, C, H, out)
-    return (along_height[:, None] @ rows).round_().clamp_(0, 255).to(images.dtype)
+    rows = _round_pixels(images.double() @ along_width.transpose(1, 2)[:, None])      # (n, C, H, out)
+    return _round_pixels(along_height[:, None] @ rows).to(images.dtype)
 
 
 # RandAugment, per sample on the device. timm's rand_augment_transform runs on one PIL image at a time and
@@ -963,9 +993,7 @@ class DeviceLoader:
             images = crop_resize_flip(images.float(), boxes, flip, self.image_size, self.interpolation)
         elif self.flip:  # flip only: a mirror, no resampling
             images = torch.where(flip[:, None, None, None], images.flip(-1), images)
-        if self.randaug is not None:  # its ops work on whole numbers 0-255, as timm's on uint8 PIL images
-            if images.is_floating_point():
-                images = images.round()
+        if self.randaug is not None:  # its ops work on whole numbers 0-255, which the crop gives, as PIL's does
             images = self.randaug(images, self.aug_generator)
         return images
 
