@@ -245,6 +245,7 @@ def main(args):
         if start_epoch >= args.total_epoch:
             print(f"{args.resume} has finished all {args.total_epoch} epochs: nothing to train")
 
+    clock = utils.EpochClock()
     with utils.StopRequest() as stop:
         for epoch in range(start_epoch, args.total_epoch):
             metrics, epoch_state = trainer.train_epoch(model, train_loader, epoch_state, epoch=epoch,
@@ -269,11 +270,13 @@ def main(args):
             if utils.checkpoint_due(args, epoch + 1):
                 save_checkpoint(args, rt, model, trainer, train_loader, epoch=epoch + 1,
                                 step=(epoch + 1) * steps_per_epoch)
+            clock.lap()
             if rt.is_main:
                 print(f"epoch {epoch + 1}/{args.total_epoch}: loss {record['loss']:.4f}, "
                       f"{record['images_per_s']:.0f} images/s"
                       + (f", kNN {record['knn_acc']:.2%}" if "knn_acc" in record else "")
-                      + (f", compile {record['compile_seconds']:.1f}s" if "compile_seconds" in record else ""))
+                      + (f", compile {record['compile_seconds']:.1f}s" if "compile_seconds" in record else "")
+                      + clock.left(args.total_epoch - epoch - 1))
             if args.stop_after_epoch is not None and epoch + 1 >= args.stop_after_epoch \
                     and epoch + 1 < args.total_epoch:
                 if rt.is_main:

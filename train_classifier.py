@@ -386,6 +386,7 @@ def main(args):
             utils.save_atomic(checkpoint(model.state_dict(), config, data.classes, epoch, best_acc=best_acc,
                                          best_model=best_state, best_epoch=best_epoch, **state), last_path)
 
+    clock = utils.EpochClock()
     with utils.StopRequest() as stop:
         for epoch in range(start_epoch, args.total_epoch):
             train, epoch_state = trainer.train_epoch(model, train_loader, epoch_state, epoch=epoch,
@@ -415,10 +416,11 @@ def main(args):
             log.line(record)
             if utils.checkpoint_due(args, epoch + 1):
                 save_last(epoch + 1)
+            clock.lap()
             if rt.is_main:
                 print(f"epoch {epoch + 1}/{args.total_epoch}: train loss {train['loss']:.4f} acc {train_acc:.2%}, "
                       f"val loss {val['loss']:.4f} acc {val['acc']:.2%} (best {best_acc:.2%}), "
-                      f"{train['images_per_s']:.0f} images/s")
+                      f"{train['images_per_s']:.0f} images/s" + clock.left(args.total_epoch - epoch - 1))
             if args.stop_after_epoch is not None and epoch + 1 >= args.stop_after_epoch \
                     and epoch + 1 < args.total_epoch:
                 if rt.is_main:

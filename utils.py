@@ -1630,6 +1630,38 @@ class MetricsLog:
             self.writer.close()
 
 
+class EpochClock:
+    """Wall time per epoch (training, evaluation, checkpoint: all of it) and what it makes of the epochs left.
+
+    The first epoch of a process is counted only while it is the only one: it holds the compile time.
+    """
+
+    def __init__(self):
+        self.seconds, self.last = [], time.perf_counter()
+
+    def lap(self):
+        now = time.perf_counter()
+        self.seconds.append(now - self.last)
+        self.last = now
+
+    def left(self, epochs):
+        """', about 1h 14m left' for `epochs` more epochs, or '' when none are left."""
+        if not epochs or not self.seconds:
+            return ""
+        steady = self.seconds[1:] or self.seconds
+        return f", about {format_duration(sum(steady) / len(steady) * epochs)} left"
+
+
+def format_duration(seconds):
+    """Seconds as its two largest units: '3d 4h', '1h 14m', '12m 5s', '45s'."""
+    rest, parts = int(round(seconds)), []
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        count, rest = divmod(rest, size)
+        if count or parts:
+            parts.append(f"{count}{unit}")
+    return " ".join(parts[:2]) or "0s"
+
+
 def exit_after_signal(path, script, signum, rt, log):
     """After the checkpoint of an interrupted run is written: say how to resume, exit 128 + signal number."""
     log.close()

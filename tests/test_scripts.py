@@ -86,6 +86,8 @@ def test_pretraining_end_to_end(tmp_path, layout):
         write_image_folder(str(tmp_path / "data"))
     result, ckpt_path, logs = pretrain(tmp_path, data, "--knn_every", 1)
     assert result.returncode == 0, result.stderr
+    epoch_lines = [line for line in result.stdout.splitlines() if line.startswith("epoch ")]
+    assert len(epoch_lines) == 2 and epoch_lines[0].endswith(" left") and "left" not in epoch_lines[1]
     ckpt = load(ckpt_path)
     assert ckpt["kind"] == "mae_pretrain" and ckpt["epoch"] == 2 and ckpt["model_config"]["emb_dim"] == 16
     assert ckpt["step"] == 2 * (100 // 16 if layout == "cifar" else 40 // 16)

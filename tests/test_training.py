@@ -587,3 +587,15 @@ def test_compile_mode_reaches_torch_compile(monkeypatch, flag, expected):
         model = tiny_classifier()
         assert utils.wrap_model(model, rt) is model and seen == {"mode": expected}
         assert rt.describe() == "amp off, compile True" + (f" ({expected})" if expected else "")
+
+
+def test_time_left_leaves_out_the_compiling_first_epoch_and_reads_in_two_units():
+    assert [utils.format_duration(s) for s in (0, 45, 725, 4440, 4479.6, 277200, 86400)] == \
+        ["0s", "45s", "12m 5s", "1h 14m", "1h 14m", "3d 5h", "1d 0h"]
+    clock = utils.EpochClock()
+    assert clock.left(5) == ""
+    clock.seconds = [100.0]  # only the first epoch: it is all there is to go by
+    assert clock.left(2) == ", about 3m 20s left"
+    clock.seconds = [100.0, 10.0, 20.0]  # the first (compile) epoch no longer counts
+    assert clock.left(3) == ", about 45s left" and clock.left(0) == ""
+
