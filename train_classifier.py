@@ -120,6 +120,18 @@ def pretrained_sizes(args, parser, ckpt):
                               SIZE_KEYS + ["pos_embed"], what=f"--pretrained_model_path {args.pretrained_model_path}")
 
 
+def pretraining_note(path, ckpt):
+    """Which pretraining the encoder comes from; a run stopped before its schedule ended is pointed out."""
+    if "converted_from" in ckpt:
+        return f"encoder from {path}: converted from {ckpt['converted_from']}, whose epochs are not recorded"
+    done, total = ckpt["epoch"], ckpt.get("args", {}).get("total_epoch")
+    note = f"encoder from {path}: MAE pretraining after epoch {done}" + (f" of {total}" if total else "")
+    if total and done < total:
+        note += f" (an unfinished run: its learning rate had not yet decayed; resume it with mae_pretrain.py " \
+                f"--resume {path})"
+    return note
+
+
 def load_pretrained(args, ckpt, num_classes):
     """Classifier whose encoder holds an MAE checkpoint's weights; asserts exactly the head is new."""
     config = classifier_config(args, num_classes, in_chans=ckpt["model_config"]["in_chans"])
@@ -375,6 +387,8 @@ def main(args):
         print(f"training a classifier ({mode}), {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters "
               f"on {rt.device} ({rt.world_size} process(es)), {steps_per_epoch} steps/epoch, micro-batch "
               f"{micro_batch}, peak lr {peak_lr:.2e}, {rt.describe()}; the best epoch is picked on {selected_on}")
+        if pretrained is not None:
+            print(pretraining_note(args.pretrained_model_path, pretrained))
 
     def save_best():
         utils.save_atomic(checkpoint(best_state, config, data.classes, best_epoch, acc=best_acc,

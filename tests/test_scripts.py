@@ -153,6 +153,7 @@ def test_classifier_from_scratch_and_pretrained_end_to_end(tmp_path, cifar_dir):
     result, ckpt_path, logs = classify(tmp_path, cifar_dir, "--pretrained_model_path", mae_path)
     assert result.returncode == 0, result.stderr
     assert "best accuracy" in result.stdout and "airplane" in result.stdout
+    assert f"encoder from {mae_path}: MAE pretraining after epoch 2 of 2\n" in result.stdout
     lines = metrics(logs)
     epochs = [line for line in lines if "val_acc" in line]
     assert [line["epoch"] for line in epochs] == [1, 2]
@@ -669,6 +670,7 @@ def test_legacy_whole_model_pickle_is_refused_then_converted(tmp_path, trained):
     assert_same_tensors(ckpt["model"], model.state_dict())
     result, _, _ = classify(tmp_path, trained["data"], "--pretrained_model_path", converted, "--total_epoch", 1)
     assert result.returncode == 0, result.stderr
+    assert f"encoder from {converted}: converted from legacy.pt, whose epochs are not recorded" in result.stdout
 
 
 def test_convert_a_state_dict_without_running_code_and_refuse_what_needs_no_conversion(tmp_path, trained):

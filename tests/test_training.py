@@ -599,3 +599,13 @@ def test_time_left_leaves_out_the_compiling_first_epoch_and_reads_in_two_units()
     clock.seconds = [100.0, 10.0, 20.0]  # the first (compile) epoch no longer counts
     assert clock.left(3) == ", about 45s left" and clock.left(0) == ""
 
+
+def test_fine_tuning_points_out_an_unfinished_pretraining():
+    note = train_classifier.pretraining_note("m.pth", {"epoch": 500, "args": {"total_epoch": 2000}})
+    assert note.startswith("encoder from m.pth: MAE pretraining after epoch 500 of 2000 (an unfinished run")
+    assert "mae_pretrain.py --resume m.pth" in note
+    assert train_classifier.pretraining_note("m.pth", {"epoch": 2000, "args": {"total_epoch": 2000}}) == \
+        "encoder from m.pth: MAE pretraining after epoch 2000 of 2000"
+    assert train_classifier.pretraining_note("m.pth", {"epoch": 0, "converted_from": "old.pt"}) == \
+        "encoder from m.pth: converted from old.pt, whose epochs are not recorded"
+
