@@ -62,6 +62,11 @@ def cli_main(main):
         except NonFiniteLoss as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(3)
+        except torch.OutOfMemoryError as e:  # the first line names the device and how much was asked for
+            print(f"error: out of device memory ({str(e).splitlines()[0] if str(e) else 'no details'}); a smaller "
+                  "--max_device_batch_size needs less and trains the same objective, since gradients are averaged "
+                  "over micro-batches; nothing was saved since the last checkpoint", file=sys.stderr)
+            sys.exit(1)
         except KeyboardInterrupt:  # Ctrl-C outside a training epoch (loading data), or a second Ctrl-C
             print("\ninterrupted; nothing was saved since the last checkpoint", file=sys.stderr)
             sys.exit(130)
@@ -157,18 +162,27 @@ def setup_runtime(args):
         backend = getattr(torch, device.type, None)
         if not getattr(backend, "is_available", lambda: False)():
             raise UserError(f"--device {name!r}: this torch has no usable {device.type} device (try cuda or cpu)")
-    amp = args.amp or ("bf16" if device.type == "cuda" else "off")
+    default_amp, default_compile = cuda_defaults() if device.type == "cuda" else ("off", False)
+    amp = args.amp or default_amp
     if amp != "off" and device.type != "cuda":
         raise UserError(f"--amp {amp} needs a CUDA device; use --amp off on {device.type}")
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", device_id=device
                                 if device.type == "cuda" else None)
     amp_dtype = AMP_DTYPES[amp]
-    use_compile = device.type == "cuda" if args.compile is None else args.compile
+    use_compile = default_compile if args.compile is None else args.compile
     mode = getattr(args, "compile_mode", None)
     seed_everything(args.seed + rank)
     return Runtime(device, rank, world_size, amp_dtype, use_compile, None if mode == "default" else mode,
                    local_rank)
+
+
+def cuda_defaults():
+    """--amp and --compile defaults for the current CUDA device: bf16 where the GPU computes it natively
+    (compute capability 8.0 on: A100, RTX 30xx, H100), else fp16 with a GradScaler (V100, T4, RTX 20xx such as
+    the original's 2080 Ti); torch.compile where its Triton kernels run (capability 7.0 on)."""
+    amp = "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
+    return amp, torch.cuda.get_device_capability() >= (7, 0)
 
 
 def seed_everything(seed):
@@ -217,9 +231,11 @@ def add_runtime_args(parser):
     group = parser.add_argument_group("runtime")
     group.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda when available)")
     group.add_argument("--amp", default=None, choices=list(AMP_DTYPES),
-                       help="mixed precision (default: bf16 on CUDA, off on CPU)")
+                       help="mixed precision (default: bf16 on GPUs that have it natively, from A100 / RTX 30xx "
+                            "on; fp16 on older GPUs; off on CPU)")
     group.add_argument("--compile", default=None, action=argparse.BooleanOptionalAction,
-                       help="torch.compile the model (default: on for CUDA, off for CPU)")
+                       help="torch.compile the model (default: on for CUDA GPUs of compute capability 7.0 on, "
+                            "off for older ones and CPU)")
     group.add_argument("--compile_mode", default="default", choices=COMPILE_MODES,
                        help="torch.compile's mode: reduce-overhead adds CUDA graphs (for small, launch-bound "
                             "batches); max-autotune tries GEMM configurations at a longer compile")

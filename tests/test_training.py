@@ -609,3 +609,25 @@ def test_fine_tuning_points_out_an_unfinished_pretraining():
     assert train_classifier.pretraining_note("m.pth", {"epoch": 0, "converted_from": "old.pt"}) == \
         "encoder from m.pth: converted from old.pt, whose epochs are not recorded"
 
+
+@pytest.mark.parametrize("capability, bf16, expected", [((9, 0), True, ("bf16", True)), ((8, 6), True, ("bf16", True)),
+                                                        ((7, 5), False, ("fp16", True)),  # the original's 2080 Ti
+                                                        ((6, 1), False, ("fp16", False))])  # too old for Triton
+def test_cuda_defaults_follow_what_the_gpu_can_do(monkeypatch, capability, bf16, expected):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: bf16 or including_emulation)
+    assert utils.cuda_defaults() == expected
+
+
+def test_out_of_memory_ends_with_one_line_that_names_the_cure(capsys):
+    @utils.cli_main
+    def main(args):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity "
+                                     "of 10.75 GiB\nOf the allocated memory ...")
+    with pytest.raises(SystemExit) as exit_info:
+        main(None)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 1 and len(lines) == 1
+    assert lines[0].startswith("error: out of device memory (CUDA out of memory. Tried to allocate 2.00 GiB.")
+    assert "--max_device_batch_size" in lines[0] and "Of the allocated" not in lines[0]
+
