@@ -3,7 +3,10 @@
 # fine-tuning from scratch, each timed by benchmarks/time_to_accuracy.py.
 #   DATA=/path/to/cifar10 PRE=80 FT=20 bash benchmarks/gpu_recipe.sh
 # PRE_ARGS / FT_ARGS / LP_ARGS replace the flags of each phase (see the defaults below); LP is the probe's epochs.
+# It ends with a table of the three runs (time_to_accuracy.py --summarize). PYTHON: the interpreter (python3).
 set -euo pipefail
+TTA="$(dirname "$0")/time_to_accuracy.py"
+PYTHON=${PYTHON:-python3}
 DATA=${DATA:-data}
 RUNS=${RUNS:-runs/recipe}
 PRE=${PRE:-80}
@@ -12,9 +15,10 @@ LP=${LP:-5}
 PRE_ARGS=${PRE_ARGS:-"--knn_every $((PRE / 2))"}
 FT_ARGS=${FT_ARGS:-"--batch_size 512 --max_device_batch_size 512 --label_smoothing 0.1 --drop_path 0.1"}
 LP_ARGS=${LP_ARGS:-"--batch_size 512 --max_device_batch_size 512 --weight_decay 0 --base_learning_rate 2e-3"}
-python3 benchmarks/time_to_accuracy.py --data_dir "$DATA" --out_dir "$RUNS/mae" --pretrain_epochs "$PRE" \
+"$PYTHON" "$TTA" --data_dir "$DATA" --out_dir "$RUNS/mae" --pretrain_epochs "$PRE" \
     --finetune_epochs "$FT" --pretrain_args "$PRE_ARGS" --finetune_args "$FT_ARGS --layer_decay 0.75"
-python3 benchmarks/time_to_accuracy.py --data_dir "$DATA" --out_dir "$RUNS/linear-probe" \
+"$PYTHON" "$TTA" --data_dir "$DATA" --out_dir "$RUNS/linear-probe" \
     --pretrained_model_path "$RUNS/mae/mae.pth" --finetune_epochs "$LP" --finetune_args "--linear_probe $LP_ARGS"
-python3 benchmarks/time_to_accuracy.py --data_dir "$DATA" --out_dir "$RUNS/scratch" --pretrain_epochs 0 \
+"$PYTHON" "$TTA" --data_dir "$DATA" --out_dir "$RUNS/scratch" --pretrain_epochs 0 \
     --finetune_epochs "$FT" --finetune_args "$FT_ARGS"
+"$PYTHON" "$TTA" --summarize "$RUNS/mae" "$RUNS/linear-probe" "$RUNS/scratch"

@@ -4,6 +4,7 @@
 #   bash benchmarks/gpu_throughput.sh                      # every stage (not yet timed on a GPU; each run compiles)
 #   STAGES="profile autotune" bash benchmarks/gpu_throughput.sh
 #   EXTRA="--preset tiny" STAGES=crop bash benchmarks/gpu_throughput.sh   # EXTRA: more flags for every run
+# PYTHON: the interpreter (python3).
 # Stages:
 #   profile    pretraining at micro-batch 1024: where the device time of a step goes (+ Chrome traces)
 #   autotune   pretraining with torch.compile's max-autotune-no-cudagraphs (Triton GEMM templates)
@@ -14,13 +15,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR=${OUT_DIR:-runs/gpu-throughput}
 STAGES=${STAGES:-"profile autotune graphs randaug crop"}
+PYTHON=${PYTHON:-python3}
 read -r -a EXTRA_ARGS <<< "${EXTRA:-}"
 mkdir -p "$OUT_DIR"
 bench() {  # bench STAGE ARGS...: one throughput.py run, its lines shown and kept
     local stage=$1
     shift
     echo "# $stage: python benchmarks/throughput.py $* ${EXTRA_ARGS[*]}"
-    python3 benchmarks/throughput.py "$@" "${EXTRA_ARGS[@]}" | tee -a "$OUT_DIR/$stage.jsonl"
+    "$PYTHON" benchmarks/throughput.py "$@" "${EXTRA_ARGS[@]}" | tee -a "$OUT_DIR/$stage.jsonl"
 }
 for stage in $STAGES; do
     case $stage in

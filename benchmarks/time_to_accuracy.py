@@ -6,7 +6,12 @@ test accuracy as one JSON line.
 
 Each phase runs the real script (its main(args)) in this process, with its default flags unless
 --pretrain_args / --finetune_args add more (a quoted string of flags). Warmup epochs default to a tenth
-(pretraining) and a twentieth (fine-tuning) of the epochs, the ratios of the full recipes.
+(pretraining) and a twentieth (fine-tuning) of the epochs, the ratios of the full recipes. The JSON line is
+also written to OUT_DIR/report.json, and
+
+    python benchmarks/time_to_accuracy.py --summarize runs/recipe/mae runs/recipe/scratch
+
+prints the reports of several runs as one table (what benchmarks/gpu_recipe.sh ends with).
 """
 import argparse
 import json
@@ -31,7 +36,32 @@ def get_args_parser():
     parser.add_argument("--finetune_epochs", type=int, default=30)
     parser.add_argument("--pretrain_args", default="", help="more mae_pretrain.py flags, quoted")
     parser.add_argument("--finetune_args", default="", help="more train_classifier.py flags, quoted")
+    parser.add_argument("--summarize", nargs="+", metavar="OUT_DIR", default=None,
+                        help="run nothing: print the report.json of these earlier runs as a table")
     return parser
+
+
+def summary_table(out_dirs):
+    """One row per run: what it trained, its wall time, and the test accuracy of its chosen and last epoch."""
+    rows = [("run", "pretraining", "fine-tuning", "minutes", "top-1", "last epoch")]
+    for out_dir in out_dirs:
+        path = os.path.join(out_dir, "report.json")
+        try:
+            with open(path) as f:
+                report = json.load(f)
+        except (OSError, ValueError) as e:
+            raise utils.UserError(f"--summarize: cannot read {path} ({e.__class__.__name__}); is {out_dir} the "
+                                  "--out_dir of a finished run?") from None
+        pretraining = report["pretrained_model_path"] or (f"{report['pretrain_epochs']} epochs"
+                                                          if report["pretrain_epochs"] else "none (scratch)")
+        kind = "linear probe" if "--linear_probe" in report["finetune_args"].split() else "fine-tune"
+        rows.append((os.path.basename(os.path.normpath(out_dir)), pretraining,
+                     f"{report['finetune_epochs']} epochs, {kind}", f"{report['total_seconds'] / 60:.1f}",
+                     f"{report['best_test_acc']:.2%}", f"{report['final_epoch_acc']:.2%}"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
+    return "\n".join(lines + ["top-1: the test accuracy of the epoch each run kept (picked on the test set, or on "
+                              "held-out training images with --val_size); last epoch: of the final weights"])
 
 
 def run_phase(module, argv):
@@ -48,6 +78,10 @@ def read_metrics(log_dir):
 
 @utils.cli_main
 def main(args):
+    if args.summarize:
+        table = summary_table(args.summarize)
+        print(table)
+        return table
     if args.pretrain_epochs < 0:
         raise utils.UserError(f"--pretrain_epochs must not be negative (0: no pretraining), got {args.pretrain_epochs}")
     utils.check_positive(args, "finetune_epochs")
@@ -87,6 +121,8 @@ def main(args):
     report["best_test_acc"] = result["final"]["acc"]
     report["best_acc5"] = result["final"]["acc5"]
     report["total_seconds"] = report.get("pretrain_seconds", 0) + report["finetune_seconds"]
+    with open(os.path.join(args.out_dir, "report.json"), "w") as f:
+        f.write(json.dumps(report) + "\n")
     print(json.dumps(report), flush=True)
     return report
 

@@ -259,6 +259,26 @@ def test_time_to_accuracy_reports_both_phases(tmp_path, cifar_dir):
     assert not (tmp_path / "bad").exists()
 
 
+def test_gpu_recipe_runs_mae_probe_and_scratch_and_ends_with_their_table(tmp_path, cifar_dir):
+    small = "--batch_size 16 --max_device_batch_size 8 " + " ".join(TINY_MODEL)
+    env = {**os.environ, **OFFLINE, "OMP_NUM_THREADS": "1", "PYTHON": sys.executable, "DATA": cifar_dir,
+           "RUNS": str(tmp_path / "runs"), "PRE": "1", "FT": "1", "LP": "1", "FT_ARGS": small, "LP_ARGS": small,
+           "PRE_ARGS": " ".join(TINY_MAE + ["-bs", "16", "--max_device_batch_size", "8"])}
+    result = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "gpu_recipe.sh")], capture_output=True,
+                            text=True, timeout=300, env=env, cwd=tmp_path)  # from another folder than the repo's
+    assert result.returncode == 0, result.stderr
+    reports = {name: json.loads((tmp_path / "runs" / name / "report.json").read_text())
+               for name in ("mae", "linear-probe", "scratch")}
+    table = result.stdout.strip().splitlines()[-5:]
+    assert table[0].split() == ["run", "pretraining", "fine-tuning", "minutes", "top-1", "last", "epoch"]
+    assert table[1].split()[:3] == ["mae", "1", "epochs"] and table[1].split()[-2:] == [
+        f"{reports['mae']['best_test_acc']:.2%}", f"{reports['mae']['final_epoch_acc']:.2%}"]
+    assert "linear probe" in table[2] and str(tmp_path / "runs" / "mae" / "mae.pth") in table[2]
+    assert table[3].startswith("scratch") and "none (scratch)" in table[3]
+    result = run("benchmarks/time_to_accuracy.py", "--summarize", tmp_path / "runs" / "nope")
+    assert_clean_error(result, 2, "report.json", "is " + str(tmp_path / "runs" / "nope"))
+
+
 def test_cifar100_batches_train_a_100_class_classifier(tmp_path):
     data = write_cifar100(str(tmp_path / "data"))
     result, ckpt_path, _ = classify(tmp_path, data, *TINY_MODEL, "--total_epoch", 1)
@@ -807,7 +827,7 @@ def test_throughput_benchmark_tiny_preset_runs():
 
 def test_gpu_throughput_script_runs_its_stages_and_refuses_unknown_ones(tmp_path):
     env = {**os.environ, "OUT_DIR": str(tmp_path / "out"), "STAGES": "crop", "OMP_NUM_THREADS": "1",
-           "EXTRA": "--preset tiny --steps 1 --warmup 1"}
+           "EXTRA": "--preset tiny --steps 1 --warmup 1", "PYTHON": sys.executable}
     script = os.path.join(ROOT, "benchmarks", "gpu_throughput.sh")
     result = subprocess.run(["bash", script], capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr
