@@ -11,10 +11,12 @@
 #   graphs     fine-tuning at batch 128 in the default mode and with CUDA graphs (reduce-overhead)
 #   randaug    fine-tuning at batch 512 without and with device RandAugment (bilinear or bicubic per op)
 #   crop       the data pipeline alone with the bilinear and the bicubic crop
+#   decoder    pretraining with a narrower (128) or shallower (2 blocks) decoder: what the decoder's 60 % of the
+#              FLOPs cost in time (model changes that need an accuracy run before they could become defaults)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR=${OUT_DIR:-runs/gpu-throughput}
-STAGES=${STAGES:-"profile autotune graphs randaug crop"}
+STAGES=${STAGES:-"profile autotune graphs randaug crop decoder"}
 PYTHON=${PYTHON:-python3}
 read -r -a EXTRA_ARGS <<< "${EXTRA:-}"
 mkdir -p "$OUT_DIR"
@@ -41,7 +43,10 @@ for stage in $STAGES; do
         crop) for filter in bilinear bicubic; do
                   bench crop --cases data --paths fast --steps 50 --warmup 5 --interpolation "$filter"
               done ;;
-        *) echo "unknown stage '$stage' (profile, autotune, graphs, randaug, crop)" >&2
+        decoder) for model in decoder_emb_dim=192 decoder_emb_dim=128 decoder_layer=2; do
+                     bench decoder --cases pretrain --paths fast --steps 20 --warmup 5 --model "$model"
+                 done ;;
+        *) echo "unknown stage '$stage' (profile, autotune, graphs, randaug, crop, decoder)" >&2
            exit 2 ;;
     esac
 done

@@ -6,6 +6,7 @@
     python benchmarks/throughput.py --cases data,finetune --randaug rand-m9-mstd0.5-inc1   # with RandAugment
     python benchmarks/throughput.py --compile_mode max-autotune-no-cudagraphs              # another compile mode
     python benchmarks/throughput.py --cases pretrain --paths fast --profile 3             # where the time goes
+    python benchmarks/throughput.py --cases pretrain --paths fast --model decoder_emb_dim=128   # another model
 
 Cases, interleaved: data-only pipelines (images/s of the loaders alone, augmentation on), then pretraining
 and fine-tuning steps, each on the plain and the fast path. A training step is a whole optimizer step of
@@ -44,6 +45,8 @@ PRESETS = {
                  decoder_head=2, images=4096, pretrain_batch=256, pretrain_micro=256, finetune_batch=256,
                  finetune_micro=256, steps=5, warmup=2),
 }
+# the model sizes --model may change: mae_pretrain's, less the two that are not numbers
+MODEL_KEYS = [key for key in mae_pretrain.MODEL_KEYS if key not in ("pos_embed", "norm_pix_loss")]
 
 
 def get_args_parser():
@@ -72,7 +75,23 @@ def get_args_parser():
                         help="after the timed steps of each training case, profile this many steps and print "
                              "where the device time goes")
     parser.add_argument("--trace_dir", default=None, help="with --profile: write a Chrome trace per case here")
+    parser.add_argument("--model", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="change the preset's model, e.g. decoder_emb_dim=128 decoder_layer=2 (keys: "
+                             f"{', '.join(MODEL_KEYS)})")
     return parser
+
+
+
+def model_overrides(items):
+    """["decoder_emb_dim=128", ...] -> {"decoder_emb_dim": 128, ...}; a bad item is a UserError."""
+    overrides = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        if key not in MODEL_KEYS or not value.isdigit() or int(value) <= 0:
+            raise utils.UserError(f"--model takes KEY=VALUE with a positive whole VALUE and KEY one of "
+                                  f"{', '.join(MODEL_KEYS)}, got {item!r}")
+        overrides[key] = int(value)
+    return overrides
 
 
 def runtime(device, fast, compile_mode="default"):
@@ -128,8 +147,10 @@ def time_data(rt, loader, steps, warmup):
 
 
 def build(case, cfg, rt):
-    mae = MAE_ViT(**{k: cfg[k] for k in ("image_size", "patch_size", "emb_dim", "encoder_layer", "encoder_head",
-                                          "decoder_layer", "decoder_head")})
+    try:
+        mae = MAE_ViT(**{k: cfg[k] for k in MODEL_KEYS if k in cfg})
+    except ValueError as e:  # a --model change that does not fit (a width its heads do not divide)
+        raise utils.UserError(f"--model: {e}") from None
     if case == "pretrain":
         model, loss_fn, betas = mae, mae_pretrain.mae_loss, (0.9, 0.95)
         batch, micro = cfg["pretrain_batch"], cfg["pretrain_micro"]
@@ -238,7 +259,7 @@ def parse_subset(value, flag, allowed):
 
 @utils.cli_main
 def main(args):
-    cfg = dict(PRESETS[args.preset])
+    cfg = {**PRESETS[args.preset], **model_overrides(args.model)}
     for key in ("steps", "warmup", "pretrain_micro", "finetune_batch", "finetune_micro"):
         if getattr(args, key) is not None:
             cfg[key] = getattr(args, key)

@@ -823,6 +823,17 @@ def test_throughput_benchmark_tiny_preset_runs():
                  "--paths", "fast")
     assert result.returncode == 0, result.stderr
     assert [json.loads(line)["case"] for line in result.stdout.splitlines()] == ["data-fast"]  # no empty summary
+    # --model changes the preset's model: a narrower decoder has fewer FLOPs and says so in its config
+    result = run("benchmarks/throughput.py", "--preset", "tiny", "--steps", 1, "--warmup", 1, "--cases", "pretrain",
+                 "--paths", "fast", "--model", "decoder_emb_dim=32", "decoder_layer=2")
+    assert result.returncode == 0, result.stderr
+    narrow = json.loads(result.stdout.splitlines()[0])
+    assert narrow["config"]["decoder_emb_dim"] == 32 and narrow["config"]["decoder_layer"] == 2
+    expected = pretrain_fast["gflop_per_image"] * (1 - pretrain_fast["flop_shares"]["decoder"])
+    assert narrow["gflop_per_image"] * (1 - narrow["flop_shares"]["decoder"]) == pytest.approx(expected, rel=1e-6)
+    assert narrow["gflop_per_image"] != pytest.approx(pretrain_fast["gflop_per_image"])
+    for bad in ("emb_dim=31", "foo=1", "decoder_layer=0"):
+        assert_clean_error(run("benchmarks/throughput.py", "--preset", "tiny", "--model", bad), 2, "--model")
 
 
 def test_gpu_throughput_script_runs_its_stages_and_refuses_unknown_ones(tmp_path):
