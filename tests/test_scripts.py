@@ -599,8 +599,9 @@ BAD_INPUTS = {  # name: (script, argv from (world, tmp_path), what the error lin
                    lambda w: "--mask_ratio"),
     "mask ratio zero": ("mae", lambda w, t: ["--data_dir", w["data"], *TINY_MAE, "--mask_ratio", 0, *MAE_OUT(w, t)],
                         lambda w: "--mask_ratio must lie in (0, 1)"),
-    "device torch was not built for": ("cls", lambda w, t: ["--data_dir", w["data"], "--device", "mps",
-                                                            *CLS_OUT(w, t)], lambda w: "--device 'mps'"),
+    "device other than cuda or cpu": ("cls", lambda w, t: ["--data_dir", w["data"], "--device", "mps",
+                                                           *CLS_OUT(w, t)], lambda w: "--device 'mps': this project "
+                                                                                      "runs on cuda or cpu only"),
     "image size vs patch": ("mae", lambda w, t: ["--data_dir", w["data"], *TINY_MAE, "--image_size", 9,
                                                  *MAE_OUT(w, t)], lambda w: "multiple of patch_size"),
     "unwritable model path": ("mae", lambda w, t: ["--data_dir", w["data"], *TINY_MAE, "--model_path",
