@@ -44,8 +44,9 @@ class NonFiniteLoss(Exception):
     def __init__(self, epoch, step):
         where = f"in epoch {epoch} " if epoch is not None else ""
         super().__init__(f"non-finite loss {where}at optimizer step {step}; stopping without saving "
-                         "(the last checkpoint on disk is the last good one). Lower the learning rate, use "
-                         "--amp bf16 instead of fp16, or pass --skip_nonfinite N to skip a few bad steps")
+                         "(the last checkpoint on disk is the last good one). Lower the learning rate, pass "
+                         "--skip_nonfinite N to skip a few bad steps, or, if it ran in fp16, use --amp bf16 (GPUs "
+                         "from A100 / RTX 30xx on) or --amp off")
         self.epoch, self.step = epoch, step
 
 
