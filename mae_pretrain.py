@@ -199,7 +199,7 @@ def main(args):
         raise utils.UserError("--export_timm writes a saved MAE's encoder: give the checkpoint with --eval_only")
     parser = get_args_parser()
     ckpt = None
-    utils.auto_resume(args, args.model_path)
+    restarting = utils.auto_resume(args, args.model_path)
     if args.resume:
         ckpt = utils.load_checkpoint(args.resume, "mae_pretrain", "--resume")
         utils.resolve_resume_args(args, parser, ckpt["args"], RUN_KEYS, soft_keys=utils.SOFT_RESUME_KEYS)
@@ -212,7 +212,7 @@ def main(args):
         utils.check_fresh_output(args.model_path, args, "--model_path")
         utils.check_writable(args.model_path, "--model_path")
         utils.check_writable(args.log_dir, "--log_dir", is_dir=True)
-        utils.check_fresh_log_dir(args.log_dir, args)
+        utils.check_fresh_log_dir(args.log_dir, args, restarting)
     local_batch, micro_batch = utils.split_batch(args, rt)
     data = utils.load_data(args.data_dir, args.image_size, rt)
     if len(data.train_images) < args.batch_size:

@@ -304,10 +304,10 @@ def main(args):
     if args.eval_only:
         return eval_only(args)
     parser = get_args_parser()
-    ckpt = None
+    ckpt, restarting = None, False
     if args.resume == "auto":
         default_output_path(args)
-        utils.auto_resume(args, utils.last_checkpoint_path(args.output_model_path))
+        restarting = utils.auto_resume(args, utils.last_checkpoint_path(args.output_model_path))
     if args.resume:
         ckpt = utils.load_checkpoint(args.resume, "classifier", "--resume")
         if "optimizer" not in ckpt:
@@ -324,7 +324,7 @@ def main(args):
             utils.check_fresh_output(path, args, "--output_model_path")
         utils.check_writable(args.output_model_path, "--output_model_path")
         utils.check_writable(args.log_dir, "--log_dir", is_dir=True)
-        utils.check_fresh_log_dir(args.log_dir, args)
+        utils.check_fresh_log_dir(args.log_dir, args, restarting)
         utils.check_export_path(args)
     local_batch, micro_batch = utils.split_batch(args, rt)
     if (args.mixup or args.cutmix) and micro_batch % 2:

@@ -1535,9 +1535,13 @@ def write_timm_state(state, kwargs, path):
 
 
 def auto_resume(args, path):
-    """--resume auto: resume from `path`, the run's own checkpoint, when it is there; else start afresh."""
-    if args.resume == "auto":
-        args.resume = path if os.path.isfile(path) else None
+    """--resume auto: resume from `path`, the run's own checkpoint, when it is there; else start afresh.
+    -> True when it starts afresh: logs already in the log dir are then this job's, from an attempt that ended
+    before its first checkpoint (preempted with --save_every N), and may be replaced."""
+    if args.resume != "auto":
+        return False
+    args.resume = path if os.path.isfile(path) else None
+    return args.resume is None
 
 
 def check_new_file(path, flag, overwrite):
@@ -1564,10 +1568,11 @@ def check_fresh_output(path, args, flag):
                         "--overwrite to start over")
 
 
-def check_fresh_log_dir(log_dir, args):
-    """A new run does not wipe the logs of another: MetricsLog restarts metrics.jsonl and TensorBoard's curves."""
+def check_fresh_log_dir(log_dir, args, restarting=False):
+    """A new run does not wipe the logs of another: MetricsLog restarts metrics.jsonl and TensorBoard's curves.
+    restarting: --resume auto found no checkpoint, so the logs there are the same job's (auto_resume)."""
     path = os.path.join(log_dir, "metrics.jsonl")
-    if os.path.isfile(path) and os.path.getsize(path) and not args.resume and not args.overwrite:
+    if os.path.isfile(path) and os.path.getsize(path) and not (args.resume or args.overwrite or restarting):
         raise UserError(f"--log_dir {log_dir} already holds the logs of a run (metrics.jsonl); pass --overwrite to "
                         "replace them, --resume CHECKPOINT to continue that run, or another --log_dir")
 

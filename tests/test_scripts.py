@@ -454,6 +454,14 @@ def test_resume_auto_starts_fresh_then_goes_on_from_the_runs_own_checkpoint(tmp_
     result, part, _ = pretrain(tmp_path, cifar_dir, "--resume", "auto", name="part")  # once more: it is done
     assert result.returncode == 0 and f"{part} has finished all 2 epochs: nothing to train" in result.stdout
     assert "amp off, compile False" in result.stdout and part.read_bytes() == before
+    # an attempt that logged epochs but was preempted before its first checkpoint (say --save_every 10): the
+    # re-submitted job starts afresh over its own logs, where a new run without auto would be refused
+    part.unlink()
+    result, _, _ = pretrain(tmp_path, cifar_dir, name="part")
+    assert_clean_error(result, 2, "already holds the logs of a run")
+    result, part, logs = pretrain(tmp_path, cifar_dir, "--resume", "auto", name="part")
+    assert result.returncode == 0 and "resumed" not in result.stdout, result.stderr
+    assert load(part)["epoch"] == 2 and [line["epoch"] for line in metrics(logs)] == [1, 2]
     # the classifier finds its -last.pth from the same flags
     result, _, _ = classify(tmp_path, cifar_dir, *TINY_MODEL, "--resume", "auto", "--stop_after_epoch", 1)
     assert result.returncode == 0 and "resumed" not in result.stdout, result.stderr
