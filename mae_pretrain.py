@@ -235,7 +235,8 @@ def main(args):
         if rt.is_main:
             print(f"resumed {args.resume} after epoch {start_epoch}"
                   + (f" (+{epoch_state.step} steps)" if epoch_state else ""))
-    log = utils.MetricsLog(args.log_dir, rt, args, completed_epochs=start_epoch, resumed=ckpt is not None)
+    log = utils.MetricsLog(args.log_dir, rt, args, completed_epochs=start_epoch, resumed=ckpt is not None,
+                           data=data)
     val_images = utils.normalize(data.test_images[:16]).to(rt.device)
     knn_loaders = plain_loaders(args, rt, data) if args.knn_every else None
     if rt.is_main:

@@ -381,7 +381,8 @@ def main(args):
         if rt.is_main:
             print(f"resumed {args.resume} after epoch {start_epoch} (best accuracy so far {best_acc:.2%})")
     eval_model = ema.module if ema is not None else model
-    log = utils.MetricsLog(args.log_dir, rt, args, completed_epochs=start_epoch, resumed=ckpt is not None)
+    log = utils.MetricsLog(args.log_dir, rt, args, completed_epochs=start_epoch, resumed=ckpt is not None,
+                           data=data)
     if rt.is_main:
         mode = "linear probe" if args.linear_probe else ("fine-tuning" if args.pretrained_model_path else "scratch")
         print(f"training a classifier ({mode}), {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters "

@@ -1593,15 +1593,31 @@ def source_version():
     return commit.stdout.strip() + ("-dirty" if dirty else "")
 
 
-def run_info(args, rt):
-    """What one start of a job ran: when, the command, every setting, the code and software, the hardware."""
+def run_info(args, rt, data=None):
+    """What one start of a job ran: when, the command, every setting, the code and software, the hardware, and
+    which data (data_info)."""
     import timm
-    return {"started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "argv": sys.argv,
+    info = {"started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "argv": sys.argv,
             "args": plain_args(args), "commit": source_version(), "python": platform.python_version(),
             "torch": torch.__version__, "timm": timm.__version__,
             "device": torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else rt.device.type,
             "processes": rt.world_size, "amp": rt.amp,
             "compile": rt.compile}
+    if data is not None:
+        info["data"] = data_info(args.data_dir, data)
+    return info
+
+
+def data_info(data_dir, data):
+    """Where the data came from, its sizes, and a fingerprint of its decoded pixels, labels and class names:
+    equal for equal data whatever the files' format, so two runs can tell whether they trained on the same
+    images (the JPEG copy of CIFAR-10 and the original batches differ)."""
+    digest = hashlib.blake2b(digest_size=8)
+    for tensor in (data.train_images, data.train_labels, data.test_images, data.test_labels):
+        digest.update(tensor.cpu().contiguous().numpy())
+    digest.update(json.dumps(list(data.classes)).encode())
+    return {"dir": os.path.abspath(data_dir), "name": dataset_name(data_dir), "train_images": len(data.train_images),
+            "test_images": len(data.test_images), "classes": len(data.classes), "fingerprint": digest.hexdigest()}
 
 
 class MetricsLog:
@@ -1612,7 +1628,7 @@ class MetricsLog:
     then each resume), and TensorBoard the same as text.
     """
 
-    def __init__(self, log_dir, rt, args, completed_epochs=0, resumed=False):
+    def __init__(self, log_dir, rt, args, completed_epochs=0, resumed=False, data=None):
         self.writer = None
         if not rt.is_main:
             return
@@ -1626,7 +1642,7 @@ class MetricsLog:
         with open(self.path, "w") as f:
             f.writelines(kept)
         self.writer = SummaryWriter(log_dir, purge_step=completed_epochs + 1)
-        info = run_info(args, rt)
+        info = run_info(args, rt, data)
         with open(os.path.join(log_dir, "runs.jsonl"), "a" if resumed else "w") as f:
             f.write(json.dumps(info) + "\n")
         self.writer.add_text("run", "```\n" + json.dumps(info, indent=1) + "\n```", global_step=completed_epochs)

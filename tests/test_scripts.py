@@ -435,6 +435,10 @@ def test_pretraining_resume_is_bit_identical(tmp_path, cifar_dir):
     assert starts[0]["args"]["emb_dim"] == starts[1]["args"]["emb_dim"] == 16
     assert starts[1]["torch"] == torch.__version__ and starts[1]["device"] == "cpu" and starts[1]["processes"] == 1
     assert starts[1]["commit"] is None or len(starts[1]["commit"].split("-")[0]) == 40
+    data = starts[1]["data"]  # which data: the same in both starts, down to the pixels
+    assert data == starts[0]["data"] and data["dir"] == os.path.abspath(cifar_dir) and data["name"] == "cifar10"
+    assert (data["train_images"], data["test_images"], data["classes"]) == (100, 20, 10)
+    assert len(data["fingerprint"]) == 16
     assert "run/text_summary" in events(logs).Tags()["tensors"]  # the same as text in TensorBoard
     result, _, logs = pretrain(tmp_path, cifar_dir, "--overwrite", name="part")  # a new run starts the file again
     assert result.returncode == 0, result.stderr

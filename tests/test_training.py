@@ -631,3 +631,17 @@ def test_out_of_memory_ends_with_one_line_that_names_the_cure(capsys):
     assert lines[0].startswith("error: out of device memory (CUDA out of memory. Tried to allocate 2.00 GiB.")
     assert "--max_device_batch_size" in lines[0] and "Of the allocated" not in lines[0]
 
+
+def test_data_fingerprint_follows_the_pixels_labels_and_class_names():
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (6, 3, 4, 4), dtype=torch.uint8, generator=g)
+    make = lambda imgs, labels, classes: utils.ImageData(imgs, labels, imgs[:2], labels[:2], classes)
+    base = utils.data_info("d", make(images, torch.arange(6) % 2, ["a", "b"]))
+    assert base == utils.data_info("d", make(images.clone(), torch.arange(6) % 2, ["a", "b"]))
+    changed = images.clone()
+    changed[5, 0, 0, 0] ^= 1  # one bit of one pixel of a training image
+    others = [make(changed, torch.arange(6) % 2, ["a", "b"]), make(images, (torch.arange(6) + 1) % 2, ["a", "b"]),
+              make(images, torch.arange(6) % 2, ["b", "a"])]
+    assert len({base["fingerprint"]} | {utils.data_info("d", data)["fingerprint"] for data in others}) == 4
+    assert (base["train_images"], base["test_images"], base["classes"]) == (6, 2, 2)
+
