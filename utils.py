@@ -524,7 +524,8 @@ def sample_crop_boxes(n, height, width, scale, ratio=(3 / 4, 4 / 3), generator=N
 def crop_resize_flip(images, boxes, flip, out_size, interpolation="bilinear"):
     """Crop each box, resize it to out_size and mirror it where flip, as torchvision's resized_crop does on
     PIL images (enlarging): a horizontal pass, then a vertical one, each rounded to whole numbers 0-255 as
-    PIL's 8-bit passes are. Within a grey level of PIL's pixels; most are equal.
+    PIL's 8-bit passes are. Bilinear gives PIL's pixels; bicubic comes within one grey level of them (PIL's
+    bicubic weights are fixed-point numbers).
 
     images: float (n, C, H, W) of whole numbers 0-255; boxes: (n, 4) (x0, y0, w, h) whole pixels; flip: bool
     (n,) -> float (n, C, out, out) of whole numbers. A box whose size equals out_size reproduces the slice.
