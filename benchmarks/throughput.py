@@ -81,7 +81,6 @@ def get_args_parser():
     return parser
 
 
-
 def model_overrides(items):
     """["decoder_emb_dim=128", ...] -> {"decoder_emb_dim": 128, ...}; a bad item is a UserError."""
     overrides = {}
