@@ -644,4 +644,3 @@ def test_data_fingerprint_follows_the_pixels_labels_and_class_names():
               make(images, torch.arange(6) % 2, ["b", "a"])]
     assert len({base["fingerprint"]} | {utils.data_info("d", data)["fingerprint"] for data in others}) == 4
     assert (base["train_images"], base["test_images"], base["classes"]) == (6, 2, 2)
-
