@@ -184,8 +184,8 @@ def eval_only(args):
     return result
 
 
-def save_checkpoint(args, rt, model, trainer, loader, *, epoch, step, epoch_state=None):
-    state = utils.training_state(trainer, loader, rt, args, epoch_state)  # every rank takes part
+def save_checkpoint(args, rt, model, trainer, loader, *, epoch, step, epoch_state=None, data=None):
+    state = utils.training_state(trainer, loader, rt, args, epoch_state, data=data)  # every rank takes part
     if rt.is_main:
         utils.save_atomic({"format": utils.CHECKPOINT_FORMAT, "kind": "mae_pretrain", "model": model.state_dict(),
                            "model_config": model.config, "epoch": epoch, "step": step, **state}, args.model_path)
@@ -215,6 +215,7 @@ def main(args):
         utils.check_fresh_log_dir(args.log_dir, args, restarting)
     local_batch, micro_batch = utils.split_batch(args, rt)
     data = utils.load_data(args.data_dir, args.image_size, rt)
+    data_record = utils.data_info(args.data_dir, data) if rt.is_main else None
     if len(data.train_images) < args.batch_size:
         raise utils.UserError(f"--batch_size {args.batch_size} is larger than the training set "
                               f"({len(data.train_images)} images)")
@@ -233,10 +234,11 @@ def main(args):
     if ckpt is not None:
         start_epoch, epoch_state = utils.restore_training_state(ckpt, model, trainer, train_loader, rt)
         if rt.is_main:
+            utils.note_resumed_data(ckpt, data_record, args.resume)
             print(f"resumed {args.resume} after epoch {start_epoch}"
                   + (f" (+{epoch_state.step} steps)" if epoch_state else ""))
     log = utils.MetricsLog(args.log_dir, rt, args, completed_epochs=start_epoch, resumed=ckpt is not None,
-                           data=data)
+                           data=data_record)
     val_images = utils.normalize(data.test_images[:16]).to(rt.device)
     knn_loaders = plain_loaders(args, rt, data) if args.knn_every else None
     if rt.is_main:
@@ -254,7 +256,8 @@ def main(args):
                                                        stop=stop)
             if metrics is None:  # SIGINT / SIGTERM: save where we are, exit 130 / 143
                 save_checkpoint(args, rt, model, trainer, train_loader, epoch=epoch,
-                                step=epoch * steps_per_epoch + epoch_state.step, epoch_state=epoch_state)
+                                step=epoch * steps_per_epoch + epoch_state.step, epoch_state=epoch_state,
+                                data=data_record)
                 utils.exit_after_signal(args.model_path, "mae_pretrain.py", stop.signum, rt, log)
             epoch_state = None
             record = {"epoch": epoch + 1, "loss": metrics["loss"], "lr": metrics["lr"],
@@ -270,7 +273,7 @@ def main(args):
             log.line(record)
             if utils.checkpoint_due(args, epoch + 1):
                 save_checkpoint(args, rt, model, trainer, train_loader, epoch=epoch + 1,
-                                step=(epoch + 1) * steps_per_epoch)
+                                step=(epoch + 1) * steps_per_epoch, data=data_record)
             clock.lap()
             if rt.is_main:
                 print(f"epoch {epoch + 1}/{args.total_epoch}: loss {record['loss']:.4f}, "

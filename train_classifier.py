@@ -338,6 +338,7 @@ def main(args):
     except ValueError as e:
         raise utils.UserError(str(e)) from None
     data = utils.load_data(args.data_dir, args.image_size, rt)
+    data_record = utils.data_info(args.data_dir, data) if rt.is_main else None
     if ckpt is not None:
         check_classes(ckpt, data, f"--resume {args.resume}")
     num_classes = len(data.classes)
@@ -379,10 +380,11 @@ def main(args):
             best = utils.load_checkpoint(args.output_model_path, "classifier")
             best_state, best_epoch = best["model"], best["epoch"]
         if rt.is_main:
+            utils.note_resumed_data(ckpt, data_record, args.resume)
             print(f"resumed {args.resume} after epoch {start_epoch} (best accuracy so far {best_acc:.2%})")
     eval_model = ema.module if ema is not None else model
     log = utils.MetricsLog(args.log_dir, rt, args, completed_epochs=start_epoch, resumed=ckpt is not None,
-                           data=data)
+                           data=data_record)
     if rt.is_main:
         mode = "linear probe" if args.linear_probe else ("fine-tuning" if args.pretrained_model_path else "scratch")
         print(f"training a classifier ({mode}), {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters "
@@ -396,7 +398,8 @@ def main(args):
                                      selected_on=selected_on), args.output_model_path)
 
     def save_last(epoch, epoch_state=None):
-        state = utils.training_state(trainer, train_loader, rt, args, epoch_state, ema)  # every rank takes part
+        # every rank takes part
+        state = utils.training_state(trainer, train_loader, rt, args, epoch_state, ema, data_record)
         if rt.is_main:  # the best weights too: a resume needs no other file, on any machine
             utils.save_atomic(checkpoint(model.state_dict(), config, data.classes, epoch, best_acc=best_acc,
                                          best_model=best_state, best_epoch=best_epoch, **state), last_path)

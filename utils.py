@@ -1427,9 +1427,10 @@ def load_checkpoint(path, kind=None, what="checkpoint"):
     return ckpt
 
 
-def training_state(trainer, loader, rt, args, epoch_state=None, ema=None):
-    """What --resume needs beyond the weights, as plain values and tensors (a collective under torchrun)."""
-    return {"optimizer": trainer.optimizer.state_dict(),
+def training_state(trainer, loader, rt, args, epoch_state=None, ema=None, data=None):
+    """What --resume needs beyond the weights, as plain values and tensors (a collective under torchrun);
+    data: the data_info of what the run trains on, which a resume compares (note_resumed_data)."""
+    return {"data": data, "optimizer": trainer.optimizer.state_dict(),
             "scaler": trainer.scaler.state_dict() if trainer.scaler else None,
             "ema": ema.module.state_dict() if ema is not None else None,
             "epoch_state": epoch_state.state_dict() if epoch_state is not None else None,
@@ -1449,6 +1450,16 @@ def restore_training_state(ckpt, model, trainer, loader, rt, ema=None):
     if saved is None:
         return ckpt["epoch"], None
     return ckpt["epoch"], EpochState(saved["order"].to(rt.device), saved["step"], saved["sums"].to(rt.device))
+
+
+def note_resumed_data(ckpt, data, path):
+    """A resumed run goes on with whatever --data_dir holds now; say so when those are other images than the
+    ones it trained on (moving the same data elsewhere is fine: the fingerprint is of the pixels)."""
+    saved = ckpt.get("data")
+    if saved and data and saved["fingerprint"] != data["fingerprint"]:
+        print(f"note: {data['dir']} holds other data than {path} was trained on ({saved['dir']}: fingerprint "
+              f"{saved['fingerprint']}, now {data['fingerprint']}); the resumed epochs train on the data there now",
+              file=sys.stderr)
 
 
 def plain_args(args):
@@ -1596,7 +1607,7 @@ def source_version():
 
 def run_info(args, rt, data=None):
     """What one start of a job ran: when, the command, every setting, the code and software, the hardware, and
-    which data (data_info)."""
+    which data (data: its data_info)."""
     import timm
     info = {"started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "argv": sys.argv,
             "args": plain_args(args), "commit": source_version(), "python": platform.python_version(),
@@ -1605,7 +1616,7 @@ def run_info(args, rt, data=None):
             "processes": rt.world_size, "amp": rt.amp,
             "compile": rt.compile}
     if data is not None:
-        info["data"] = data_info(args.data_dir, data)
+        info["data"] = data
     return info
 
 

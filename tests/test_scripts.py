@@ -446,6 +446,21 @@ def test_pretraining_resume_is_bit_identical(tmp_path, cifar_dir):
         assert len(f.readlines()) == 1
 
 
+def test_resume_on_other_images_says_so_and_on_a_moved_copy_does_not(tmp_path, cifar_dir):
+    result, part, _ = pretrain(tmp_path, cifar_dir, "--total_epoch", 3, "--stop_after_epoch", 1, name="part")
+    assert result.returncode == 0, result.stderr
+    saved = load(part)["data"]  # which data the checkpoint was trained on, as plain values
+    assert saved["dir"] == os.path.abspath(cifar_dir) and saved["train_images"] == 100
+    moved = shutil.copytree(cifar_dir, tmp_path / "moved")  # the same images in another folder: no note
+    result = run("mae_pretrain.py", "--data_dir", moved, "--resume", part, "--stop_after_epoch", 2)
+    assert result.returncode == 0 and "note:" not in result.stderr, result.stderr
+    other = write_cifar_batches(str(tmp_path / "other"), seed=7)  # same classes and sizes, other images
+    result = run("mae_pretrain.py", "--data_dir", other, "--resume", part)
+    assert result.returncode == 0, result.stderr
+    assert f"note: {os.path.abspath(other)} holds other data than {part} was trained on" in result.stderr
+    assert load(part)["data"]["fingerprint"] != saved["fingerprint"]  # from here on it trained on those
+
+
 def test_resume_auto_starts_fresh_then_goes_on_from_the_runs_own_checkpoint(tmp_path, cifar_dir):
     # (auto only picks the path: what a resume restores is checked bit for bit by the tests below)
     result, part, _ = pretrain(tmp_path, cifar_dir, "--resume", "auto", "--stop_after_epoch", 1, name="part")
