@@ -64,7 +64,8 @@ def get_args_parser():
 def validate(args):
     utils.check_positive(args, "batch_size", "max_device_batch_size", "base_learning_rate", "total_epoch",
                          "image_size", "patch_size", "emb_dim", "encoder_layer", "encoder_head", "decoder_layer",
-                         "decoder_head", "decoder_emb_dim", "log_interval", "knn_k", "knn_t", "save_every")
+                         "decoder_head", "decoder_emb_dim", "log_interval", "knn_k", "knn_t", "save_every",
+                         "stop_after_epoch")
     if args.weight_decay < 0 or args.warmup_epoch < 0 or args.knn_every < 0 or args.num_workers < 0:
         raise utils.UserError("--weight_decay, --warmup_epoch, --knn_every and --num_workers must not be negative")
     if not 0.0 < args.mask_ratio < 1.0:  # the loss is taken over masked patches only

@@ -78,7 +78,7 @@ def get_args_parser():
 def validate(args):
     utils.check_positive(args, "batch_size", "max_device_batch_size", "base_learning_rate", "total_epoch",
                          "image_size", "patch_size", "emb_dim", "encoder_layer", "encoder_head", "log_interval",
-                         "clip_grad", "save_every")
+                         "clip_grad", "save_every", "stop_after_epoch")
     for name in ("weight_decay", "warmup_epoch", "mixup", "cutmix", "num_workers", "val_size"):
         if getattr(args, name) < 0:
             raise utils.UserError(f"--{name} must not be negative, got {getattr(args, name)}")

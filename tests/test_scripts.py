@@ -647,6 +647,8 @@ BAD_INPUTS = {  # name: (script, argv from (world, tmp_path), what the error lin
                                  lambda w: "holds only weights"),
     "batch larger than data": ("mae", lambda w, t: ["--data_dir", w["data"], *TINY_MAE, "-bs", 4096,
                                                     *MAE_OUT(w, t)], lambda w: "larger than the training set"),
+    "stop after epoch 0": ("mae", lambda w, t: ["--data_dir", w["data"], *TINY_MAE, "--stop_after_epoch", 0,
+                                                *MAE_OUT(w, t)], lambda w: "--stop_after_epoch must be positive"),
     "negative flag": ("cls", lambda w, t: ["--data_dir", w["data"], "--mixup", -1, *CLS_OUT(w, t)],
                       lambda w: "--mixup must not be negative"),
     "heads do not divide width, before the data": ("cls", lambda w, t: ["--data_dir", t / "no-data", "--emb_dim", 30,
