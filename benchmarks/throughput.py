@@ -50,16 +50,20 @@ MODEL_KEYS = [key for key in mae_pretrain.MODEL_KEYS if key not in ("pos_embed",
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser("training throughput benchmark")
-    parser.add_argument("--preset", default="vit-t", choices=sorted(PRESETS))
+    parser = argparse.ArgumentParser("training throughput benchmark",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--preset", default="vit-t", choices=sorted(PRESETS),
+                        help="vit-t: the default ViT-T/2 on 32x32 images; tiny: a small model for a CPU")
     parser.add_argument("--steps", type=int, default=None, help="timed optimizer steps per case")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (compilation happens here)")
-    parser.add_argument("--pretrain_micro", type=int, default=None)
-    parser.add_argument("--finetune_batch", type=int, default=None)
-    parser.add_argument("--finetune_micro", type=int, default=None)
+    parser.add_argument("--pretrain_micro", type=int, default=None,
+                        help="pretraining micro-batch (the batch is the preset's); none: the preset's")
+    parser.add_argument("--finetune_batch", type=int, default=None, help="fine-tuning batch; none: the preset's")
+    parser.add_argument("--finetune_micro", type=int, default=None,
+                        help="fine-tuning micro-batch; none: the preset's")
     parser.add_argument("--peak_tflops", type=float, default=800.0,
                         help="peak dense matrix TFLOP/s of the device for MFU (H100 bf16, measured: about 800)")
-    parser.add_argument("--device", default=None)
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--num_workers", type=int, default=min(8, os.cpu_count() or 1),
                         help="DataLoader workers of the plain path")
     parser.add_argument("--cases", default="data,pretrain,finetune", help="comma-separated subset")

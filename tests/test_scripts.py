@@ -1,4 +1,5 @@
 """Both scripts end to end, as a user runs them: files, logs, exit codes, resume, signals, bad inputs."""
+import argparse
 import json
 import math
 import os
@@ -376,6 +377,27 @@ def test_reconstruction_figure_at_several_mask_ratios(tmp_path, cifar_dir):
     result = run("tools/reconstruct.py", mae_path, "--out", out, "--data_dir", cifar_dir, "--num_images", 0)
     assert_clean_error(result, 2, "--num_images must be positive, got 0")
     assert out.read_bytes() == before
+    # a typo that names the checkpoint is refused before anything is written; a new folder is made
+    result = run("tools/reconstruct.py", mae_path, "--out", mae_path, "--data_dir", cifar_dir)
+    assert_clean_error(result, 2, "give a .png or .jpg file name")
+    assert load(mae_path)["kind"] == "mae_pretrain"
+    result = run("tools/reconstruct.py", mae_path, "--out", tmp_path / "new" / "fig.jpg", "--data_dir", cifar_dir,
+                 "--num_images", 2, "--mask_ratios", 0.5)
+    assert result.returncode == 0, result.stderr
+    assert Image.open(tmp_path / "new" / "fig.jpg").size == (3 * 9 + 1, 2 * 9 + 1)
+
+
+@pytest.mark.parametrize("script", ["mae_pretrain.py", "train_classifier.py", "tools/reconstruct.py",
+                                    "tools/convert_legacy.py", "benchmarks/throughput.py",
+                                    "benchmarks/time_to_accuracy.py"])
+def test_every_flag_says_what_it_does(script):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(script.replace("/", "_")[:-3], os.path.join(ROOT, script))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    parser = module.get_args_parser()
+    assert [action.dest for action in parser._actions if not action.help] == []
+    assert parser.formatter_class is argparse.ArgumentDefaultsHelpFormatter  # --help shows each default
 
 
 def test_offline_without_data_exits_2_with_message(tmp_path):

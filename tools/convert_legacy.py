@@ -68,9 +68,10 @@ def model_config(state):
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser("convert a legacy whole-model pickle")
-    parser.add_argument("source")
-    parser.add_argument("destination")
+    parser = argparse.ArgumentParser("convert a legacy whole-model pickle",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("source", help="the original repository's torch.save(model) file, or a state_dict")
+    parser.add_argument("destination", help="this project's checkpoint to write (weights_only loadable)")
     parser.add_argument("--execute_pickled_code", action="store_true",
                         help="required for a whole pickled model: loading it runs code stored in it; only for "
                              "files you trust")

@@ -18,14 +18,16 @@ from model import MAE_ViT  # noqa: E402
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser("MAE reconstructions at several mask ratios")
+    parser = argparse.ArgumentParser("MAE reconstructions at several mask ratios",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("checkpoint", help="an MAE pretraining checkpoint (mae_pretrain.py --model_path)")
-    parser.add_argument("--out", default="reconstructions.png")
-    parser.add_argument("--mask_ratios", type=float, nargs="+", default=[0.25, 0.5, 0.75])
+    parser.add_argument("--out", default="reconstructions.png", help="the figure: a .png or .jpg file")
+    parser.add_argument("--mask_ratios", type=float, nargs="+", default=[0.25, 0.5, 0.75],
+                        help="one masked input + reconstruction column pair per ratio, each in [0, 1)")
     parser.add_argument("--images", nargs="+", default=None, metavar="FILE",
                         help="image files to reconstruct (resized to the model's image size); default: test images")
     parser.add_argument("--num_images", type=int, default=8, help="without --images: the first N test images")
-    parser.add_argument("--data_dir", default="data")
+    parser.add_argument("--data_dir", default="data", help="where the test images come from (as the scripts')")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random masks")
     return parser
 
@@ -49,6 +51,9 @@ def main(args):
         if not 0 <= ratio < 1:
             raise utils.UserError(f"--mask_ratios must lie in [0, 1), got {ratio}")
     utils.check_positive(args, "num_images")
+    if os.path.splitext(args.out)[1].lower() not in (".png", ".jpg", ".jpeg"):
+        raise utils.UserError(f"--out {args.out}: give a .png or .jpg file name (the figure is an image)")
+    utils.check_writable(args.out, "--out")  # before any data is read
     ckpt = utils.load_checkpoint(args.checkpoint, "mae_pretrain", "checkpoint")
     model = MAE_ViT(**ckpt["model_config"])
     model.load_state_dict(ckpt["model"])
@@ -59,7 +64,7 @@ def main(args):
         data = utils.load_data(args.data_dir, model.config["image_size"])
         images = utils.normalize(data.test_images[:args.num_images])
     grid, per_row = reconstruction_rows(model, images, args.mask_ratios, args.seed)
-    utils.check_writable(args.out, "--out")
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     save_image(grid, args.out, nrow=per_row, padding=1, pad_value=1.0)
     print(f"wrote {args.out}: {len(images)} images x (masked, reconstruction) at mask ratios "
           f"{', '.join(map(str, args.mask_ratios))}, then the original")
