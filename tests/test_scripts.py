@@ -27,17 +27,41 @@ def run(script, *args, env=None, timeout=240):
                           text=True, timeout=timeout, env=full_env, cwd=ROOT)
 
 
-def pretrain(tmp_path, data, *extra, name="mae"):
+def run_here(capsys, script, *args):
+    """A script's main(args) in this process, as run() starts it in another (seconds faster: torch is already
+    imported) -> the same kind of result: returncode, stdout, stderr."""
+    import importlib.util
+    name = script[:-len(".py")].replace("/", ".")
+    if name not in sys.modules:  # tools/ and benchmarks/ are folders, not packages: load them by path
+        spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, script))
+        sys.modules[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[name])
+    module = sys.modules[name]
+    capsys.readouterr()
+    try:
+        module.main(module.get_args_parser().parse_args(list(map(str, args))))
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    captured = capsys.readouterr()
+    return subprocess.CompletedProcess([script, *args], code, captured.out, captured.err)
+
+
+def pretrain(tmp_path, data, *extra, name="mae", capsys=None):
+    """A tiny pretraining run: in a new process, or in this one when given capsys."""
     ckpt, logs = tmp_path / f"{name}.pth", tmp_path / "logs" / name
-    result = run("mae_pretrain.py", "--data_dir", data, *TINY_MAE, "-bs", 16, "--max_device_batch_size", 8,
-                 "--total_epoch", 2, "--warmup_epoch", 1, "--model_path", ckpt, "--log_dir", logs, *extra)
+    argv = ["--data_dir", data, *TINY_MAE, "-bs", 16, "--max_device_batch_size", 8, "--total_epoch", 2,
+            "--warmup_epoch", 1, "--model_path", ckpt, "--log_dir", logs, *extra]
+    result = run_here(capsys, "mae_pretrain.py", *argv) if capsys else run("mae_pretrain.py", *argv)
     return result, ckpt, logs
 
 
-def classify(tmp_path, data, *extra, name="cls"):
+def classify(tmp_path, data, *extra, name="cls", capsys=None):
+    """A tiny classifier run: in a new process, or in this one when given capsys."""
     ckpt, logs = tmp_path / f"{name}.pth", tmp_path / "logs" / name
-    result = run("train_classifier.py", "--data_dir", data, "--batch_size", 16, "--max_device_batch_size", 8,
-                 "--total_epoch", 2, "--warmup_epoch", 1, "--output_model_path", ckpt, "--log_dir", logs, *extra)
+    argv = ["--data_dir", data, "--batch_size", 16, "--max_device_batch_size", 8, "--total_epoch", 2,
+            "--warmup_epoch", 1, "--output_model_path", ckpt, "--log_dir", logs, *extra]
+    result = run_here(capsys, "train_classifier.py", *argv) if capsys else run("train_classifier.py", *argv)
     return result, ckpt, logs
 
 
@@ -357,9 +381,9 @@ def test_linear_probe_leaves_encoder_bit_identical(tmp_path, cifar_dir):
     assert not torch.equal(trained["head.0.running_mean"], torch.zeros_like(trained["head.0.running_mean"]))
 
 
-def test_reconstruction_figure_at_several_mask_ratios(tmp_path, cifar_dir):
+def test_reconstruction_figure_at_several_mask_ratios(tmp_path, cifar_dir, capsys):
     from PIL import Image
-    result, mae_path, _ = pretrain(tmp_path, cifar_dir, "--norm_pix_loss")
+    result, mae_path, _ = pretrain(tmp_path, cifar_dir, "--norm_pix_loss", capsys=capsys)
     assert result.returncode == 0, result.stderr
     out = tmp_path / "fig.png"
     result = run("tools/reconstruct.py", mae_path, "--out", out, "--data_dir", cifar_dir, "--num_images", 4,
@@ -367,22 +391,23 @@ def test_reconstruction_figure_at_several_mask_ratios(tmp_path, cifar_dir):
     assert result.returncode == 0, result.stderr
     width, height = Image.open(out).size
     assert (width, height) == (7 * 9 + 1, 4 * 9 + 1)  # 7 columns x 4 rows of 8-pixel images, 1-pixel padding
+    here = lambda *args: run_here(capsys, "tools/reconstruct.py", *args)  # the rest in this process
     given = [tmp_path / "a.png", tmp_path / "b.png"]
     for i, path in enumerate(given):
         Image.new("RGB", (20, 20), (40 * i, 100, 200)).save(path)
-    result = run("tools/reconstruct.py", mae_path, "--out", out, "--images", *given, "--mask_ratios", 0.5)
+    result = here(mae_path, "--out", out, "--images", *given, "--mask_ratios", 0.5)
     assert result.returncode == 0, result.stderr
     assert Image.open(out).size == (3 * 9 + 1, 2 * 9 + 1)
     before = out.read_bytes()
-    result = run("tools/reconstruct.py", mae_path, "--out", out, "--data_dir", cifar_dir, "--num_images", 0)
+    result = here(mae_path, "--out", out, "--data_dir", cifar_dir, "--num_images", 0)
     assert_clean_error(result, 2, "--num_images must be positive, got 0")
     assert out.read_bytes() == before
     # a typo that names the checkpoint is refused before anything is written; a new folder is made
-    result = run("tools/reconstruct.py", mae_path, "--out", mae_path, "--data_dir", cifar_dir)
+    result = here(mae_path, "--out", mae_path, "--data_dir", cifar_dir)
     assert_clean_error(result, 2, "give a .png or .jpg file name")
     assert load(mae_path)["kind"] == "mae_pretrain"
-    result = run("tools/reconstruct.py", mae_path, "--out", tmp_path / "new" / "fig.jpg", "--data_dir", cifar_dir,
-                 "--num_images", 2, "--mask_ratios", 0.5)
+    result = here(mae_path, "--out", tmp_path / "new" / "fig.jpg", "--data_dir", cifar_dir, "--num_images", 2,
+                  "--mask_ratios", 0.5)
     assert result.returncode == 0, result.stderr
     assert Image.open(tmp_path / "new" / "fig.jpg").size == (3 * 9 + 1, 2 * 9 + 1)
 
@@ -468,45 +493,47 @@ def test_pretraining_resume_is_bit_identical(tmp_path, cifar_dir):
         assert len(f.readlines()) == 1
 
 
-def test_resume_on_other_images_says_so_and_on_a_moved_copy_does_not(tmp_path, cifar_dir):
-    result, part, _ = pretrain(tmp_path, cifar_dir, "--total_epoch", 3, "--stop_after_epoch", 1, name="part")
+def test_resume_on_other_images_says_so_and_on_a_moved_copy_does_not(tmp_path, cifar_dir, capsys):
+    result, part, _ = pretrain(tmp_path, cifar_dir, "--total_epoch", 3, "--stop_after_epoch", 1, capsys=capsys)
     assert result.returncode == 0, result.stderr
     saved = load(part)["data"]  # which data the checkpoint was trained on, as plain values
     assert saved["dir"] == os.path.abspath(cifar_dir) and saved["train_images"] == 100
     moved = shutil.copytree(cifar_dir, tmp_path / "moved")  # the same images in another folder: no note
-    result = run("mae_pretrain.py", "--data_dir", moved, "--resume", part, "--stop_after_epoch", 2)
+    result = run_here(capsys, "mae_pretrain.py", "--data_dir", moved, "--resume", part, "--stop_after_epoch", 2)
     assert result.returncode == 0 and "note:" not in result.stderr, result.stderr
     other = write_cifar_batches(str(tmp_path / "other"), seed=7)  # same classes and sizes, other images
-    result = run("mae_pretrain.py", "--data_dir", other, "--resume", part)
+    result = run_here(capsys, "mae_pretrain.py", "--data_dir", other, "--resume", part)
     assert result.returncode == 0, result.stderr
     assert f"note: {os.path.abspath(other)} holds other data than {part} was trained on" in result.stderr
     assert load(part)["data"]["fingerprint"] != saved["fingerprint"]  # from here on it trained on those
 
 
-def test_resume_auto_starts_fresh_then_goes_on_from_the_runs_own_checkpoint(tmp_path, cifar_dir):
+def test_resume_auto_starts_fresh_then_goes_on_from_the_runs_own_checkpoint(tmp_path, cifar_dir, capsys):
     # (auto only picks the path: what a resume restores is checked bit for bit by the tests below)
-    result, part, _ = pretrain(tmp_path, cifar_dir, "--resume", "auto", "--stop_after_epoch", 1, name="part")
+    job = lambda *extra: pretrain(tmp_path, cifar_dir, *extra, name="part", capsys=capsys)  # in this process
+    result, part, _ = job("--resume", "auto", "--stop_after_epoch", 1)
     assert result.returncode == 0 and "resumed" not in result.stdout, result.stderr  # nothing there yet: fresh
     assert load(part)["epoch"] == 1
-    result, part, _ = pretrain(tmp_path, cifar_dir, "--resume", "auto", name="part")  # the same job, again
+    result, part, _ = job("--resume", "auto")  # the same job, again
     assert result.returncode == 0 and f"resumed {part} after epoch 1" in result.stdout, result.stderr
     assert load(part)["epoch"] == 2
     before = part.read_bytes()
-    result, part, _ = pretrain(tmp_path, cifar_dir, "--resume", "auto", name="part")  # once more: it is done
+    result, part, _ = job("--resume", "auto")  # once more: it is done
     assert result.returncode == 0 and f"{part} has finished all 2 epochs: nothing to train" in result.stdout
     assert "amp off, compile False" in result.stdout and part.read_bytes() == before
     # an attempt that logged epochs but was preempted before its first checkpoint (say --save_every 10): the
     # re-submitted job starts afresh over its own logs, where a new run without auto would be refused
     part.unlink()
-    result, _, _ = pretrain(tmp_path, cifar_dir, name="part")
+    result, _, _ = job()
     assert_clean_error(result, 2, "already holds the logs of a run")
-    result, part, logs = pretrain(tmp_path, cifar_dir, "--resume", "auto", name="part")
+    result, part, logs = job("--resume", "auto")
     assert result.returncode == 0 and "resumed" not in result.stdout, result.stderr
     assert load(part)["epoch"] == 2 and [line["epoch"] for line in metrics(logs)] == [1, 2]
     # the classifier finds its -last.pth from the same flags
-    result, _, _ = classify(tmp_path, cifar_dir, *TINY_MODEL, "--resume", "auto", "--stop_after_epoch", 1)
+    result, _, _ = classify(tmp_path, cifar_dir, *TINY_MODEL, "--resume", "auto", "--stop_after_epoch", 1,
+                            capsys=capsys)
     assert result.returncode == 0 and "resumed" not in result.stdout, result.stderr
-    result, _, _ = classify(tmp_path, cifar_dir, *TINY_MODEL, "--resume", "auto")
+    result, _, _ = classify(tmp_path, cifar_dir, *TINY_MODEL, "--resume", "auto", capsys=capsys)
     assert result.returncode == 0, result.stderr
     assert f"resumed {tmp_path / 'cls-last.pth'} after epoch 1" in result.stdout
     assert load(tmp_path / "cls-last.pth")["epoch"] == 2
@@ -850,7 +877,7 @@ def test_two_process_pretraining_gathers_knn_features_like_one(tmp_path):
     assert math.isfinite(m2["loss"])
 
 
-def test_throughput_benchmark_tiny_preset_runs():
+def test_throughput_benchmark_tiny_preset_runs(capsys):
     result = run("benchmarks/throughput.py", "--preset", "tiny", "--steps", 1, "--warmup", 1, "--num_workers", 0)
     assert result.returncode == 0, result.stderr
     lines = [json.loads(line) for line in result.stdout.splitlines()]
@@ -865,19 +892,19 @@ def test_throughput_benchmark_tiny_preset_runs():
     assert sum(v for k, v in lines[5]["flop_shares"].items() if k != "attention") == pytest.approx(1.0)
     assert lines[5]["flop_shares"]["blocks"] > 0.9  # fine-tuning: the 2 blocks, called one by one
     assert set(lines[-1]) == {"summary", "data", "pretrain", "finetune"}
-    result = run("benchmarks/throughput.py", "--preset", "tiny", "--steps", 1, "--warmup", 1, "--num_workers", 0,
-                 "--cases", "data", "--randaug", "rand-m9-mstd0.5-inc1")
+    bench = lambda *args: run_here(capsys, "benchmarks/throughput.py", *args)  # the rest in this process
+    result = bench("--preset", "tiny", "--steps", 1, "--warmup", 1, "--num_workers", 0, "--cases", "data",
+                   "--randaug", "rand-m9-mstd0.5-inc1")
     assert result.returncode == 0, result.stderr
     lines = [json.loads(line) for line in result.stdout.splitlines()]
     assert [(line["case"], line["randaug"]) for line in lines[:-1]] == [("data-plain", "rand-m9-mstd0.5-inc1"),
                                                                         ("data-fast", "rand-m9-mstd0.5-inc1")]
-    result = run("benchmarks/throughput.py", "--preset", "tiny", "--steps", 1, "--warmup", 1, "--cases", "data",
-                 "--paths", "fast")
+    result = bench("--preset", "tiny", "--steps", 1, "--warmup", 1, "--cases", "data", "--paths", "fast")
     assert result.returncode == 0, result.stderr
     assert [json.loads(line)["case"] for line in result.stdout.splitlines()] == ["data-fast"]  # no empty summary
     # --model changes the preset's model: a narrower decoder has fewer FLOPs and says so in its config
-    result = run("benchmarks/throughput.py", "--preset", "tiny", "--steps", 1, "--warmup", 1, "--cases", "pretrain",
-                 "--paths", "fast", "--model", "decoder_emb_dim=32", "decoder_layer=2")
+    result = bench("--preset", "tiny", "--steps", 1, "--warmup", 1, "--cases", "pretrain", "--paths", "fast",
+                   "--model", "decoder_emb_dim=32", "decoder_layer=2")
     assert result.returncode == 0, result.stderr
     narrow = json.loads(result.stdout.splitlines()[0])
     assert narrow["config"]["decoder_emb_dim"] == 32 and narrow["config"]["decoder_layer"] == 2
@@ -885,7 +912,7 @@ def test_throughput_benchmark_tiny_preset_runs():
     assert narrow["gflop_per_image"] * (1 - narrow["flop_shares"]["decoder"]) == pytest.approx(expected, rel=1e-6)
     assert narrow["gflop_per_image"] != pytest.approx(pretrain_fast["gflop_per_image"])
     for bad in ("emb_dim=31", "foo=1", "decoder_layer=0"):
-        assert_clean_error(run("benchmarks/throughput.py", "--preset", "tiny", "--model", bad), 2, "--model")
+        assert_clean_error(bench("--preset", "tiny", "--model", bad), 2, "--model")
 
 
 def test_gpu_throughput_script_runs_its_stages_and_refuses_unknown_ones(tmp_path):
