@@ -970,9 +970,9 @@ class BatchOrder:
 class DeviceLoader:
     """The whole dataset as uint8 on the device; batches are gathered, augmented and normalised there.
 
-    Augmentation is per sample: random-resized-crop with area in `crop_scale` (None: no crop) and filter
-    `interpolation` (bicubic: PIL's, within a grey level of torchvision's on PIL images), a horizontal
-    flip with probability 0.5, a timm RandAugment policy (`randaug`, None: off), normalisation, then random
+    Augmentation is per sample: random-resized-crop with area in `crop_scale` (None: no crop), drawn and
+    resized with `interpolation` as torchvision's RandomResizedCrop does on PIL images (crop_resize_flip), a
+    horizontal flip with probability 0.5, a timm RandAugment policy (`randaug`, None: off), normalisation, then random
     erasing with probability `reprob`, in that order (as timm's training transforms), all drawn from this
     loader's own generator.
     """

@@ -27,16 +27,22 @@ def run(script, *args, env=None, timeout=240):
                           text=True, timeout=timeout, env=full_env, cwd=ROOT)
 
 
-def run_here(capsys, script, *args):
-    """A script's main(args) in this process, as run() starts it in another (seconds faster: torch is already
-    imported) -> the same kind of result: returncode, stdout, stderr."""
+def script_module(script):
+    """The module of a script given by its path in the repository (tools/ and benchmarks/ are folders, not
+    packages), imported once."""
     import importlib.util
     name = script[:-len(".py")].replace("/", ".")
-    if name not in sys.modules:  # tools/ and benchmarks/ are folders, not packages: load them by path
+    if name not in sys.modules:
         spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, script))
         sys.modules[name] = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(sys.modules[name])
-    module = sys.modules[name]
+    return sys.modules[name]
+
+
+def run_here(capsys, script, *args):
+    """A script's main(args) in this process, as run() starts it in another (seconds faster: torch is already
+    imported) -> the same kind of result: returncode, stdout, stderr."""
+    module = script_module(script)
     capsys.readouterr()
     try:
         module.main(module.get_args_parser().parse_args(list(map(str, args))))
@@ -207,24 +213,22 @@ def test_classifier_from_scratch_and_pretrained_end_to_end(tmp_path, cifar_dir):
 
 
 def test_default_log_dirs_keep_runs_apart_and_a_new_run_needs_overwrite_to_replace_logs(tmp_path, cifar_dir,
-                                                                                          monkeypatch):
-    import train_classifier
+                                                                                          monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    go = lambda *argv: train_classifier.main(train_classifier.get_args_parser().parse_args(
-        ["--data_dir", cifar_dir, *TINY_MODEL, "--batch_size", "16", "--total_epoch", "1", "--warmup_epoch", "1",
-         *map(str, argv)]))
-    go("--output_model_path", "ft.pth")
-    go("--output_model_path", "probe.pth")  # the README's recipes: two runs of one kind, two checkpoint names
+    go = lambda *argv: run_here(capsys, "train_classifier.py", "--data_dir", cifar_dir, *TINY_MODEL, "--batch_size",
+                                16, "--total_epoch", 1, "--warmup_epoch", 1, *argv)
+    assert go("--output_model_path", "ft.pth").returncode == 0
+    # the README's recipes: two runs of one kind, two checkpoint names
+    assert go("--output_model_path", "probe.pth").returncode == 0
     logs = tmp_path / "logs" / "cifar10"
     assert sorted(os.listdir(logs)) == ["ft", "probe"]
     ft_lines = (logs / "ft" / "metrics.jsonl").read_text()
     assert len(ft_lines.splitlines()) == 2  # the epoch and the final report
     # a new run into a log dir that holds another run's logs needs --overwrite, as its checkpoint does
-    with pytest.raises(SystemExit) as exit_info:
-        go("--output_model_path", "other.pth", "--log_dir", logs / "ft")
-    assert exit_info.value.code == 2 and not os.path.exists("other.pth")
-    assert (logs / "ft" / "metrics.jsonl").read_text() == ft_lines
-    go("--output_model_path", "other.pth", "--log_dir", logs / "ft", "--overwrite", "--seed", "7")
+    result = go("--output_model_path", "other.pth", "--log_dir", logs / "ft")
+    assert_clean_error(result, 2, "already holds the logs of a run")
+    assert not os.path.exists("other.pth") and (logs / "ft" / "metrics.jsonl").read_text() == ft_lines
+    assert go("--output_model_path", "other.pth", "--log_dir", logs / "ft", "--overwrite", "--seed", 7).returncode == 0
     assert (logs / "ft" / "metrics.jsonl").read_text() != ft_lines
     assert json.loads((logs / "ft" / "runs.jsonl").read_text())["args"]["seed"] == 7
 
@@ -416,11 +420,7 @@ def test_reconstruction_figure_at_several_mask_ratios(tmp_path, cifar_dir, capsy
                                     "tools/convert_legacy.py", "benchmarks/throughput.py",
                                     "benchmarks/time_to_accuracy.py"])
 def test_every_flag_says_what_it_does(script):
-    import importlib.util
-    spec = importlib.util.spec_from_file_location(script.replace("/", "_")[:-3], os.path.join(ROOT, script))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    parser = module.get_args_parser()
+    parser = script_module(script).get_args_parser()
     assert [action.dest for action in parser._actions if not action.help] == []
     assert parser.formatter_class is argparse.ArgumentDefaultsHelpFormatter  # --help shows each default
 
