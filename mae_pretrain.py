@@ -65,7 +65,7 @@ def validate(args):
     utils.check_positive(args, "batch_size", "max_device_batch_size", "base_learning_rate", "total_epoch",
                          "image_size", "patch_size", "emb_dim", "encoder_layer", "encoder_head", "decoder_layer",
                          "decoder_head", "decoder_emb_dim", "log_interval", "knn_k", "knn_t", "save_every",
-                         "stop_after_epoch")
+                         "stop_after_epoch", "stop_after_minutes")
     if args.weight_decay < 0 or args.warmup_epoch < 0 or args.knn_every < 0 or args.num_workers < 0:
         raise utils.UserError("--weight_decay, --warmup_epoch, --knn_every and --num_workers must not be negative")
     if not 0.0 < args.mask_ratio < 1.0:  # the loss is taken over masked patches only
@@ -249,7 +249,7 @@ def main(args):
         if start_epoch >= args.total_epoch:
             print(f"{args.resume} has finished all {args.total_epoch} epochs: nothing to train")
 
-    clock = utils.EpochClock()
+    clock = utils.EpochClock(rt.started)
     with utils.StopRequest() as stop:
         for epoch in range(start_epoch, args.total_epoch):
             metrics, epoch_state = trainer.train_epoch(model, train_loader, epoch_state, epoch=epoch,
@@ -272,7 +272,8 @@ def main(args):
             if rt.is_main:
                 log.image("mae_image", reconstruction_grid(model, val_images, rt), epoch + 1)
             log.line(record)
-            if utils.checkpoint_due(args, epoch + 1):
+            stopping = utils.stop_reason(args, epoch + 1, clock, rt)
+            if utils.checkpoint_due(args, epoch + 1) or stopping:
                 save_checkpoint(args, rt, model, trainer, train_loader, epoch=epoch + 1,
                                 step=(epoch + 1) * steps_per_epoch, data=data_record)
             clock.lap()
@@ -282,10 +283,9 @@ def main(args):
                       + (f", kNN {record['knn_acc']:.2%}" if "knn_acc" in record else "")
                       + (f", compile {record['compile_seconds']:.1f}s" if "compile_seconds" in record else "")
                       + clock.left(args.total_epoch - epoch - 1))
-            if args.stop_after_epoch is not None and epoch + 1 >= args.stop_after_epoch \
-                    and epoch + 1 < args.total_epoch:
+            if stopping:
                 if rt.is_main:
-                    print(f"stopping after epoch {epoch + 1} as asked; resume with: python mae_pretrain.py "
+                    print(f"stopping after epoch {epoch + 1} {stopping}; resume with: python mae_pretrain.py "
                           f"--resume {args.model_path}")
                 break
     log.close()

@@ -78,7 +78,7 @@ def get_args_parser():
 def validate(args):
     utils.check_positive(args, "batch_size", "max_device_batch_size", "base_learning_rate", "total_epoch",
                          "image_size", "patch_size", "emb_dim", "encoder_layer", "encoder_head", "log_interval",
-                         "clip_grad", "save_every", "stop_after_epoch")
+                         "clip_grad", "save_every", "stop_after_epoch", "stop_after_minutes")
     for name in ("weight_decay", "warmup_epoch", "mixup", "cutmix", "num_workers", "val_size"):
         if getattr(args, name) < 0:
             raise utils.UserError(f"--{name} must not be negative, got {getattr(args, name)}")
@@ -404,7 +404,7 @@ def main(args):
             utils.save_atomic(checkpoint(model.state_dict(), config, data.classes, epoch, best_acc=best_acc,
                                          best_model=best_state, best_epoch=best_epoch, **state), last_path)
 
-    clock = utils.EpochClock()
+    clock = utils.EpochClock(rt.started)
     with utils.StopRequest() as stop:
         for epoch in range(start_epoch, args.total_epoch):
             train, epoch_state = trainer.train_epoch(model, train_loader, epoch_state, epoch=epoch,
@@ -432,17 +432,17 @@ def main(args):
                     save_best()
             record["best_acc"] = best_acc
             log.line(record)
-            if utils.checkpoint_due(args, epoch + 1):
+            stopping = utils.stop_reason(args, epoch + 1, clock, rt)
+            if utils.checkpoint_due(args, epoch + 1) or stopping:
                 save_last(epoch + 1)
             clock.lap()
             if rt.is_main:
                 print(f"epoch {epoch + 1}/{args.total_epoch}: train loss {train['loss']:.4f} acc {train_acc:.2%}, "
                       f"val loss {val['loss']:.4f} acc {val['acc']:.2%} (best {best_acc:.2%}), "
                       f"{train['images_per_s']:.0f} images/s" + clock.left(args.total_epoch - epoch - 1))
-            if args.stop_after_epoch is not None and epoch + 1 >= args.stop_after_epoch \
-                    and epoch + 1 < args.total_epoch:
+            if stopping:
                 if rt.is_main:
-                    print(f"stopping after epoch {epoch + 1} as asked; resume with: python train_classifier.py "
+                    print(f"stopping after epoch {epoch + 1} {stopping}; resume with: python train_classifier.py "
                           f"--resume {last_path}")
                 log.close()
                 return {"best_acc": best_acc}

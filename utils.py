@@ -115,6 +115,7 @@ class Runtime:
     compile: bool = False
     compile_mode: str = None  # torch.compile's mode; None: its default
     local_rank: int = 0  # the process's index on its own machine
+    started: float = 0.0  # time.perf_counter() when the run was set up: --stop_after_minutes counts from here
 
     @property
     def is_main(self):
@@ -143,6 +144,7 @@ class Runtime:
 
 def setup_runtime(args):
     """Pick the device, join the process group under torchrun, seed every RNG, choose amp and compile."""
+    started = time.perf_counter()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -174,7 +176,7 @@ def setup_runtime(args):
     mode = getattr(args, "compile_mode", None)
     seed_everything(args.seed + rank)
     return Runtime(device, rank, world_size, amp_dtype, use_compile, None if mode == "default" else mode,
-                   local_rank)
+                   local_rank, started)
 
 
 def cuda_defaults():
@@ -254,6 +256,9 @@ def add_runtime_args(parser):
                             "each write is a full fsync'ed copy, so a larger N saves time on short epochs")
     group.add_argument("--stop_after_epoch", type=int, default=None,
                        help="save and stop once this epoch is done (to split a long run; go on with --resume)")
+    group.add_argument("--stop_after_minutes", type=float, default=None,
+                       help="save and stop after the last epoch that ends within this many minutes of the start, "
+                            "judged by the mean epoch so far (for jobs with a time limit; go on with --resume auto)")
     group.add_argument("--skip_nonfinite", type=int, default=0,
                        help="skip up to N optimizer steps whose loss is NaN/inf before stopping "
                             "(checks every step, one sync each, only when N > 0)")
@@ -1508,8 +1513,30 @@ SOFT_RESUME_KEYS = ["max_device_batch_size", "amp", "compile", "compile_mode", "
 
 
 def checkpoint_due(args, epoch):
-    """Whether the resumable checkpoint is written after `epoch` epochs."""
-    return epoch % args.save_every == 0 or epoch == args.total_epoch or epoch == args.stop_after_epoch
+    """Whether the resumable checkpoint is written after `epoch` epochs (a stop writes one as well)."""
+    return epoch % args.save_every == 0 or epoch == args.total_epoch
+
+
+def stop_reason(args, epoch, clock, rt):
+    """Why the run stops after `epoch` (1-based) epochs of its schedule, or None when it goes on (or is done):
+    --stop_after_epoch, or --stop_after_minutes when one more epoch, as long as the mean one so far, would end
+    past it. Rank 0's clock decides for every rank."""
+    if epoch >= args.total_epoch:
+        return None
+    if args.stop_after_epoch is not None and epoch >= args.stop_after_epoch:
+        return "as asked"
+    if args.stop_after_minutes is None:
+        return None
+    gone, epoch_seconds = clock.gone(), clock.epoch_seconds()
+    reason = None
+    if gone + epoch_seconds > args.stop_after_minutes * 60:
+        reason = (f"since another epoch (about {format_duration(epoch_seconds)}) would end past "
+                  f"--stop_after_minutes {args.stop_after_minutes:g} ({format_duration(gone)} gone)")
+    if rt.distributed:
+        box = [reason]
+        dist.broadcast_object_list(box, src=0)
+        reason = box[0]
+    return reason
 
 
 SIZES_FROM_CHECKPOINT = "drop the flag: the model's sizes come from the checkpoint"  # hint for --eval_only
@@ -1635,9 +1662,9 @@ def data_info(data_dir, data):
 class MetricsLog:
     """TensorBoard scalars/images plus one JSON line per epoch in log_dir/metrics.jsonl; main rank only.
 
-    On resume after epoch k, TensorBoard events and JSON lines past epoch k are discarded, so a resumed run's
-    logs read as one run. log_dir/runs.jsonl gets one line per start of the job (run_info: the first start,
-    then each resume), and TensorBoard the same as text.
+    On resume after epoch k, TensorBoard events and JSON lines past epoch k (and a finished run's closing line)
+    are discarded, so a resumed run's logs read as one run. log_dir/runs.jsonl gets one line per start of the
+    job (run_info: the first start, then each resume), and TensorBoard the same as text.
     """
 
     def __init__(self, log_dir, rt, args, completed_epochs=0, resumed=False, data=None):
@@ -1649,8 +1676,12 @@ class MetricsLog:
         self.path = os.path.join(log_dir, "metrics.jsonl")
         kept = []
         if completed_epochs and os.path.isfile(self.path):
+            # the closing report of a finished run ("final": true) goes too: a resumed run writes its own, and a
+            # run resumed after its last epoch (--resume auto once more) reports again rather than twice
             with open(self.path) as f:
-                kept = [line for line in f if line.strip() and json.loads(line).get("epoch", 0) <= completed_epochs]
+                records = [json.loads(line) for line in f if line.strip()]
+            kept = [json.dumps(record) + "\n" for record in records
+                    if not record.get("final") and record.get("epoch", 0) <= completed_epochs]
         with open(self.path, "w") as f:
             f.writelines(kept)
         self.writer = SummaryWriter(log_dir, purge_step=completed_epochs + 1)
@@ -1683,22 +1714,36 @@ class EpochClock:
     """Wall time per epoch (training, evaluation, checkpoint: all of it) and what it makes of the epochs left.
 
     The first epoch of a process is counted only while it is the only one: it holds the compile time.
+    `started`: the perf_counter time the run began (default: now), for the time gone.
     """
 
-    def __init__(self):
+    def __init__(self, started=None):
         self.seconds, self.last = [], time.perf_counter()
+        self.started = self.last if started is None else started
 
     def lap(self):
         now = time.perf_counter()
         self.seconds.append(now - self.last)
         self.last = now
 
+    def epoch_seconds(self):
+        """The mean epoch so far, the one under way (since the last lap) counted as if it ended now."""
+        return self._steady_mean(self.seconds + [time.perf_counter() - self.last])
+
+    def gone(self):
+        """Seconds since the run began."""
+        return time.perf_counter() - self.started
+
     def left(self, epochs):
         """', about 1h 14m left' for `epochs` more epochs, or '' when none are left."""
         if not epochs or not self.seconds:
             return ""
-        steady = self.seconds[1:] or self.seconds
-        return f", about {format_duration(sum(steady) / len(steady) * epochs)} left"
+        return f", about {format_duration(self._steady_mean(self.seconds) * epochs)} left"
+
+    @staticmethod
+    def _steady_mean(laps):
+        steady = laps[1:] or laps
+        return sum(steady) / len(steady)
 
 
 def format_duration(seconds):

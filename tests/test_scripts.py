@@ -511,8 +511,11 @@ def test_resume_on_other_images_says_so_and_on_a_moved_copy_does_not(tmp_path, c
 def test_resume_auto_starts_fresh_then_goes_on_from_the_runs_own_checkpoint(tmp_path, cifar_dir, capsys):
     # (auto only picks the path: what a resume restores is checked bit for bit by the tests below)
     job = lambda *extra: pretrain(tmp_path, cifar_dir, *extra, name="part", capsys=capsys)  # in this process
-    result, part, _ = job("--resume", "auto", "--stop_after_epoch", 1)
+    # a job slot too short for a second epoch: it stops after the first, and saves although --save_every is 5
+    result, part, _ = job("--resume", "auto", "--stop_after_minutes", 1e-6, "--save_every", 5)
     assert result.returncode == 0 and "resumed" not in result.stdout, result.stderr  # nothing there yet: fresh
+    assert "stopping after epoch 1 since another epoch (about " in result.stdout
+    assert "would end past --stop_after_minutes 1e-06" in result.stdout and f"--resume {part}" in result.stdout
     assert load(part)["epoch"] == 1
     result, part, _ = job("--resume", "auto")  # the same job, again
     assert result.returncode == 0 and f"resumed {part} after epoch 1" in result.stdout, result.stderr
@@ -530,13 +533,17 @@ def test_resume_auto_starts_fresh_then_goes_on_from_the_runs_own_checkpoint(tmp_
     assert result.returncode == 0 and "resumed" not in result.stdout, result.stderr
     assert load(part)["epoch"] == 2 and [line["epoch"] for line in metrics(logs)] == [1, 2]
     # the classifier finds its -last.pth from the same flags
-    result, _, _ = classify(tmp_path, cifar_dir, *TINY_MODEL, "--resume", "auto", "--stop_after_epoch", 1,
+    result, _, _ = classify(tmp_path, cifar_dir, *TINY_MODEL, "--resume", "auto", "--stop_after_minutes", 1e-6,
                             capsys=capsys)
     assert result.returncode == 0 and "resumed" not in result.stdout, result.stderr
+    assert "stopping after epoch 1 since another epoch" in result.stdout
     result, _, _ = classify(tmp_path, cifar_dir, *TINY_MODEL, "--resume", "auto", capsys=capsys)
     assert result.returncode == 0, result.stderr
     assert f"resumed {tmp_path / 'cls-last.pth'} after epoch 1" in result.stdout
     assert load(tmp_path / "cls-last.pth")["epoch"] == 2
+    result, _, logs = classify(tmp_path, cifar_dir, *TINY_MODEL, "--resume", "auto", capsys=capsys)  # done: it
+    assert result.returncode == 0 and "best accuracy" in result.stdout, result.stderr  # reports again, once
+    assert [(line["epoch"], "final" in line) for line in metrics(logs)] == [(1, False), (2, False), (2, True)]
 
 
 @pytest.mark.parametrize("loader", ["device", "torch"])
@@ -698,6 +705,8 @@ BAD_INPUTS = {  # name: (script, argv from (world, tmp_path), what the error lin
                                                     *MAE_OUT(w, t)], lambda w: "larger than the training set"),
     "stop after epoch 0": ("mae", lambda w, t: ["--data_dir", w["data"], *TINY_MAE, "--stop_after_epoch", 0,
                                                 *MAE_OUT(w, t)], lambda w: "--stop_after_epoch must be positive"),
+    "no minutes to train": ("cls", lambda w, t: ["--data_dir", w["data"], "--stop_after_minutes", 0, *CLS_OUT(w, t)],
+                            lambda w: "--stop_after_minutes must be positive"),
     "negative flag": ("cls", lambda w, t: ["--data_dir", w["data"], "--mixup", -1, *CLS_OUT(w, t)],
                       lambda w: "--mixup must not be negative"),
     "heads do not divide width, before the data": ("cls", lambda w, t: ["--data_dir", t / "no-data", "--emb_dim", 30,
@@ -841,7 +850,8 @@ def one_and_two_processes(tmp_path, script, flags, out_flag):
 
 def test_two_processes_match_one_with_the_same_global_batch(tmp_path, cifar_dir):
     flags = ["--data_dir", cifar_dir, *TINY_MODEL, "--batch_size", 16, "--max_device_batch_size", 8,
-             "--total_epoch", 2, "--warmup_epoch", 1, "--crop_scale", 1, 1, "--no-flip", "--device", "cpu"]
+             "--total_epoch", 2, "--warmup_epoch", 1, "--crop_scale", 1, 1, "--no-flip", "--device", "cpu",
+             "--stop_after_minutes", 1000]  # a time limit far off: the ranks take rank 0's clock, and go on
     one_and_two_processes(tmp_path, "train_classifier.py", flags, "--output_model_path")
     a, b = load(tmp_path / "one-last.pth"), load(tmp_path / "two-last.pth")
     for key in a["model"]:

@@ -600,6 +600,26 @@ def test_time_left_leaves_out_the_compiling_first_epoch_and_reads_in_two_units()
     assert clock.left(3) == ", about 45s left" and clock.left(0) == ""
 
 
+def test_a_time_limit_stops_after_the_last_epoch_that_fits(monkeypatch):
+    now = [1000.0]
+    monkeypatch.setattr(utils.time, "perf_counter", lambda: now[0])
+    rt = utils.Runtime(torch.device("cpu"))
+    args = argparse.Namespace(total_epoch=10, stop_after_epoch=None, stop_after_minutes=2.0)
+    clock = utils.EpochClock(started=990.0)  # 10 s of setup before the first epoch
+    for end, epoch in ((1050.0, 1), (1070.0, 2), (1090.0, 3)):
+        # epoch 1 (50 s, compiling) ends at 60 s: one more as long would end at 110 s. Epochs 2 and 3 take
+        # 20 s: the first no longer counts, and the next would end at 100 s, then at exactly 120 s
+        now[0] = end
+        assert utils.stop_reason(args, epoch, clock, rt) is None
+        clock.lap()
+    now[0] = 1110.0  # 120 s gone: a fifth epoch would end at 140 s
+    assert utils.stop_reason(args, 4, clock, rt) == \
+        "since another epoch (about 20s) would end past --stop_after_minutes 2 (2m 0s gone)"
+    assert utils.stop_reason(args, 10, clock, rt) is None  # the schedule's end is no stop
+    args.stop_after_minutes, args.stop_after_epoch = None, 4
+    assert utils.stop_reason(args, 3, clock, rt) is None and utils.stop_reason(args, 4, clock, rt) == "as asked"
+
+
 def test_fine_tuning_points_out_an_unfinished_pretraining():
     note = train_classifier.pretraining_note("m.pth", {"epoch": 500, "args": {"total_epoch": 2000}})
     assert note.startswith("encoder from m.pth: MAE pretraining after epoch 500 of 2000 (an unfinished run")
