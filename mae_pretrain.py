@@ -133,7 +133,7 @@ def reconstruction_loss(model, loader, rt, mask_ratio):
     model.eval()
     sums = torch.zeros(2, dtype=torch.float64, device=rt.device)  # loss * images, images
     with fixed_masks(rt):
-        for images, _ in loader.batches(loader.order.new_epoch()):
+        for images, _ in utils.eval_batches(loader, rt, "test reconstruction loss"):
             with rt.autocast():
                 predicted, mask = model(images, mask_ratio)
             sums[0] += model.loss(images, predicted, mask).double() * len(images)

@@ -184,7 +184,7 @@ def evaluate(model, loader, rt, num_classes):
     model.eval()
     sums = torch.zeros(4, dtype=torch.float64, device=rt.device)  # loss, images, top-1, top-5
     confusion = torch.zeros(num_classes * num_classes, dtype=torch.float64, device=rt.device)
-    for images, labels in loader.batches(loader.order.new_epoch()):
+    for images, labels in utils.eval_batches(loader, rt, "evaluating"):
         with rt.autocast():
             logits = model(images).float()
         top = logits.topk(min(5, num_classes), dim=1).indices

@@ -1133,6 +1133,13 @@ class TorchLoader:
             self.epoch_seed = state["epoch_seed"]
 
 
+def eval_batches(loader, rt, desc):
+    """One pass over an unaugmented loader, in dataset order, under a progress bar on the main process that
+    clears itself (a pass takes a second on a GPU, minutes on a CPU)."""
+    return tqdm(loader.batches(loader.order.new_epoch()), total=len(loader), desc=desc, leave=False,
+                disable=not rt.is_main, dynamic_ncols=True)
+
+
 def make_loader(args, rt, images, labels, batch_size, *, train, crop_scale=None, flip=False, randaug=None,
                 reprob=0.0):
     """The loader that --loader names, for one split (augmentation for training only)."""
@@ -1767,11 +1774,10 @@ def exit_after_signal(path, script, signum, rt, log):
 # ---------------------------------------------------------------------------------------------- kNN monitor
 
 @torch.no_grad()
-def extract_features(forward, loader, rt):
+def extract_features(forward, loader, rt, desc):
     """Features and labels of a whole split (no augmentation), gathered from all ranks in dataset order."""
     feats, labels = [], []
-    order = loader.order.new_epoch()
-    for images, y in loader.batches(order):
+    for images, y in eval_batches(loader, rt, desc):
         with rt.autocast():
             feats.append(forward(images).float())
         labels.append(y)
@@ -1815,8 +1821,8 @@ def knn_monitor(encoder, train_loader, test_loader, num_classes, rt, k=200, temp
     encoder.eval()
     try:
         forward = lambda x: encoder.forward_features(x)[:, 0]
-        train = extract_features(forward, train_loader, rt)
-        test = extract_features(forward, test_loader, rt)
+        train = extract_features(forward, train_loader, rt, "kNN: training-set features")
+        test = extract_features(forward, test_loader, rt, "kNN: test-set features")
         return knn_accuracy(*train, *test, num_classes, k=k, temperature=temperature)
     finally:
         encoder.train(was_training)
