@@ -1666,6 +1666,28 @@ def data_info(data_dir, data):
             "test_images": len(data.test_images), "classes": len(data.classes), "fingerprint": digest.hexdigest()}
 
 
+def read_json_lines(path):
+    """The records of a JSON-lines log. A line that does not parse is left out: only the last can be one, torn
+    by a crash or a full disk in the middle of its write."""
+    records = []
+    with open(path) as f:
+        for line in f:
+            with contextlib.suppress(ValueError):
+                records.append(json.loads(line))
+    return records
+
+
+def write_log(path, text, mode="a"):
+    """Append (or with mode "w", write) text to a log file; a failed write (a full disk) is a UserError with
+    exit code 1, as a failed checkpoint write is."""
+    try:
+        with open(path, mode) as f:
+            f.write(text)
+    except OSError as e:
+        raise UserError(f"could not write {path} ({e.strerror or e}); the last checkpoint on disk is as it was",
+                        code=1) from None
+
+
 class MetricsLog:
     """TensorBoard scalars/images plus one JSON line per epoch in log_dir/metrics.jsonl; main rank only.
 
@@ -1685,16 +1707,12 @@ class MetricsLog:
         if completed_epochs and os.path.isfile(self.path):
             # the closing report of a finished run ("final": true) goes too: a resumed run writes its own, and a
             # run resumed after its last epoch (--resume auto once more) reports again rather than twice
-            with open(self.path) as f:
-                records = [json.loads(line) for line in f if line.strip()]
-            kept = [json.dumps(record) + "\n" for record in records
+            kept = [json.dumps(record) + "\n" for record in read_json_lines(self.path)
                     if not record.get("final") and record.get("epoch", 0) <= completed_epochs]
-        with open(self.path, "w") as f:
-            f.writelines(kept)
+        write_log(self.path, "".join(kept), "w")
         self.writer = SummaryWriter(log_dir, purge_step=completed_epochs + 1)
         info = run_info(args, rt, data)
-        with open(os.path.join(log_dir, "runs.jsonl"), "a" if resumed else "w") as f:
-            f.write(json.dumps(info) + "\n")
+        write_log(os.path.join(log_dir, "runs.jsonl"), json.dumps(info) + "\n", "a" if resumed else "w")
         self.writer.add_text("run", "```\n" + json.dumps(info, indent=1) + "\n```", global_step=completed_epochs)
 
     def scalars(self, values, epoch):
@@ -1708,8 +1726,7 @@ class MetricsLog:
 
     def line(self, record):
         if self.writer:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            write_log(self.path, json.dumps(record) + "\n")
             self.writer.flush()
 
     def close(self):

@@ -72,8 +72,7 @@ def run_phase(module, argv):
 
 
 def read_metrics(log_dir):
-    with open(os.path.join(log_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return utils.read_json_lines(os.path.join(log_dir, "metrics.jsonl"))
 
 
 @utils.cli_main

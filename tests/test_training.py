@@ -478,6 +478,30 @@ def test_a_failed_write_is_one_error_and_leaves_the_previous_file(tmp_path, monk
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pth"]
 
 
+def test_a_log_torn_by_a_crash_resumes_and_a_full_disk_is_one_error(tmp_path, monkeypatch):
+    rt, args = utils.Runtime(torch.device("cpu")), argparse.Namespace(seed=0)
+    log = utils.MetricsLog(str(tmp_path), rt, args)
+    for epoch in (1, 2, 3):
+        log.line({"epoch": epoch, "loss": 1.0 / epoch})
+    log.close()
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"epoch": 4, "lo')  # a kill -9 or a full disk in the middle of a line's write
+    log = utils.MetricsLog(str(tmp_path), rt, args, completed_epochs=3, resumed=True)  # the checkpoint's epoch
+    assert utils.read_json_lines(tmp_path / "metrics.jsonl") == [{"epoch": e, "loss": 1.0 / e} for e in (1, 2, 3)]
+    assert len(utils.read_json_lines(tmp_path / "runs.jsonl")) == 2
+
+    def full_disk(path, mode="r", *rest):
+        if "a" in mode:
+            raise OSError(28, "No space left on device")
+        return open(path, mode, *rest)
+    monkeypatch.setattr(utils, "open", full_disk, raising=False)
+    with pytest.raises(utils.UserError, match=r"could not write .*metrics.jsonl \(No space left on device\); the "
+                                              "last checkpoint on disk is as it was") as info:
+        log.line({"epoch": 4})
+    assert info.value.code == 1
+    log.close()
+
+
 def test_an_unwritable_cache_is_a_note_and_the_images_still_load(tmp_path, capsys):
     from conftest import write_image_folder
     root = write_image_folder(str(tmp_path / "folder"))
