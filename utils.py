@@ -295,12 +295,18 @@ def load_data(data_dir, image_size, rt=None):
 
 
 def _data_kind(data_dir):
-    """What load_data finds in data_dir: torchvision's CIFAR10 or CIFAR100 class, "folders", or None (download)."""
+    """What load_data finds in data_dir: torchvision's CIFAR10 or CIFAR100 class (its folder, or the archive the
+    CIFAR site serves), "folders", or None (download)."""
     from torchvision.datasets import CIFAR10, CIFAR100
     for dataset in (CIFAR10, CIFAR100):  # cifar-10-batches-py/, cifar-100-python/
         if os.path.isdir(os.path.join(data_dir, dataset.base_folder)):
             return dataset
-    return "folders" if os.path.isdir(os.path.join(data_dir, "train")) else None
+    if os.path.isdir(os.path.join(data_dir, "train")):
+        return "folders"
+    for dataset in (CIFAR10, CIFAR100):  # cifar-10-python.tar.gz, cifar-100-python.tar.gz
+        if os.path.isfile(os.path.join(data_dir, dataset.filename)):
+            return dataset
+    return None
 
 
 def dataset_name(data_dir):
@@ -325,34 +331,52 @@ def _find_and_load(data_dir, image_size):
             if os.path.isdir(os.path.join(data_dir, test_name)):
                 return _load_image_folders(data_dir, test_name, image_size)
         raise UserError(f"{data_dir} has train/ but neither test/ nor val/ beside it")
-    if kind is None:
-        _download_cifar(data_dir)
-    return _load_cifar_batches(data_dir, image_size, kind or CIFAR10)
+    kind = kind or CIFAR10
+    if not os.path.isdir(os.path.join(data_dir, kind.base_folder)):
+        _download_cifar(data_dir, kind)
+    return _load_cifar_batches(data_dir, image_size, kind)
 
 
-def _download_cifar(data_dir):
-    """torchvision's download into a temporary folder, moved into place only when complete."""
+def _download_cifar(data_dir, dataset=None):
+    """torchvision's CIFAR-10 (or `dataset`: CIFAR10 or CIFAR100) into a temporary folder, moved into place only
+    when complete: extracted from the archive the CIFAR site serves when data_dir holds it (its md5 checked),
+    else downloaded."""
     from torchvision.datasets import CIFAR10
+    from torchvision.datasets.utils import check_integrity
+    dataset = dataset or CIFAR10
+    archive = os.path.join(data_dir, dataset.filename)
+    if os.path.isfile(archive) and not check_integrity(archive, dataset.tgz_md5):
+        raise UserError(f"{archive} is not the archive the CIFAR site serves (its md5 differs: a download that "
+                        "stopped part way?); delete it or fetch it again")
     looked = (f"no CIFAR-10 in {os.path.abspath(data_dir)} (looked for cifar-10-batches-py/, cifar-100-python/, "
-              "and for train/ with test/ or val/ class folders)")
-    target = os.path.join(data_dir, "cifar-10-batches-py")
+              "train/ with test/ or val/ class folders, and the archives cifar-10-python.tar.gz and "
+              "cifar-100-python.tar.gz)")
+    target = os.path.join(data_dir, dataset.base_folder)
     tmp, created, path = None, None, os.path.abspath(data_dir)
     while not os.path.exists(path):  # the outermost folder this creates
         created, path = path, os.path.dirname(path)
     try:
         os.makedirs(data_dir, exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=".cifar-download-", dir=data_dir)  # beside the target: one atomic rename
-        print(f"{looked}; downloading CIFAR-10 with torchvision ...", file=sys.stderr)
+        if os.path.isfile(archive):  # torchvision finds it in its root, checks its md5 and only extracts it
+            print(f"extracting {archive} (once) ...", file=sys.stderr)
+            try:
+                os.link(archive, os.path.join(tmp, dataset.filename))
+            except OSError:  # a file system without hard links
+                shutil.copyfile(archive, os.path.join(tmp, dataset.filename))
+        else:
+            print(f"{looked}; downloading CIFAR-10 with torchvision ...", file=sys.stderr)
         with contextlib.redirect_stdout(sys.stderr):
-            CIFAR10(tmp, train=True, download=True)
+            dataset(tmp, train=True, download=True)
         try:
-            os.rename(os.path.join(tmp, "cifar-10-batches-py"), target)
+            os.rename(os.path.join(tmp, dataset.base_folder), target)
         except OSError:
             if not os.path.isdir(target):  # else another process (another machine on a shared disk) was first
                 raise
     except Exception as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UserError(f"{looked}, and downloading it failed ({reason}); pass --data_dir with a folder holding "
+        what = f"extracting {archive}" if os.path.isfile(archive) else f"{looked}, and downloading it"
+        raise UserError(f"{what} failed ({reason}); pass --data_dir with a folder holding "
                         "cifar-10-batches-py/, cifar-100-python/ or train/ + test/ image folders (see README, 'Data: "
                         "local or offline')") from None
     finally:

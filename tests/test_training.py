@@ -3,6 +3,8 @@ import argparse
 import math
 import os
 import random
+import re
+import shutil
 
 import numpy as np
 import pytest
@@ -422,6 +424,7 @@ def test_download_moves_into_place_once_and_leaves_nothing_on_failure(tmp_path, 
                 open(os.path.join(data, "cifar-10-batches-py", "theirs"), "w").close()
             os.makedirs(os.path.join(root, "cifar-10-batches-py"))
             open(os.path.join(root, "cifar-10-batches-py", "ours"), "w").close()
+        download.base_folder, download.filename = "cifar-10-batches-py", "cifar-10-python.tar.gz"
         monkeypatch.setattr(torchvision.datasets, "CIFAR10", download)
 
     data = str(tmp_path / "a" / "data")
@@ -441,6 +444,40 @@ def test_download_moves_into_place_once_and_leaves_nothing_on_failure(tmp_path, 
     with pytest.raises(utils.UserError):
         utils._download_cifar(data)  # a folder that was there before stays, without a temporary folder in it
     assert os.listdir(data) == ["cifar-10-batches-py"]
+
+
+@pytest.mark.parametrize("dataset", ["CIFAR10", "CIFAR100"])
+def test_an_archive_from_the_cifar_site_is_checked_and_extracted_without_a_download(tmp_path, monkeypatch, dataset):
+    import hashlib
+    import tarfile
+
+    import torchvision
+    cls = getattr(torchvision.datasets, dataset)
+    made = tmp_path / "made"
+    (write_cifar_batches if dataset == "CIFAR10" else write_cifar100)(str(made))
+    md5 = lambda path: hashlib.md5(open(path, "rb").read()).hexdigest()
+    folder = made / cls.base_folder
+    # the archive's layout, with the md5s of these tiny files where torchvision has those of the real ones
+    monkeypatch.setattr(cls, "train_list", [[name, md5(folder / name)] for name, _ in cls.train_list])
+    monkeypatch.setattr(cls, "test_list", [[name, md5(folder / name)] for name, _ in cls.test_list])
+    monkeypatch.setattr(cls, "meta", {**cls.meta, "md5": md5(folder / cls.meta["filename"])})
+    monkeypatch.setattr(cls, "url", "http://localhost:9/nowhere.tar.gz")  # a download would fail at once
+    data = tmp_path / "data"
+    data.mkdir()
+    with tarfile.open(data / cls.filename, "w:gz") as tar:
+        tar.add(folder, arcname=cls.base_folder)
+    monkeypatch.setattr(cls, "tgz_md5", md5(data / cls.filename))
+    name = "cifar10" if dataset == "CIFAR10" else "cifar100"
+    assert utils.dataset_name(str(data)) == name  # the default log dir knows it before extracting
+    loaded = utils.load_data(str(data), 32)
+    assert sorted(os.listdir(data)) == sorted([cls.base_folder, cls.filename])  # no temporary folder left
+    expected = utils.load_data(str(made), 32)
+    assert torch.equal(loaded.train_images, expected.train_images) and loaded.classes == expected.classes
+    shutil.rmtree(data / cls.base_folder)  # an archive cut short is named, not downloaded over
+    with open(data / cls.filename, "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(utils.UserError, match=re.escape(cls.filename) + " is not the archive the CIFAR site serves"):
+        utils.load_data(str(data), 32)
 
 
 def test_atomic_checkpoint_roundtrip_weights_only(tmp_path):
