@@ -325,6 +325,8 @@ def default_log_dir(data_dir, model_path):
 
 def _find_and_load(data_dir, image_size):
     from torchvision.datasets import CIFAR10
+    if os.path.exists(data_dir) and not os.path.isdir(data_dir):  # such as the archive itself
+        raise UserError(f"--data_dir {data_dir} is a file, not a folder: pass the folder that holds the data")
     kind = _data_kind(data_dir)
     if kind == "folders":
         for test_name in ("test", "val"):

@@ -705,6 +705,8 @@ BAD_INPUTS = {  # name: (script, argv from (world, tmp_path), what the error lin
                                                     *MAE_OUT(w, t)], lambda w: "larger than the training set"),
     "stop after epoch 0": ("mae", lambda w, t: ["--data_dir", w["data"], *TINY_MAE, "--stop_after_epoch", 0,
                                                 *MAE_OUT(w, t)], lambda w: "--stop_after_epoch must be positive"),
+    "data dir is a file": ("mae", lambda w, t: ["--data_dir", w["truncated"], *TINY_MAE, *MAE_OUT(w, t)],
+                           lambda w: "is a file, not a folder: pass the folder that holds the data"),
     "no minutes to train": ("cls", lambda w, t: ["--data_dir", w["data"], "--stop_after_minutes", 0, *CLS_OUT(w, t)],
                             lambda w: "--stop_after_minutes must be positive"),
     "negative flag": ("cls", lambda w, t: ["--data_dir", w["data"], "--mixup", -1, *CLS_OUT(w, t)],
