@@ -392,6 +392,8 @@ def main(args):
               f"{micro_batch}, peak lr {peak_lr:.2e}, {rt.describe()}; the best epoch is picked on {selected_on}")
         if pretrained is not None:
             print(pretraining_note(args.pretrained_model_path, pretrained))
+        if start_epoch >= args.total_epoch:
+            print(f"{args.resume} has finished all {args.total_epoch} epochs: nothing to train; its report again:")
 
     def save_best():
         utils.save_atomic(checkpoint(best_state, config, data.classes, best_epoch, acc=best_acc,

@@ -543,6 +543,7 @@ def test_resume_auto_starts_fresh_then_goes_on_from_the_runs_own_checkpoint(tmp_
     assert load(tmp_path / "cls-last.pth")["epoch"] == 2
     result, _, logs = classify(tmp_path, cifar_dir, *TINY_MODEL, "--resume", "auto", capsys=capsys)  # done: it
     assert result.returncode == 0 and "best accuracy" in result.stdout, result.stderr  # reports again, once
+    assert f"{tmp_path / 'cls-last.pth'} has finished all 2 epochs: nothing to train" in result.stdout
     assert [(line["epoch"], "final" in line) for line in metrics(logs)] == [(1, False), (2, False), (2, True)]
 
 
