@@ -344,7 +344,7 @@ def _download_cifar(data_dir, dataset=None):
     when complete: extracted from the archive the CIFAR site serves when data_dir holds it (its md5 checked),
     else downloaded."""
     from torchvision.datasets import CIFAR10
-    from torchvision.datasets.utils import check_integrity
+    from torchvision.datasets.utils import check_integrity, extract_archive
     dataset = dataset or CIFAR10
     archive = os.path.join(data_dir, dataset.filename)
     if os.path.isfile(archive) and not check_integrity(archive, dataset.tgz_md5):
@@ -360,16 +360,13 @@ def _download_cifar(data_dir, dataset=None):
     try:
         os.makedirs(data_dir, exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=".cifar-download-", dir=data_dir)  # beside the target: one atomic rename
-        if os.path.isfile(archive):  # torchvision finds it in its root, checks its md5 and only extracts it
+        if os.path.isfile(archive):  # its md5 was checked above
             print(f"extracting {archive} (once) ...", file=sys.stderr)
-            try:
-                os.link(archive, os.path.join(tmp, dataset.filename))
-            except OSError:  # a file system without hard links
-                shutil.copyfile(archive, os.path.join(tmp, dataset.filename))
+            extract_archive(archive, tmp)
         else:
             print(f"{looked}; downloading CIFAR-10 with torchvision ...", file=sys.stderr)
-        with contextlib.redirect_stdout(sys.stderr):
-            dataset(tmp, train=True, download=True)
+            with contextlib.redirect_stdout(sys.stderr):
+                dataset(tmp, train=True, download=True)
         try:
             os.rename(os.path.join(tmp, dataset.base_folder), target)
         except OSError:
