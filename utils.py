@@ -1841,7 +1841,10 @@ def extract_features(forward, loader, rt, desc):
 @torch.no_grad()
 def knn_accuracy(train_feats, train_labels, test_feats, test_labels, num_classes, k=200, temperature=0.07,
                  chunk=1024):
-    """Weighted kNN (InstDisc / MoCo monitor): cosine similarity, top-k neighbours voting exp(sim / T)."""
+    """Weighted kNN (InstDisc / MoCo monitor): cosine similarity, top-k neighbours voting exp(sim / T).
+
+    Each query's votes are scaled by exp(-its top similarity / T), which changes no decision and keeps a small
+    T from overflowing to inf (where every class would tie)."""
     train_feats = F.normalize(train_feats.float(), dim=1)
     test_feats = F.normalize(test_feats.float(), dim=1)
     k = min(k, train_feats.shape[0])
@@ -1850,7 +1853,7 @@ def knn_accuracy(train_feats, train_labels, test_feats, test_labels, num_classes
         sim = test_feats[start:start + chunk] @ train_feats.T
         top_sim, top_idx = sim.topk(k, dim=1)
         votes = torch.zeros(sim.shape[0], num_classes, device=sim.device)
-        votes.scatter_add_(1, train_labels[top_idx], (top_sim / temperature).exp())
+        votes.scatter_add_(1, train_labels[top_idx], ((top_sim - top_sim[:, :1]) / temperature).exp())
         correct += (votes.argmax(dim=1) == test_labels[start:start + chunk]).sum()
     return float(correct) / test_feats.shape[0]
 

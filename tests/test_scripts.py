@@ -455,7 +455,14 @@ def test_short_run_on_real_cifar_images(tmp_path):
     assert result.returncode == 0, result.stderr
     result, _, logs = classify(tmp_path, root, "--pretrained_model_path", mae_path, "--total_epoch", 1)
     assert result.returncode == 0, result.stderr
-    assert metrics(logs)[0]["val_acc"] >= 0
+    assert sorted(os.listdir(root / ".cache")) == ["test-32.pt", "train-32.pt"]  # decoded once, then cached
+    with open(logs / "runs.jsonl") as f:
+        seen = json.loads(f.readline())["data"]
+    assert (seen["name"], seen["train_images"], seen["test_images"], seen["classes"]) == ("cifar10", 300, 100, 10)
+    final = metrics(logs)[-1]
+    assert final["final"] and list(final["per_class"]) == ["airplane", "automobile", "bird", "cat", "deer", "dog",
+                                                           "frog", "horse", "ship", "truck"]
+    assert 0 <= final["acc"] <= final["acc5"] <= 1 and final["acc"] * 100 == pytest.approx(round(final["acc"] * 100))
 
 
 # ------------------------------------------------------------------------------------------- resume and faults

@@ -566,6 +566,11 @@ def test_knn_accuracy_and_monitor_leaves_rng_and_mode_alone():
     labels = torch.tensor([0, 0, 1, 1])
     assert utils.knn_accuracy(feats, labels, torch.tensor([[1.0, 0.05], [0.0, 1.0]]), torch.tensor([0, 1]), 2,
                               k=2) == 1.0
+    # one near neighbour of class 1 against two farther ones of class 0: the temperature decides
+    feats, labels, query = torch.tensor([[1.0, 0.0], [0.8, 0.6], [0.6, 0.8]]), torch.tensor([1, 0, 0]), [[1.0, 0.1]]
+    vote = lambda t: utils.knn_accuracy(feats, labels, torch.tensor(query), torch.tensor([1]), 2, k=3, temperature=t)
+    assert (vote(0.07), vote(10.0)) == (1.0, 0.0)  # sharp votes: the nearest wins; flat ones: the majority
+    assert vote(1e-6) == 1.0  # exp(sim / T) would be inf for all three, a tie; the limit is 1-NN
     encoder = MAE_ViT(**TINY).encoder.train()
     images = torch.randint(0, 256, (12, 3, 8, 8), dtype=torch.uint8)
     loaders = [utils.DeviceLoader(images, torch.arange(12) % 3, 5, device=torch.device("cpu"), train=False)
