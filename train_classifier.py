@@ -5,6 +5,7 @@
     python train_classifier.py --eval_only vit-t-classifier.pth           # top-1, top-5, per-class table
 """
 import argparse
+import math
 import os
 
 import torch
@@ -287,6 +288,17 @@ def eval_only(args):
     return result
 
 
+def ema_note(decay, steps):
+    """A note when an EMA over `steps` optimizer steps would still hold over 10 % of the initial weights at the
+    end (a decay meant for a longer run), else None."""
+    left = decay ** steps
+    if left <= 0.1:
+        return None
+    suggest = math.floor(0.01 ** (1 / steps) * 1e4) / 1e4
+    return (f"note: --ema_decay {decay} over {steps} optimizer steps leaves {left:.0%} of the initial weights in the "
+            f"EMA that is evaluated and saved; --ema_decay {suggest} or less leaves at most 1 %")
+
+
 def make_param_groups(model, args):
     if args.layer_decay is not None and args.layer_decay < 1:
         return param_groups_layer_decay(model, args.weight_decay, no_weight_decay_list=NO_WEIGHT_DECAY,
@@ -392,6 +404,8 @@ def main(args):
               f"{micro_batch}, peak lr {peak_lr:.2e}, {rt.describe()}; the best epoch is picked on {selected_on}")
         if pretrained is not None:
             print(pretraining_note(args.pretrained_model_path, pretrained))
+        if ema is not None and ema_note(args.ema_decay, args.total_epoch * steps_per_epoch):
+            print(ema_note(args.ema_decay, args.total_epoch * steps_per_epoch))
         if start_epoch >= args.total_epoch:
             print(f"{args.resume} has finished all {args.total_epoch} epochs: nothing to train; its report again:")
 

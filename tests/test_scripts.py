@@ -357,6 +357,7 @@ def test_recipe_flags_and_timm_export(tmp_path, cifar_dir):
                                "--export_timm", tmp_path / "timm.pth")
     assert result.returncode == 0, result.stderr
     assert "timm.create_model('vit_tiny_patch16_224'" in result.stdout
+    assert "note: --ema_decay 0.9 over 12 optimizer steps leaves 28% of the initial weights" in result.stdout
     best = load(ckpt)
     import train_classifier
     model = train_classifier.build_classifier(best["model_config"])

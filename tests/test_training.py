@@ -145,6 +145,14 @@ def test_ema_follows_decay_formula_and_differs_from_live_weights():
     assert not torch.equal(ema.module.head.weight, model.head.weight)
 
 
+def test_an_ema_decay_too_slow_for_the_run_is_pointed_out():
+    import train_classifier
+    note = train_classifier.ema_note(0.9999, 3900)  # 40 epochs of 97 steps: 0.9999 ** 3900 = 0.677
+    assert "--ema_decay 0.9999 over 3900 optimizer steps leaves 68% of the initial weights" in note
+    assert "--ema_decay 0.9988 or less" in note and 0.9988 ** 3900 <= 0.01 < 0.9989 ** 3900
+    assert train_classifier.ema_note(0.9999, 39000) is None  # 100 epochs of 390: 2 % left
+
+
 def test_mixup_changes_targets_and_images():
     args = argparse.Namespace(mixup=0.8, cutmix=0.0, label_smoothing=0.1)
     loss = train_classifier.ClassificationLoss(args, 10)
