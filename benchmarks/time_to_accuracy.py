@@ -52,8 +52,9 @@ def summary_table(out_dirs):
         except (OSError, ValueError) as e:
             raise utils.UserError(f"--summarize: cannot read {path} ({e.__class__.__name__}); is {out_dir} the "
                                   "--out_dir of a finished run?") from None
-        pretraining = report["pretrained_model_path"] or (f"{report['pretrain_epochs']} epochs"
-                                                          if report["pretrain_epochs"] else "none (scratch)")
+        done, asked = report.get("pretrain_epochs_done", report["pretrain_epochs"]), report["pretrain_epochs"]
+        pretraining = report["pretrained_model_path"] or (
+            (f"{done} epochs" if done == asked else f"{done} of {asked} epochs") if asked else "none (scratch)")
         kind = "linear probe" if "--linear_probe" in report["finetune_args"].split() else "fine-tune"
         rows.append((os.path.basename(os.path.normpath(out_dir)), pretraining,
                      f"{report['finetune_epochs']} epochs, {kind}", f"{report['total_seconds'] / 60:.1f}",
@@ -102,6 +103,7 @@ def main(args):
                          "--log_dir", log_dir, "--overwrite"] + shlex.split(args.pretrain_args)
         _, report["pretrain_seconds"] = run_phase(mae_pretrain, pretrain_argv)
         metrics = read_metrics(log_dir)
+        report["pretrain_epochs_done"] = metrics[-1]["epoch"]  # fewer when a --stop_after_* flag stopped it
         report["pretrain_final_loss"] = metrics[-1]["loss"]
         report["pretrain_compile_seconds"] = metrics[0].get("compile_seconds")
         report["pretrain_images_per_s"] = metrics[-1]["images_per_s"]
@@ -110,6 +112,10 @@ def main(args):
             report["pretrain_knn_acc"] = knn[-1]
         finetune_argv += ["--pretrained_model_path", mae_path]
     result, report["finetune_seconds"] = run_phase(train_classifier, finetune_argv + shlex.split(args.finetune_args))
+    if "final" not in result:
+        raise utils.UserError(f"the fine-tuning stopped before its last epoch (a --stop_after_* flag in "
+                              f"--finetune_args?), so it has no final accuracy to report; {args.out_dir} holds "
+                              "what it trained")
     metrics = read_metrics(os.path.join(args.out_dir, "logs", "classifier"))
     epochs = [m for m in metrics if "val_acc" in m]
     report["finetune_images_per_s"] = epochs[-1]["images_per_s"]

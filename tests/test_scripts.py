@@ -282,6 +282,17 @@ def test_time_to_accuracy_reports_both_phases(tmp_path, cifar_dir):
     assert report["best_acc"] == max(line["val_acc"] for line in lines[:-1])  # picked on the held-out images
     assert report["best_test_acc"] == lines[-1]["acc"] and report["final_epoch_acc"] == lines[-1]["last_epoch_acc"]
     assert load(tmp_path / "tta" / "classifier.pth")["model_config"]["emb_dim"] == 16  # the pretrained sizes
+    assert report["pretrain_epochs_done"] == 1
+    result = run("benchmarks/time_to_accuracy.py", "--data_dir", cifar_dir, "--out_dir", tmp_path / "short",
+                 "--pretrain_epochs", 3, "--finetune_epochs", 2, "--pretrain_args",
+                 " ".join(TINY_MAE + ["-bs", "16", "--max_device_batch_size", "8", "--stop_after_epoch", "1"]),
+                 "--finetune_args", "--batch_size 16 --max_device_batch_size 8 --stop_after_epoch 1")
+    assert_clean_error(result, 2, "the fine-tuning stopped before its last epoch")
+    assert not (tmp_path / "short" / "report.json").exists()
+    report["pretrain_epochs_done"], report["pretrain_epochs"] = 1, 3  # as a pretraining stopped after epoch 1
+    (tmp_path / "tta" / "report.json").write_text(json.dumps(report))
+    result = run("benchmarks/time_to_accuracy.py", "--summarize", tmp_path / "tta")
+    assert result.stdout.splitlines()[1].split()[:5] == ["tta", "1", "of", "3", "epochs"]
     result = run("benchmarks/time_to_accuracy.py", "--data_dir", cifar_dir, "--out_dir", tmp_path / "bad",
                  "--pretrain_epochs", -1)
     assert_clean_error(result, 2, "--pretrain_epochs must not be negative")
