@@ -661,6 +661,8 @@ def trained(tmp_path_factory):
     write_image_folder(str(world["empty_class"]))
     shutil.rmtree(world["empty_class"] / "train" / "dog")
     (world["empty_class"] / "train" / "dog").mkdir()
+    world["nested"] = tmp / "nested"  # the dataset one folder down, as an archive unpacks
+    shutil.copytree(data, world["nested"] / "cifar10")
     world["a_file"] = tmp / "a-file"
     world["a_file"].write_text("x")
     world["three_classes"] = tmp / "three-classes"
@@ -727,6 +729,9 @@ BAD_INPUTS = {  # name: (script, argv from (world, tmp_path), what the error lin
                                                 *MAE_OUT(w, t)], lambda w: "--stop_after_epoch must be positive"),
     "data dir is a file": ("mae", lambda w, t: ["--data_dir", w["truncated"], *TINY_MAE, *MAE_OUT(w, t)],
                            lambda w: "is a file, not a folder: pass the folder that holds the data"),
+    "dataset one folder down": ("mae", lambda w, t: ["--data_dir", w["nested"], *TINY_MAE, *MAE_OUT(w, t)],
+                                lambda w: f"holds no dataset itself, but {w['nested'] / 'cifar10'} does: pass "
+                                          f"--data_dir {w['nested'] / 'cifar10'}"),
     "no minutes to train": ("cls", lambda w, t: ["--data_dir", w["data"], "--stop_after_minutes", 0, *CLS_OUT(w, t)],
                             lambda w: "--stop_after_minutes must be positive"),
     "negative flag": ("cls", lambda w, t: ["--data_dir", w["data"], "--mixup", -1, *CLS_OUT(w, t)],
