@@ -922,7 +922,19 @@ def test_throughput_benchmark_tiny_preset_runs(capsys):
     assert cases == ["data-plain", "data-fast", "pretrain-plain", "pretrain-fast", "finetune-plain", "finetune-fast"]
     pretrain_fast = lines[3]
     assert pretrain_fast["amp"] == "off"  # named as the scripts' --amp flag names it
-    assert pretrain_fast["gflop_per_image"] > 0 and pretrain_fast["images_per_s"] > 0
+    assert pretrain_fast["images_per_s"] > 0
+    # the counted FLOPs agree with the textbook count: per block of T tokens of width D, 24 T D^2 (qkv, proj,
+    # MLP) + 4 T^2 D (attention); backward twice forward, except the patch embedding's (no input gradient)
+    c = pretrain_fast["config"]
+    n, d, pix = (c["image_size"] // c["patch_size"]) ** 2, c["emb_dim"], 3 * c["patch_size"] ** 2
+    block = lambda t: 24 * t * d * d + 4 * t * t * d
+    visible = n // 4  # mask ratio 0.75
+    pretrain = 3 * (c["encoder_layer"] * block(visible + 1) + 2 * (visible + 1) * d * d  # encoder, decoder_embed
+                    + c["decoder_layer"] * block(n + 1) + 2 * n * d * pix) + 2 * 2 * n * pix * d  # decoder, head
+    finetune = 3 * (c["encoder_layer"] * block(n + 1) + 2 * d * 10) + 2 * 2 * n * pix * d
+    exact = lambda flops: pytest.approx(flops / 1e9, rel=1e-12)
+    assert pretrain_fast["gflop_per_image"] == exact(pretrain) and lines[2]["gflop_per_image"] == exact(pretrain)
+    assert lines[5]["gflop_per_image"] == exact(finetune) and lines[4]["gflop_per_image"] == exact(finetune)
     shares = pretrain_fast["flop_shares"]  # the FLOPs split between the modules, and attention's part
     assert set(shares) == {"encoder", "decoder", "attention"} and 0 < shares["attention"] < 0.5
     assert shares["encoder"] + shares["decoder"] == pytest.approx(1.0)
