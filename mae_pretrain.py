@@ -38,7 +38,7 @@ def get_args_parser():
     parser.add_argument("--warmup_epoch", type=int, default=200, help="epochs of linear lr warmup")
     parser.add_argument("--model_path", default="vit-t-mae.pth", help="checkpoint written after every epoch")
     parser.add_argument("--data_dir", default="data",
-                        help="cifar-10-batches-py/, cifar-100-python/ or train/ + test/ image folders")
+                        help=utils.DATA_DIR_HELP)
     parser.add_argument("--log_dir", default=None,
                         help="TensorBoard events and metrics.jsonl; none: logs/<dataset>/<--model_path's name>, "
                              "logs/cifar10/vit-t-mae by default")

@@ -42,7 +42,7 @@ def get_args_parser():
                         help="best-accuracy weights; the full training state goes to NAME-last.pth beside it; "
                              "none: vit-t-classifier-from_pretrained.pth or vit-t-classifier-from_scratch.pth")
     parser.add_argument("--data_dir", default="data",
-                        help="cifar-10-batches-py/, cifar-100-python/ or train/ + test/ image folders")
+                        help=utils.DATA_DIR_HELP)
     parser.add_argument("--log_dir", default=None,
                         help="TensorBoard events and metrics.jsonl; none: logs/<dataset>/<--output_model_path's "
                              "name>, such as logs/cifar10/vit-t-classifier-from_scratch")

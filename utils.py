@@ -201,6 +201,11 @@ def all_reduce_sum(values, rt):
     return values
 
 
+DATA_DIR_HELP = ("a folder holding cifar-10-batches-py/, cifar-100-python/, train/ + test/ (or val/) image folders, "
+                 "or the archive cifar-10-python.tar.gz or cifar-100-python.tar.gz; with none of these, CIFAR-10 "
+                 "is downloaded into it")
+
+
 def add_encoder_args(group):
     """The encoder's size flags, shared by both scripts (defaults: ViT-T/2 on 32x32 images)."""
     group.add_argument("--image_size", type=int, default=32, help="images are resized to this square size")
