@@ -936,7 +936,9 @@ def test_throughput_benchmark_tiny_preset_runs(capsys):
     assert pretrain_fast["gflop_per_image"] == exact(pretrain) and lines[2]["gflop_per_image"] == exact(pretrain)
     assert lines[5]["gflop_per_image"] == exact(finetune) and lines[4]["gflop_per_image"] == exact(finetune)
     shares = pretrain_fast["flop_shares"]  # the FLOPs split between the modules, and attention's part
-    assert set(shares) == {"encoder", "decoder", "attention"} and 0 < shares["attention"] < 0.5
+    attention = 3 * 4 * d * (c["encoder_layer"] * (visible + 1) ** 2 + c["decoder_layer"] * (n + 1) ** 2)
+    assert set(shares) == {"encoder", "decoder", "attention"} and shares["attention"] == pytest.approx(
+        attention / pretrain, rel=1e-12)
     assert shares["encoder"] + shares["decoder"] == pytest.approx(1.0)
     assert sum(v for k, v in lines[5]["flop_shares"].items() if k != "attention") == pytest.approx(1.0)
     assert lines[5]["flop_shares"]["blocks"] > 0.9  # fine-tuning: the 2 blocks, called one by one
