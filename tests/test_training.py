@@ -153,6 +153,41 @@ def test_an_ema_decay_too_slow_for_the_run_is_pointed_out():
     assert train_classifier.ema_note(0.9999, 39000) is None  # 100 epochs of 390: 2 % left
 
 
+def test_clip_grad_scales_the_whole_gradient_down_to_the_limit():
+    images, labels = torch.randn(8, 3, 8, 8), torch.arange(8)
+
+    def update(clip):  # one SGD step at lr 1 over two micro-batches: the weights move by minus the gradient
+        model = tiny_classifier()
+        before = torch.nn.utils.parameters_to_vector(model.parameters()).detach().clone()
+        trainer = utils.Trainer(model, ce_loss, torch.optim.SGD(model.parameters(), lr=1.0), lambda step: 1.0, CPU,
+                                micro_batch=4, num_extra=1, clip_grad=clip)
+        trainer.step(images, labels, 0)
+        return before - torch.nn.utils.parameters_to_vector(model.parameters()).detach()
+
+    raw = update(None)
+    limit = raw.norm().item() / 4
+    torch.testing.assert_close(update(limit), raw / 4, rtol=1e-3, atol=1e-6)  # one factor for every tensor
+    assert update(limit).norm().item() == pytest.approx(limit, rel=1e-4)
+    torch.testing.assert_close(update(raw.norm().item() * 2), raw)  # under the limit: left alone
+
+
+def test_drop_path_rises_linearly_over_blocks_and_acts_in_training_only():
+    config = dict(image_size=8, patch_size=2, emb_dim=16, encoder_layer=3, encoder_head=2, in_chans=3,
+                  pos_embed="learned", num_classes=10, global_pool=False, linear_probe=False)
+    torch.manual_seed(0)
+    model = train_classifier.build_classifier(config, drop_path=0.2)
+    torch.manual_seed(0)
+    plain = train_classifier.build_classifier(config)  # the same weights, no stochastic depth
+    assert isinstance(model.blocks[0].drop_path1, torch.nn.Identity)  # the first block is never dropped
+    assert [block.drop_path1.drop_prob for block in model.blocks[1:]] == pytest.approx([0.1, 0.2])
+    x = torch.randn(64, 3, 8, 8)
+    model.train(), plain.train()
+    assert not torch.equal(model(x), model(x))  # some samples skip a block's branch, differently per call
+    assert torch.equal(plain(x), plain(x))
+    model.eval()
+    assert torch.equal(model(x), model(x)) and torch.equal(model(x), plain(x))
+
+
 def test_mixup_changes_targets_and_images():
     args = argparse.Namespace(mixup=0.8, cutmix=0.0, label_smoothing=0.1)
     loss = train_classifier.ClassificationLoss(args, 10)
