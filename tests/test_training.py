@@ -208,6 +208,33 @@ def test_mixup_changes_targets_and_images():
     assert value.item() == pytest.approx(math.log(10), rel=1e-4)  # zero logits: loss log(10) whatever the targets
 
 
+def test_cutmix_pastes_one_box_of_the_flipped_batch_and_mixes_the_targets_by_its_area():
+    loss = train_classifier.ClassificationLoss(argparse.Namespace(mixup=0.0, cutmix=1.0, label_smoothing=0.0), 10)
+    np.random.seed(0)  # timm's Mixup draws from numpy
+    images, labels = torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 3])
+    mixed, targets = loss.mixup(images.clone(), labels)
+    pasted = (mixed != images).any(dim=1)  # (B, H, W): where a pixel came from the partner image
+    rows, cols = pasted[0].any(dim=1), pasted[0].any(dim=0)
+    assert 0 < pasted[0].sum() < 64 and torch.equal(pasted[0], rows[:, None] & cols[None, :])  # one box
+    assert torch.equal(pasted, pasted[:1].expand(4, -1, -1))  # the same box for the whole batch
+    box = pasted[:, None].expand_as(images)
+    assert torch.equal(mixed[box], images.flip(0)[box]) and torch.equal(mixed[~box], images[~box])
+    lam = 1 - pasted[0].sum().item() / 64  # the target weight follows the box's real area
+    one_hot = torch.nn.functional.one_hot(labels, 10).float()
+    torch.testing.assert_close(targets, lam * one_hot + (1 - lam) * one_hot.flip(0))
+
+
+def test_label_smoothing_without_mixup_spreads_epsilon_over_all_classes():
+    loss = train_classifier.ClassificationLoss(argparse.Namespace(mixup=0.0, cutmix=0.0, label_smoothing=0.1), 10)
+    logits = torch.randn(4, 10)
+    labels = torch.tensor([0, 3, 5, 9])
+    value, correct = loss(lambda images: logits, torch.zeros(4, 3, 8, 8), labels)
+    log_p = logits.log_softmax(dim=1)
+    expected = (0.9 * -log_p[torch.arange(4), labels] + 0.1 * -log_p.mean(dim=1)).mean()
+    torch.testing.assert_close(value, expected)
+    assert correct.item() == (logits.argmax(1) == labels).sum().item()
+
+
 def test_skip_nonfinite_keeps_weights_and_stops_after_n():
     model = tiny_classifier()
     calls = {"n": 0}
