@@ -339,8 +339,9 @@ def _find_and_load(data_dir, image_size):
                 return _load_image_folders(data_dir, test_name, image_size)
         raise UserError(f"{data_dir} has train/ but neither test/ nor val/ beside it")
     if kind is None:  # before any download: the data may sit one folder down, as the JPEG archive unpacks
-        inside = sorted(e.path for e in os.scandir(data_dir) if e.is_dir() and _data_kind(e.path) is not None) \
-            if os.path.isdir(data_dir) else []
+        # (hidden folders left out: another machine's download in progress on a shared disk is one)
+        inside = sorted(e.path for e in os.scandir(data_dir) if e.is_dir() and not e.name.startswith(".")
+                        and _data_kind(e.path) is not None) if os.path.isdir(data_dir) else []
         if inside:
             raise UserError(f"--data_dir {data_dir} holds no dataset itself, but {inside[0]} does: pass "
                             f"--data_dir {inside[0]}")

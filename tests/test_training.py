@@ -516,6 +516,16 @@ def test_download_moves_into_place_once_and_leaves_nothing_on_failure(tmp_path, 
     assert os.listdir(data) == ["cifar-10-batches-py"]
 
 
+def test_another_machines_download_in_progress_is_not_taken_for_a_dataset_one_folder_down(tmp_path, monkeypatch):
+    busy = tmp_path / "data"  # a shared disk: another machine's download, not yet renamed into place
+    write_cifar_batches(str(busy / ".cifar-download-x"))
+    calls = []
+    monkeypatch.setattr(utils, "_download_cifar", lambda data_dir, kind: calls.append(data_dir) or
+                        write_cifar_batches(data_dir))  # this machine's own download, into place
+    data = utils.load_data(str(busy), 32)
+    assert calls == [str(busy)] and len(data.train_images) == 100
+
+
 @pytest.mark.parametrize("dataset", ["CIFAR10", "CIFAR100"])
 def test_an_archive_from_the_cifar_site_is_checked_and_extracted_without_a_download(tmp_path, monkeypatch, dataset):
     import hashlib
