@@ -465,7 +465,9 @@ def main(args):
 
     if rt.is_main and not os.path.isfile(args.output_model_path):  # gone since an earlier start of a resumed run
         save_best()
-    if args.val_size:  # the last epoch's weights on the test set, which no choice has looked at
+    # the last epoch's weights on the test set: with --val_size no choice has looked at it; without, it is the
+    # last epoch's val_acc, evaluated again when this start trained no epoch (a finished run, resumed again)
+    if args.val_size or last_acc is None:
         last_acc = evaluate(eval_model, test_loader, rt, num_classes)["acc"]
     # the final report is of the best weights, as saved (every rank kept a copy: no shared disk needed)
     eval_model.load_state_dict(best_state)

@@ -556,14 +556,17 @@ def test_resume_auto_starts_fresh_then_goes_on_from_the_runs_own_checkpoint(tmp_
                             capsys=capsys)
     assert result.returncode == 0 and "resumed" not in result.stdout, result.stderr
     assert "stopping after epoch 1 since another epoch" in result.stdout
-    result, _, _ = classify(tmp_path, cifar_dir, *TINY_MODEL, "--resume", "auto", capsys=capsys)
+    result, _, logs = classify(tmp_path, cifar_dir, *TINY_MODEL, "--resume", "auto", capsys=capsys)
     assert result.returncode == 0, result.stderr
     assert f"resumed {tmp_path / 'cls-last.pth'} after epoch 1" in result.stdout
     assert load(tmp_path / "cls-last.pth")["epoch"] == 2
+    report = metrics(logs)[-1]
+    assert report["final"] and report["last_epoch_acc"] == metrics(logs)[1]["val_acc"]
     result, _, logs = classify(tmp_path, cifar_dir, *TINY_MODEL, "--resume", "auto", capsys=capsys)  # done: it
     assert result.returncode == 0 and "best accuracy" in result.stdout, result.stderr  # reports again, once
     assert f"{tmp_path / 'cls-last.pth'} has finished all 2 epochs: nothing to train" in result.stdout
     assert [(line["epoch"], "final" in line) for line in metrics(logs)] == [(1, False), (2, False), (2, True)]
+    assert metrics(logs)[-1] == report  # the same report, the last epoch's accuracy included
 
 
 @pytest.mark.parametrize("loader", ["device", "torch"])
