@@ -1496,6 +1496,10 @@ def restore_training_state(ckpt, model, trainer, loader, rt, ema=None):
     saved = ckpt["epoch_state"]
     if saved is None:
         return ckpt["epoch"], None
+    if len(saved["order"]) != loader.order.num_images:  # the epoch goes on through the same permutation
+        raise UserError(f"the checkpoint was saved in the middle of an epoch over {len(saved['order'])} training "
+                        f"images, and there are {loader.order.num_images} now: resume it on the data it was "
+                        "trained on")
     return ckpt["epoch"], EpochState(saved["order"].to(rt.device), saved["step"], saved["sums"].to(rt.device))
 
 

@@ -569,6 +569,23 @@ def test_resume_auto_starts_fresh_then_goes_on_from_the_runs_own_checkpoint(tmp_
     assert metrics(logs)[-1] == report  # the same report, the last epoch's accuracy included
 
 
+def test_a_checkpoint_saved_mid_epoch_resumes_only_on_data_of_its_size(tmp_path, cifar_dir, capsys):
+    result, ckpt, _ = pretrain(tmp_path, cifar_dir, "--total_epoch", 1, capsys=capsys)
+    assert result.returncode == 0, result.stderr
+    state = load(ckpt)  # as a Ctrl-C after step 2 of epoch 1 leaves it: the epoch's order, steps and sums
+    state.update(epoch=0, step=2, epoch_state={"order": torch.randperm(100), "step": 2,
+                                                "sums": torch.tensor([4.0, 32.0], dtype=torch.float64)})
+    state["args"]["total_epoch"] = 2
+    torch.save(state, tmp_path / "mid.pth")
+    other = write_cifar_batches(str(tmp_path / "other"), per_batch=24)  # 120 training images
+    before = (tmp_path / "mid.pth").read_bytes()
+    result = run_here(capsys, "mae_pretrain.py", "--resume", tmp_path / "mid.pth", "--data_dir", other)
+    assert_clean_error(result, 2, "in the middle of an epoch over 100 training images, and there are 120 now")
+    assert (tmp_path / "mid.pth").read_bytes() == before
+    result = run_here(capsys, "mae_pretrain.py", "--resume", tmp_path / "mid.pth", "--data_dir", cifar_dir)
+    assert result.returncode == 0 and "resumed" in result.stdout and "(+2 steps)" in result.stdout, result.stderr
+
+
 @pytest.mark.parametrize("loader", ["device", "torch"])
 def test_classifier_resume_is_bit_identical(tmp_path, cifar_dir, loader):
     """On the DataLoader path, also with another number of workers in each part."""
