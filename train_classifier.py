@@ -393,7 +393,8 @@ def main(args):
             best_state, best_epoch = best["model"], best["epoch"]
         if rt.is_main:
             utils.note_resumed_data(ckpt, data_record, args.resume)
-            print(f"resumed {args.resume} after epoch {start_epoch} (best accuracy so far {best_acc:.2%})")
+            print(f"resumed {args.resume} after epoch {start_epoch}"
+                  + (f" (+{epoch_state.step} steps)" if epoch_state else "") + f", best accuracy so far {best_acc:.2%}")
     eval_model = ema.module if ema is not None else model
     log = utils.MetricsLog(args.log_dir, rt, args, completed_epochs=start_epoch, resumed=ckpt is not None,
                            data=data_record)

@@ -614,6 +614,39 @@ def test_classifier_resume_is_bit_identical(tmp_path, cifar_dir, loader):
         assert f"top-1 {metrics(full_logs)[2]['val_acc']:.2%}" in result.stdout
 
 
+def test_classifier_interrupted_mid_epoch_resumes_bit_identical(tmp_path, cifar_dir, capsys, monkeypatch):
+    """Ctrl-C after optimizer step 4 of epoch 1 (of 6): the epoch's order, sums, EMA and every RNG stream
+    (mixup's numpy, RandAugment's and erasing's generator) carry over."""
+    import utils
+    flags = [*TINY_MODEL, "--ema", "--ema_decay", 0.9, "--mixup", 0.5, "--cutmix", 0.5, "--drop_path", 0.1,
+             "--randaug", "rand-m9-mstd0.5-inc1", "--reprob", 0.25]
+    result, _, full_logs = classify(tmp_path, cifar_dir, *flags, name="full", capsys=capsys)
+    assert result.returncode == 0, result.stderr
+    step, steps = utils.Trainer.step, []
+
+    def step_then_interrupt(self, *args):
+        sums = step(self, *args)
+        steps.append(1)
+        if len(steps) == 4:
+            signal.raise_signal(signal.SIGINT)  # caught by the run's handler: it finishes this step and saves
+        return sums
+
+    monkeypatch.setattr(utils.Trainer, "step", step_then_interrupt)
+    result, best, part_logs = classify(tmp_path, cifar_dir, *flags, name="part", capsys=capsys)
+    monkeypatch.undo()
+    assert result.returncode == 130 and "Resume with: python train_classifier.py --resume" in result.stderr
+    last = tmp_path / "part-last.pth"
+    assert (load(last)["epoch"], load(last)["epoch_state"]["step"]) == (0, 4) and not best.exists()
+    result = run_here(capsys, "train_classifier.py", "--data_dir", cifar_dir, "--resume", last)
+    assert result.returncode == 0 and f"resumed {last} after epoch 0 (+4 steps)" in result.stdout, result.stderr
+    a, b = load(tmp_path / "full-last.pth"), load(last)
+    for key in ("model", "ema", "best_model"):
+        assert_same_tensors(a[key], b[key], key)
+    untimed = lambda logs: [{k: v for k, v in line.items() if k not in ("images_per_s", "seconds")}
+                            for line in metrics(logs)]
+    assert untimed(part_logs) == untimed(full_logs)  # the same epoch averages, accuracies and report
+
+
 @pytest.mark.parametrize("signum,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_signal_saves_checkpoint_and_resume_matches_uninterrupted(tmp_path, signum, code):
     data = write_cifar_batches(str(tmp_path / "data"), per_batch=40)
