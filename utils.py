@@ -1151,9 +1151,12 @@ class TorchLoader:
         seed = self.epoch_seed if self.augmented else None
         batch_sampler = [[(i, None if seed is None else seed + i) for i in idx.tolist()]
                          for idx in self.order.steps(order, start)]
+        # the DataLoader draws a base seed for its workers when it starts: from a generator of its own, not from
+        # torch's global one, which a resumed epoch would then draw from once more than an uninterrupted one
+        # (drop path draws from it); the samples are seeded one by one anyway
         loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=batch_sampler, num_workers=self.num_workers,
-                                             pin_memory=self.device.type == "cuda",
-                                             persistent_workers=False)
+                                             pin_memory=self.device.type == "cuda", persistent_workers=False,
+                                             generator=torch.Generator())
         for images, labels in loader:
             yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
 

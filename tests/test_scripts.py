@@ -614,12 +614,13 @@ def test_classifier_resume_is_bit_identical(tmp_path, cifar_dir, loader):
         assert f"top-1 {metrics(full_logs)[2]['val_acc']:.2%}" in result.stdout
 
 
-def test_classifier_interrupted_mid_epoch_resumes_bit_identical(tmp_path, cifar_dir, capsys, monkeypatch):
+@pytest.mark.parametrize("loader", ["device", "torch"])
+def test_classifier_interrupted_mid_epoch_resumes_bit_identical(tmp_path, cifar_dir, capsys, monkeypatch, loader):
     """Ctrl-C after optimizer step 4 of epoch 1 (of 6): the epoch's order, sums, EMA and every RNG stream
-    (mixup's numpy, RandAugment's and erasing's generator) carry over."""
+    (mixup's numpy, the augmentation's generator or per-image seeds) carry over."""
     import utils
     flags = [*TINY_MODEL, "--ema", "--ema_decay", 0.9, "--mixup", 0.5, "--cutmix", 0.5, "--drop_path", 0.1,
-             "--randaug", "rand-m9-mstd0.5-inc1", "--reprob", 0.25]
+             "--randaug", "rand-m9-mstd0.5-inc1", "--reprob", 0.25, "--loader", loader, "--num_workers", 0]
     result, _, full_logs = classify(tmp_path, cifar_dir, *flags, name="full", capsys=capsys)
     assert result.returncode == 0, result.stderr
     step, steps = utils.Trainer.step, []

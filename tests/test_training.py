@@ -641,7 +641,8 @@ def test_rng_state_restores_every_stream():
     assert torch.equal(first[3], second[3]) and torch.equal(first[4], second[4])
 
 
-def test_knn_accuracy_and_monitor_leaves_rng_and_mode_alone():
+@pytest.mark.parametrize("loader_class", [utils.DeviceLoader, utils.TorchLoader])
+def test_knn_accuracy_and_monitor_leaves_rng_and_mode_alone(loader_class):
     feats = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]])
     labels = torch.tensor([0, 0, 1, 1])
     assert utils.knn_accuracy(feats, labels, torch.tensor([[1.0, 0.05], [0.0, 1.0]]), torch.tensor([0, 1]), 2,
@@ -653,8 +654,8 @@ def test_knn_accuracy_and_monitor_leaves_rng_and_mode_alone():
     assert vote(1e-6) == 1.0  # exp(sim / T) would be inf for all three, a tie; the limit is 1-NN
     encoder = MAE_ViT(**TINY).encoder.train()
     images = torch.randint(0, 256, (12, 3, 8, 8), dtype=torch.uint8)
-    loaders = [utils.DeviceLoader(images, torch.arange(12) % 3, 5, device=torch.device("cpu"), train=False)
-               for _ in range(2)]
+    loaders = [loader_class(images, torch.arange(12) % 3, 5, device=torch.device("cpu"), train=False)
+               for _ in range(2)]  # the DataLoader's start draws no seed from torch's global RNG either
     torch.manual_seed(0)
     expected = torch.rand(1)
     torch.manual_seed(0)
