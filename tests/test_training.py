@@ -5,6 +5,7 @@ import os
 import random
 import re
 import shutil
+import signal
 
 import numpy as np
 import pytest
@@ -233,6 +234,24 @@ def test_label_smoothing_without_mixup_spreads_epsilon_over_all_classes():
     expected = (0.9 * -log_p[torch.arange(4), labels] + 0.1 * -log_p.mean(dim=1)).mean()
     torch.testing.assert_close(value, expected)
     assert correct.item() == (logits.argmax(1) == labels).sum().item()
+
+
+def test_ctrl_c_asks_for_a_clean_stop_and_a_second_one_aborts(capsys):
+    previous = signal.getsignal(signal.SIGINT)
+    with pytest.raises(SystemExit) as exit_info:
+        @utils.cli_main
+        def run(args):
+            with utils.StopRequest() as stop:
+                signal.raise_signal(signal.SIGINT)  # the run finishes its step, saves and exits 130
+                assert stop.signum == signal.SIGINT
+                assert "SIGINT received: finishing this step, then saving" in capsys.readouterr().err
+                signal.raise_signal(signal.SIGINT)  # a second Ctrl-C: abort now
+            raise AssertionError("not reached")
+
+        run(None)
+    assert exit_info.value.code == 130
+    assert capsys.readouterr().err.strip() == "interrupted; nothing was saved since the last checkpoint"
+    assert signal.getsignal(signal.SIGINT) is previous  # the handler is put back
 
 
 def test_skip_nonfinite_keeps_weights_and_stops_after_n():
