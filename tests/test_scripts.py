@@ -1053,6 +1053,31 @@ def test_throughput_benchmark_profiles_where_the_time_goes(tmp_path):
     assert_clean_error(bad, 2, "--cases takes a comma-separated subset")
 
 
+def test_a_resume_from_an_older_checkpoint_drops_the_later_epochs_from_both_logs(tmp_path, cifar_dir, monkeypatch,
+                                                                                 capsys):
+    import utils
+    due = utils.checkpoint_due
+
+    def crash_after_epoch_3(args, epoch):  # the process dies after logging epoch 3, before its checkpoint
+        if epoch == 3:
+            raise RuntimeError("simulated crash")
+        return due(args, epoch)
+
+    monkeypatch.setattr(utils, "checkpoint_due", crash_after_epoch_3)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        pretrain(tmp_path, cifar_dir, "--total_epoch", 4, "--save_every", 2, capsys=capsys)
+    monkeypatch.undo()
+    ckpt, logs = tmp_path / "mae.pth", tmp_path / "logs" / "mae"
+    assert load(ckpt)["epoch"] == 2 and [line["epoch"] for line in metrics(logs)] == [1, 2, 3]
+    result = run_here(capsys, "mae_pretrain.py", "--data_dir", cifar_dir, "--resume", ckpt)
+    assert result.returncode == 0 and f"resumed {ckpt} after epoch 2" in result.stdout, result.stderr
+    lines = metrics(logs)
+    assert [line["epoch"] for line in lines] == [1, 2, 3, 4]
+    losses = events(logs).Scalars("mae_loss")  # TensorBoard: epoch 3 once, from the resumed run
+    assert [event.step for event in losses] == [1, 2, 3, 4]
+    assert [event.value for event in losses] == pytest.approx([line["loss"] for line in lines], rel=1e-6)
+
+
 def test_save_every_writes_fewer_checkpoints(tmp_path, cifar_dir, monkeypatch):
     import mae_pretrain
     import utils
