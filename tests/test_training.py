@@ -584,10 +584,15 @@ def test_atomic_checkpoint_roundtrip_weights_only(tmp_path):
     path = tmp_path / "ckpt.pth"
     args = mae_pretrain.get_args_parser().parse_args([])
     loader, _ = make_loader()
-    utils.save_atomic({"format": utils.CHECKPOINT_FORMAT, "kind": "mae_pretrain", "model": model.state_dict(),
-                       "model_config": model.config, "args": utils.plain_args(args),
-                       "rng": utils.rng_state(CPU, loader)}, str(path))
+    umask = os.umask(0o022)
+    try:
+        utils.save_atomic({"format": utils.CHECKPOINT_FORMAT, "kind": "mae_pretrain", "model": model.state_dict(),
+                           "model_config": model.config, "args": utils.plain_args(args),
+                           "rng": utils.rng_state(CPU, loader)}, str(path))
+    finally:
+        os.umask(umask)
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pth"]  # no temporary file left
+    assert path.stat().st_mode & 0o777 == 0o644  # as a plain open() would make it, not the temporary file's 0600
     ckpt = torch.load(path, weights_only=True)
     restored = MAE_ViT(**ckpt["model_config"])
     restored.load_state_dict(ckpt["model"])
