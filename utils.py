@@ -1248,8 +1248,10 @@ class EpochState:
     step: int = 0
     sums: torch.Tensor = None  # float64 [sum of loss * n, n, extra sums ...] on the device
 
-    def state_dict(self):
-        return {"order": self.order.cpu(), "step": self.step, "sums": self.sums.cpu()}
+    def state_dict(self, rt):
+        """A collective under torchrun: the sums of every rank, added up (restore_training_state gives them all
+        to rank 0), so a resume with any number of processes counts each image once."""
+        return {"order": self.order.cpu(), "step": self.step, "sums": all_reduce_sum(self.sums, rt).cpu()}
 
 
 class Trainer:
@@ -1483,7 +1485,7 @@ def training_state(trainer, loader, rt, args, epoch_state=None, ema=None, data=N
     return {"data": data, "optimizer": trainer.optimizer.state_dict(),
             "scaler": trainer.scaler.state_dict() if trainer.scaler else None,
             "ema": ema.module.state_dict() if ema is not None else None,
-            "epoch_state": epoch_state.state_dict() if epoch_state is not None else None,
+            "epoch_state": epoch_state.state_dict(rt) if epoch_state is not None else None,
             "rng": rng_state(rt, loader), "args": plain_args(args), "world_size": rt.world_size}
 
 
@@ -1503,7 +1505,8 @@ def restore_training_state(ckpt, model, trainer, loader, rt, ema=None):
         raise UserError(f"the checkpoint was saved in the middle of an epoch over {len(saved['order'])} training "
                         f"images, and there are {loader.order.num_images} now: resume it on the data it was "
                         "trained on")
-    return ckpt["epoch"], EpochState(saved["order"].to(rt.device), saved["step"], saved["sums"].to(rt.device))
+    sums = saved["sums"] if rt.rank == 0 else torch.zeros_like(saved["sums"])  # all ranks' sums: rank 0 holds them
+    return ckpt["epoch"], EpochState(saved["order"].to(rt.device), saved["step"], sums.to(rt.device))
 
 
 def note_resumed_data(ckpt, data, path):

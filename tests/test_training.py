@@ -653,6 +653,23 @@ def test_an_unwritable_cache_is_a_note_and_the_images_still_load(tmp_path, capsy
     assert "note: could not write" in err and "the next run decodes the images again" in err
 
 
+def test_a_mid_epoch_checkpoint_gives_the_epochs_sums_to_rank_0_only(capsys):
+    """The sums saved are those of all ranks added up; restored, rank 0 holds them and the others start from
+    zero, so the epoch's all-reduced loss and accuracy count each image once with any number of processes."""
+    model = tiny_classifier()
+    trainer = make_trainer(model, 4)
+    loader, _ = make_loader()
+    sums = torch.tensor([6.0, 8.0, 3.0], dtype=torch.float64)  # loss * images, images, correct: after 1 step
+    state = utils.training_state(trainer, loader, CPU, argparse.Namespace(),
+                                 utils.EpochState(loader.order.new_epoch(), 1, sums))
+    ckpt = {"model": model.state_dict(), "epoch": 0, **state}
+    for rank, expected in ((0, sums), (1, torch.zeros(3, dtype=torch.float64))):
+        rt = utils.Runtime(torch.device("cpu"), rank=rank, world_size=2)  # a resume in two processes
+        epoch, restored = utils.restore_training_state(ckpt, model, trainer, loader, rt)
+        assert (epoch, restored.step) == (0, 1) and torch.equal(restored.sums, expected)
+    assert "RNG states of 1 processes" in capsys.readouterr().err
+
+
 def test_rng_state_restores_every_stream():
     loader, _ = make_loader(crop_scale=(0.2, 1.0), flip=True)
     state = utils.rng_state(CPU, loader)
