@@ -1544,8 +1544,11 @@ def rng_state(rt, loader):
 
 def set_rng_state(states, rt, loader):
     if len(states) != rt.world_size:
+        # the epochs' order is drawn alike on every rank, so it goes on; the per-rank streams cannot
+        loader.load_state_dict({"order": states[0]["loader"]["order"]})
         print(f"warning: the checkpoint holds RNG states of {len(states)} processes, this run has "
-              f"{rt.world_size}; the random streams start afresh", file=sys.stderr)
+              f"{rt.world_size}; the order of the images goes on, the other random streams (augmentation, masks, "
+              "dropout) start afresh", file=sys.stderr)
         return
     state = states[rt.rank]
     torch.set_rng_state(state["torch"])

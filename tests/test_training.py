@@ -667,7 +667,10 @@ def test_a_mid_epoch_checkpoint_gives_the_epochs_sums_to_rank_0_only(capsys):
         rt = utils.Runtime(torch.device("cpu"), rank=rank, world_size=2)  # a resume in two processes
         epoch, restored = utils.restore_training_state(ckpt, model, trainer, loader, rt)
         assert (epoch, restored.step) == (0, 1) and torch.equal(restored.sums, expected)
-    assert "RNG states of 1 processes" in capsys.readouterr().err
+    assert "RNG states of 1 processes, this run has 2; the order of the images goes on" in capsys.readouterr().err
+    other, _ = make_loader(seed=9)  # the next epochs' order follows the checkpoint's, in any number of processes
+    utils.restore_training_state(ckpt, model, trainer, other, utils.Runtime(torch.device("cpu"), world_size=2))
+    assert torch.equal(other.order.new_epoch(), loader.order.new_epoch())
 
 
 def test_rng_state_restores_every_stream():
