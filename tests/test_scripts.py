@@ -887,8 +887,19 @@ def test_convert_a_state_dict_without_running_code_and_refuse_what_needs_no_conv
     assert ckpt["kind"] == "mae_pretrain" and ckpt["model_config"]["encoder_layer"] == 2
     encoder = {k: v for k, v in model.state_dict().items() if k.startswith("encoder.")}
     assert_same_tensors(encoder, {k: v for k, v in ckpt["model"].items() if k.startswith("encoder.")})
+    # a state_dict has no head counts: width 16 / 64 gives 1, said so; the model had 2
+    assert "1 encoder heads, 1 decoder heads" in result.stdout and "note: a state_dict does not record" in result.stdout
     result = run("tools/convert_legacy.py", source, converted)
     assert_clean_error(result, 2, "already exists", "--overwrite")
+    result = run("tools/convert_legacy.py", source, converted, "--encoder_head", 3, "--overwrite")
+    assert_clean_error(result, 2, "encoder width (16) must be divisible by its head count (3)")
+    result = run("tools/convert_legacy.py", source, converted, "--encoder_head", 2, "--decoder_head", 2, "--overwrite")
+    assert result.returncode == 0 and "note:" not in result.stdout, result.stderr
+    ckpt = load(converted)
+    restored = MAE_ViT(**ckpt["model_config"])
+    restored.load_state_dict(ckpt["model"])
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(restored.encoder.forward_features(x), model.encoder.forward_features(x))
     result = run("tools/convert_legacy.py", converted, tmp_path / "again.pth")
     assert_clean_error(result, 2, "already a mae_pretrain checkpoint", "nothing to convert")
     torch.save({"fc.weight": torch.zeros(2, 2)}, tmp_path / "other.pt")  # a state_dict of some other model
@@ -897,6 +908,30 @@ def test_convert_a_state_dict_without_running_code_and_refuse_what_needs_no_conv
     assert not (tmp_path / "other.pth").exists()
     result, _, _ = classify(tmp_path, trained["data"], "--pretrained_model_path", converted, "--total_epoch", 1)
     assert result.returncode == 0, result.stderr
+
+
+class OriginalClassifier(torch.nn.Module):
+    """The original repository's ViT_Classifier layout: its names, timm Blocks, no config attribute."""
+
+    def __init__(self, emb_dim=16, heads=2, layers=2, num_classes=10):
+        from timm.models.vision_transformer import Block
+        super().__init__()
+        self.cls_token = torch.nn.Parameter(torch.zeros(1, 1, emb_dim))
+        self.pos_embedding = torch.nn.Parameter(torch.randn(16, 1, emb_dim))
+        self.patchify = torch.nn.Conv2d(3, emb_dim, 2, 2)
+        self.transformer = torch.nn.Sequential(*[Block(emb_dim, heads) for _ in range(layers)])
+        self.layer_norm = torch.nn.LayerNorm(emb_dim)
+        self.head = torch.nn.Linear(emb_dim, num_classes)
+
+
+def test_a_pickled_original_model_brings_its_head_counts(tmp_path, capsys):
+    torch.save(OriginalClassifier(heads=2), tmp_path / "original.pt")  # width 16: width / 64 would say 1
+    result = run_here(capsys, "tools/convert_legacy.py", tmp_path / "original.pt", tmp_path / "converted.pth",
+                      "--execute_pickled_code")
+    assert result.returncode == 0 and "classifier checkpoint, 2 encoder heads" in result.stdout, result.stderr
+    assert "note:" not in result.stdout
+    config = load(tmp_path / "converted.pth")["model_config"]
+    assert (config["encoder_head"], config["encoder_layer"], config["num_classes"]) == (2, 2, 10)
 
 
 def test_convert_original_parameter_names():

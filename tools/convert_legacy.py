@@ -8,7 +8,9 @@ original's names (torch.save(model.state_dict())) loads safely and needs no flag
 checkpoint that loads with weights_only=True. An MAE_ViT becomes a pretraining checkpoint, a
 ViT_Classifier a classifier checkpoint. The original's layer norms used eps 1e-5 (ours 1e-6) and its decoder
 had no final norm (ours is set to identity-like weights 1, 0), so a converted decoder is close, not exact;
-the encoder, which fine-tuning uses, carries over weight for weight.
+the encoder, which fine-tuning uses, carries over weight for weight. A pickled model knows its attention
+head counts; a state_dict does not record them, so they are taken as width / 64 (the original's 3 for ViT-T/2)
+unless --encoder_head / --decoder_head give them: the weights fit either way, but compute differently.
 """
 import argparse
 import os
@@ -18,6 +20,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import utils  # noqa: E402
+from model import check_config  # noqa: E402
 
 # original name -> ours; pos_embedding tensors are (T, 1, D) there, (1, 1 + T, D) here
 RENAMES = [("patchify.", "patch_embed.proj."), ("transformer.", "blocks."), ("layer_norm.", "norm.")]
@@ -47,8 +50,8 @@ def convert_state_dict(state):
     return out
 
 
-def model_config(state):
-    """Sizes read off the weights."""
+def model_config(state, encoder_head=None, decoder_head=None):
+    """Sizes read off the weights; the head counts, which weights do not record, as given or width / 64."""
     prefix = "encoder." if "encoder.cls_token" in state else ""
     emb_dim = state[prefix + "cls_token"].shape[-1]
     patch = state[prefix + "patch_embed.proj.weight"].shape[-1]
@@ -56,15 +59,22 @@ def model_config(state):
     blocks = lambda p: len({k.split(".")[1 + p.count(".")] for k in state if k.startswith(p + "blocks.")})
     config = dict(image_size=int(round(tokens ** 0.5)) * patch, patch_size=patch, emb_dim=emb_dim,
                   in_chans=state[prefix + "patch_embed.proj.weight"].shape[1], pos_embed="learned")
-    heads = lambda width: max(1, width // 64)  # the original always used 3 heads of 64 for ViT-T
+    heads = lambda given, width: given or max(1, width // 64)  # the original's ViT-T: 3 heads of 64
     if prefix:
         dec_dim = state["decoder.mask_token"].shape[-1]
-        config.update(encoder_layer=blocks("encoder."), encoder_head=heads(emb_dim), decoder_layer=blocks("decoder."),
-                      decoder_head=heads(dec_dim), mask_ratio=0.75, decoder_emb_dim=dec_dim, norm_pix_loss=False)
+        config.update(encoder_layer=blocks("encoder."), encoder_head=heads(encoder_head, emb_dim),
+                      decoder_layer=blocks("decoder."), decoder_head=heads(decoder_head, dec_dim), mask_ratio=0.75,
+                      decoder_emb_dim=dec_dim, norm_pix_loss=False)
     else:
-        config.update(encoder_layer=blocks(""), encoder_head=heads(emb_dim),
+        config.update(encoder_layer=blocks(""), encoder_head=heads(encoder_head, emb_dim),
                       num_classes=state["head.weight"].shape[0], global_pool=False, linear_probe=False)
     return config
+
+
+def first_block_heads(part):
+    """The head count of a pickled model part's first attention block, or None."""
+    blocks = getattr(part, "transformer", None) or getattr(part, "blocks", None)
+    return getattr(getattr(blocks[0], "attn", None), "num_heads", None) if blocks else None
 
 
 def get_args_parser():
@@ -75,6 +85,10 @@ def get_args_parser():
     parser.add_argument("--execute_pickled_code", action="store_true",
                         help="required for a whole pickled model: loading it runs code stored in it; only for "
                              "files you trust")
+    parser.add_argument("--encoder_head", type=int, default=None,
+                        help="attention heads of the encoder; a state_dict does not record them (a pickled model "
+                             "does); none: width / 64, the original's 3 for ViT-T")
+    parser.add_argument("--decoder_head", type=int, default=None, help="the same for the decoder")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing destination")
     return parser
 
@@ -109,15 +123,32 @@ def main(args):
         if not isinstance(module, torch.nn.Module):
             raise utils.UserError(f"{args.source} holds a {type(module).__name__}, not a pickled model")
         state = convert_state_dict(module.state_dict())
+    heads = [args.encoder_head, args.decoder_head]
+    if module is not None:  # a pickled model knows its head counts
+        parts = (getattr(module, "encoder", module), getattr(module, "decoder", None))
+        heads = [given or (first_block_heads(part) if part is not None else None) for given, part in zip(heads, parts)]
+    guessed = module is None and not all(heads)
     try:
-        config = getattr(module, "config", None) or model_config(state)  # our own classes carry their config
+        config = getattr(module, "config", None) or model_config(state, *heads)  # our own classes carry theirs
     except (KeyError, IndexError):
         raise utils.UserError(f"{args.source} does not hold the original repository's MAE_ViT or ViT_Classifier "
                               "weights (no cls_token / patchify / pos_embedding found)") from None
     kind = "mae_pretrain" if "encoder.cls_token" in state else "classifier"
+    parts = ["encoder", "decoder"] if kind == "mae_pretrain" else ["encoder"]
+    try:
+        check_config(config["image_size"], config["patch_size"],
+                     {part: config["emb_dim" if part == "encoder" else "decoder_emb_dim"] for part in parts},
+                     {part: config[f"{part}_head"] for part in parts})
+    except ValueError as e:
+        raise utils.UserError(f"{e} (--encoder_head / --decoder_head)") from None
     utils.save_atomic({"format": utils.CHECKPOINT_FORMAT, "kind": kind, "model": state, "model_config": config,
                        "epoch": 0, "converted_from": os.path.basename(args.source)}, args.destination)
-    print(f"wrote {args.destination} ({kind} checkpoint); it loads with weights_only=True")
+    heads_line = ", ".join(f"{config[f'{part}_head']} {part} heads" for part in parts)
+    print(f"wrote {args.destination} ({kind} checkpoint, {heads_line}); it loads with weights_only=True")
+    if guessed:
+        print("note: a state_dict does not record head counts; those not given were taken as width / 64 (the "
+              "original's 3 for ViT-T/2). If the original used others, convert again with --encoder_head / "
+              "--decoder_head --overwrite: the weights load either way, but compute differently")
 
 
 if __name__ == "__main__":
