@@ -25,7 +25,7 @@ MODEL_KEYS = ["image_size", "patch_size", "emb_dim", "encoder_layer", "encoder_h
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser("MAE pretraining", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = utils.ArgumentParser("MAE pretraining", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--seed", type=int, default=42, help="seeds every RNG (process k of a run takes seed + k)")
     parser.add_argument("-bs", "--batch_size", type=int, default=4096, help="images per optimizer step (global)")
     parser.add_argument("--max_device_batch_size", type=int, default=1024,

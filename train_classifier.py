@@ -27,7 +27,7 @@ NO_WEIGHT_DECAY = {"cls_token", "pos_embed"}
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser("ViT classifier", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = utils.ArgumentParser("ViT classifier", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--seed", type=int, default=2022, help="seeds every RNG (process k of a run takes seed + k)")
     parser.add_argument("--batch_size", type=int, default=128, help="images per optimizer step (global)")
     parser.add_argument("--max_device_batch_size", type=int, default=256, help="micro-batch per forward/backward")

@@ -77,6 +77,24 @@ def cli_main(main):
     return wrapper
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that also records the flags the command line gave, as args.given_flags: a resume (and a
+    checkpoint's sizes) can then tell `--batch_size 4096` from no flag at all where 4096 is the default."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, extras = super().parse_known_args(args, namespace)
+        defaults = [(action, action.default) for action in self._actions]
+        try:  # parsed again with no defaults: only what was given is set
+            for action in self._actions:
+                action.default = argparse.SUPPRESS
+            given = super().parse_known_args(args, None)[0]
+        finally:
+            for action, default in defaults:
+                action.default = default
+        namespace.given_flags = sorted(vars(given))
+        return namespace, extras
+
+
 def check_positive(args, *names):
     for name in names:
         if getattr(args, name) is not None and getattr(args, name) <= 0:
@@ -1600,13 +1618,16 @@ SIZES_FROM_CHECKPOINT = "drop the flag: the model's sizes come from the checkpoi
 def resolve_resume_args(args, parser, saved_args, keys, what="the checkpoint being resumed", soft_keys=(),
                         hint="drop the flag (or start a new run to change it)"):
     """Take a checkpoint's value of each key (a resumed run keeps its settings, a pretrained encoder its
-    sizes); a flag of `keys` given with a different value (not the default) is an error rather than a silent
-    change, while a flag of `soft_keys` given explicitly simply wins."""
+    sizes); a flag of `keys` given with a different value is an error rather than a silent change, while a
+    flag of `soft_keys` given explicitly simply wins. What was given: args.given_flags (ArgumentParser), else
+    the flags whose value is not the default."""
     norm = (lambda v: list(v) if isinstance(v, tuple) else v)
+    given_flags = getattr(args, "given_flags", None)
     for key in list(keys) + list(soft_keys):
         default, current = parser.get_default(key), getattr(args, key)
         saved = saved_args.get(key, default)
-        if norm(current) != norm(default) and norm(current) != norm(saved):
+        given = key in given_flags if given_flags is not None else norm(current) != norm(default)
+        if given and norm(current) != norm(saved):
             if key in soft_keys:
                 continue
             raise UserError(f"--{key} {current} conflicts with {what}, which has {saved}; {hint}")

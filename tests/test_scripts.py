@@ -773,6 +773,13 @@ BAD_INPUTS = {  # name: (script, argv from (world, tmp_path), what the error lin
                                lambda w: f"--log_dir {w['cls_logs']} already holds the logs of a run"),
     "resume with conflicting flag": ("mae", lambda w, t: ["--data_dir", w["data"], "--resume", w["mae"],
                                                           "--emb_dim", 32], lambda w: "conflicts with"),
+    "resume with a flag at its default value": ("mae", lambda w, t: ["--data_dir", w["data"], "--resume", w["mae"],
+                                                                     "-bs", 4096],  # the default; the run has 16
+                                                lambda w: "--batch_size 4096 conflicts with"),
+    "pretrained sizes against a size flag at its default": ("cls", lambda w, t: ["--data_dir", w["data"],
+                                                                                 "--pretrained_model_path", w["mae"],
+                                                                                 "--emb_dim", 192, *CLS_OUT(w, t)],
+                                                            lambda w: "--emb_dim 192 conflicts"),
     "existing checkpoint": ("mae", lambda w, t: ["--data_dir", w["data"], *TINY_MAE, "--model_path", w["mae"]],
                             lambda w: "already exists"),
     "resume from best weights": ("cls", lambda w, t: ["--data_dir", w["data"], "--resume", w["cls"]],

@@ -673,6 +673,18 @@ def test_a_mid_epoch_checkpoint_gives_the_epochs_sums_to_rank_0_only(capsys):
     assert torch.equal(other.order.new_epoch(), loader.order.new_epoch())
 
 
+def test_the_parser_records_which_flags_were_given_and_keeps_the_defaults():
+    parser = mae_pretrain.get_args_parser()
+    args = parser.parse_args(["-bs", "4096", "--no-flip", "--crop_scale", "1", "1"])
+    assert args.given_flags == ["batch_size", "crop_scale", "flip"]  # 4096 is the default, but it was given
+    assert (args.batch_size, args.flip, args.crop_scale, args.seed, args.mask_ratio) == (4096, False, [1.0, 1.0],
+                                                                                         42, 0.75)
+    assert parser.get_default("batch_size") == 4096  # the defaults are put back after the second parse
+    assert parser.parse_args([]).given_flags == [] and parser.parse_args([]).batch_size == 4096
+    utils.resolve_resume_args(args, parser, {"batch_size": 4096, "seed": 7}, ["batch_size", "seed"])
+    assert (args.batch_size, args.seed) == (4096, 7)  # given and equal: fine; not given: the checkpoint's
+
+
 def test_rng_state_restores_every_stream():
     loader, _ = make_loader(crop_scale=(0.2, 1.0), flip=True)
     state = utils.rng_state(CPU, loader)
