@@ -405,8 +405,9 @@ def main(args):
               f"{micro_batch}, peak lr {peak_lr:.2e}, {rt.describe()}; the best epoch is picked on {selected_on}")
         if pretrained is not None:
             print(pretraining_note(args.pretrained_model_path, pretrained))
-        if ema is not None and ema_note(args.ema_decay, args.total_epoch * steps_per_epoch):
-            print(ema_note(args.ema_decay, args.total_epoch * steps_per_epoch))
+        note = ema_note(args.ema_decay, args.total_epoch * steps_per_epoch) if ema is not None else None
+        if note:
+            print(note)
         if start_epoch >= args.total_epoch:
             print(f"{args.resume} has finished all {args.total_epoch} epochs: nothing to train; its report again:")
 

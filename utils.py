@@ -377,7 +377,8 @@ def _download_cifar(data_dir, dataset=None):
     from torchvision.datasets.utils import check_integrity, extract_archive
     dataset = dataset or CIFAR10
     archive = os.path.join(data_dir, dataset.filename)
-    if os.path.isfile(archive) and not check_integrity(archive, dataset.tgz_md5):
+    from_archive = os.path.isfile(archive)  # else a download
+    if from_archive and not check_integrity(archive, dataset.tgz_md5):
         raise UserError(f"{archive} is not the archive the CIFAR site serves (its md5 differs: a download that "
                         "stopped part way?); delete it or fetch it again")
     looked = (f"no CIFAR-10 in {os.path.abspath(data_dir)} (looked for cifar-10-batches-py/, cifar-100-python/, "
@@ -390,7 +391,7 @@ def _download_cifar(data_dir, dataset=None):
     try:
         os.makedirs(data_dir, exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=".cifar-download-", dir=data_dir)  # beside the target: one atomic rename
-        if os.path.isfile(archive):  # its md5 was checked above
+        if from_archive:  # its md5 was checked above
             print(f"extracting {archive} (once) ...", file=sys.stderr)
             extract_archive(archive, tmp)
         else:
@@ -404,7 +405,7 @@ def _download_cifar(data_dir, dataset=None):
                 raise
     except Exception as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        what = f"extracting {archive}" if os.path.isfile(archive) else f"{looked}, and downloading it"
+        what = f"extracting {archive}" if from_archive else f"{looked}, and downloading it"
         raise UserError(f"{what} failed ({reason}); pass --data_dir with a folder holding "
                         "cifar-10-batches-py/, cifar-100-python/ or train/ + test/ image folders (see README, 'Data: "
                         "local or offline')") from None

@@ -125,8 +125,8 @@ def main(args):
         state = convert_state_dict(module.state_dict())
     heads = [args.encoder_head, args.decoder_head]
     if module is not None:  # a pickled model knows its head counts
-        parts = (getattr(module, "encoder", module), getattr(module, "decoder", None))
-        heads = [given or (first_block_heads(part) if part is not None else None) for given, part in zip(heads, parts)]
+        heads = [heads[0] or first_block_heads(getattr(module, "encoder", module)),
+                 heads[1] or first_block_heads(getattr(module, "decoder", None))]
     guessed = module is None and not all(heads)
     try:
         config = getattr(module, "config", None) or model_config(state, *heads)  # our own classes carry theirs
