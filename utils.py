@@ -1128,6 +1128,15 @@ class ArrayDataset(torch.utils.data.Dataset):
                 random.setstate(saved[2])
 
 
+def _worker_ignores_stop_signals(worker_id):
+    """DataLoader workers leave SIGINT and SIGTERM to the main process, which finishes its step, saves and shuts
+    them down: a Ctrl-C in a terminal reaches every process of the group, and a forked worker would otherwise run
+    StopRequest's handler too (its message printed once per worker), or under spawn die on KeyboardInterrupt
+    while the main process still waits for its batch."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 class TorchLoader:
     """torchvision DataLoader with PIL transforms and worker processes (the original repository's way).
 
@@ -1175,7 +1184,7 @@ class TorchLoader:
         # (drop path draws from it); the samples are seeded one by one anyway
         loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=batch_sampler, num_workers=self.num_workers,
                                              pin_memory=self.device.type == "cuda", persistent_workers=False,
-                                             generator=torch.Generator())
+                                             generator=torch.Generator(), worker_init_fn=_worker_ignores_stop_signals)
         for images, labels in loader:
             yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
 

@@ -455,6 +455,29 @@ def test_dataloader_path_augments_each_sample_from_its_own_seed():
     assert not any(torch.equal(a, b) for a, b in zip(batches, second))
 
 
+class _SignalsItself(utils.ArrayDataset):
+    """Each worker sends itself SIGINT and SIGTERM, as a Ctrl-C in a terminal or a scheduler's kill of the
+    process group would, before it returns its first sample."""
+
+    def __getitem__(self, item):
+        assert torch.utils.data.get_worker_info() is not None  # never in the main process
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            os.kill(os.getpid(), signum)
+        return super().__getitem__(item)
+
+
+def test_dataloader_workers_leave_stop_signals_to_the_main_process(capfd):
+    """--loader torch: a worker neither runs StopRequest's handler (inherited by fork) nor dies; every batch comes."""
+    images = torch.randint(0, 256, (16, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    loader = utils.TorchLoader(images, torch.arange(16) % 10, 4, device=torch.device("cpu"), train=True, seed=0,
+                               flip=True, num_workers=2)
+    loader.dataset = _SignalsItself(loader.dataset.images, loader.dataset.labels, loader.dataset.transform)
+    with utils.StopRequest() as stop:
+        batches = [x for x, _ in loader.batches(loader.order.new_epoch())]
+    assert len(batches) == 4 and stop.signum is None
+    assert "received" not in capfd.readouterr().err
+
+
 def test_batch_order_splits_global_batches_over_ranks():
     g = torch.Generator().manual_seed(0)
     order = torch.randperm(20, generator=g)
