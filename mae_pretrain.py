@@ -285,8 +285,8 @@ def main(args):
                       + clock.left(args.total_epoch - epoch - 1))
             if stopping:
                 if rt.is_main:
-                    print(f"stopping after epoch {epoch + 1} {stopping}; resume with: python mae_pretrain.py "
-                          f"--resume {args.model_path}")
+                    print(f"stopping after epoch {epoch + 1} {stopping}; resume with: "
+                          f"{utils.resume_command('mae_pretrain.py', args.model_path, rt)}")
                 break
     log.close()
 

@@ -460,8 +460,8 @@ def main(args):
                       f"{train['images_per_s']:.0f} images/s" + clock.left(args.total_epoch - epoch - 1))
             if stopping:
                 if rt.is_main:
-                    print(f"stopping after epoch {epoch + 1} {stopping}; resume with: python train_classifier.py "
-                          f"--resume {last_path}")
+                    print(f"stopping after epoch {epoch + 1} {stopping}; resume with: "
+                          f"{utils.resume_command('train_classifier.py', last_path, rt)}")
                 log.close()
                 return {"best_acc": best_acc}
 

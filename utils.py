@@ -1590,9 +1590,11 @@ def set_rng_state(states, rt, loader):
     loader.load_state_dict(state["loader"])
 
 
-# settings a resumed run takes from its checkpoint unless given again: they change speed or rounding only
+# settings a resumed run takes from its checkpoint unless given again: they change speed or rounding only, or
+# (data_dir) where the data is found, so that `--resume PATH` alone goes on with the run's own data, and the same
+# data moved to another folder can be named
 SOFT_RESUME_KEYS = ["max_device_batch_size", "amp", "compile", "compile_mode", "loader", "num_workers", "log_interval",
-                    "skip_nonfinite", "save_every"]
+                    "skip_nonfinite", "save_every", "data_dir"]
 
 
 def checkpoint_due(args, epoch):
@@ -1859,11 +1861,22 @@ def format_duration(seconds):
     return " ".join(parts[:2]) or "0s"
 
 
+def resume_command(script, path, rt):
+    """The command that goes on with a run from its checkpoint (which holds its settings and --data_dir)."""
+    if not rt.distributed:
+        return f"python {script} --resume {path}"
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", rt.world_size))
+    if per_node == rt.world_size:
+        return f"torchrun --nproc_per_node={per_node} {script} --resume {path}"
+    return f"torchrun {script} --resume {path} on every node, with this run's launch options"
+
+
 def exit_after_signal(path, script, signum, rt, log):
     """After the checkpoint of an interrupted run is written: say how to resume, exit 128 + signal number."""
     log.close()
     if rt.is_main:
-        print(f"stopped; checkpoint saved to {path}. Resume with: python {script} --resume {path}", file=sys.stderr)
+        print(f"stopped; checkpoint saved to {path}. Resume with: {resume_command(script, path, rt)}",
+              file=sys.stderr)
     sys.exit(128 + signum)
 
 

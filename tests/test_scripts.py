@@ -512,13 +512,22 @@ def test_pretraining_resume_is_bit_identical(tmp_path, cifar_dir):
         assert len(f.readlines()) == 1
 
 
-def test_resume_on_other_images_says_so_and_on_a_moved_copy_does_not(tmp_path, cifar_dir, capsys):
-    result, part, _ = pretrain(tmp_path, cifar_dir, "--total_epoch", 3, "--stop_after_epoch", 1, capsys=capsys)
+def test_resume_on_other_images_says_so_and_on_a_moved_copy_does_not(tmp_path, cifar_dir, capsys, monkeypatch):
+    from torchvision.datasets import CIFAR10
+    result, part, _ = pretrain(tmp_path, cifar_dir, "--total_epoch", 4, "--stop_after_epoch", 1, capsys=capsys)
     assert result.returncode == 0, result.stderr
+    assert f"resume with: python mae_pretrain.py --resume {part}" in result.stdout  # its data comes along
     saved = load(part)["data"]  # which data the checkpoint was trained on, as plain values
     assert saved["dir"] == os.path.abspath(cifar_dir) and saved["train_images"] == 100
+    # without --data_dir the run's own (not the default, data/ in another working folder: nothing there)
+    monkeypatch.chdir(tmp_path / "logs")
+    monkeypatch.setattr(CIFAR10, "url", "http://localhost:9/nowhere.tar.gz")  # a download would fail at once
+    result = run_here(capsys, "mae_pretrain.py", "--resume", part, "--stop_after_epoch", 2)
+    assert result.returncode == 0 and "note:" not in result.stderr, result.stderr
+    assert load(part)["epoch"] == 2 and load(part)["data"] == saved
+    monkeypatch.undo()
     moved = shutil.copytree(cifar_dir, tmp_path / "moved")  # the same images in another folder: no note
-    result = run_here(capsys, "mae_pretrain.py", "--data_dir", moved, "--resume", part, "--stop_after_epoch", 2)
+    result = run_here(capsys, "mae_pretrain.py", "--data_dir", moved, "--resume", part, "--stop_after_epoch", 3)
     assert result.returncode == 0 and "note:" not in result.stderr, result.stderr
     other = write_cifar_batches(str(tmp_path / "other"), seed=7)  # same classes and sizes, other images
     result = run_here(capsys, "mae_pretrain.py", "--data_dir", other, "--resume", part)

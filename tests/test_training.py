@@ -455,6 +455,18 @@ def test_dataloader_path_augments_each_sample_from_its_own_seed():
     assert not any(torch.equal(a, b) for a, b in zip(batches, second))
 
 
+def test_resume_command_names_the_launcher(monkeypatch):
+    """The command printed after a stop: python for one process, torchrun with the processes per node else."""
+    assert utils.resume_command("mae_pretrain.py", "m.pth", CPU) == "python mae_pretrain.py --resume m.pth"
+    rank1 = utils.Runtime(torch.device("cpu"), rank=1, world_size=4, local_rank=1)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert utils.resume_command("mae_pretrain.py", "m.pth", rank1) == \
+        "torchrun --nproc_per_node=4 mae_pretrain.py --resume m.pth"
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two machines of two
+    assert utils.resume_command("train_classifier.py", "c-last.pth", rank1) == \
+        "torchrun train_classifier.py --resume c-last.pth on every node, with this run's launch options"
+
+
 class _SignalsItself(utils.ArrayDataset):
     """Each worker sends itself SIGINT and SIGTERM, as a Ctrl-C in a terminal or a scheduler's kill of the
     process group would, before it returns its first sample."""
