@@ -50,11 +50,52 @@ class NonFiniteLoss(Exception):
         self.epoch, self.step = epoch, step
 
 
+class ClosedPipeGuard:
+    """Stands in for sys.stdout or sys.stderr while a script runs. Once the reader of the pipe behind it is gone
+    (`| head` has its lines, or a `| tee` died of the same Ctrl-C as the run), what is printed there goes to
+    /dev/null instead of raising BrokenPipeError from whichever print comes next, StopRequest's handler
+    included: the run goes on, and a stop still saves its checkpoint and exits 130 / 143."""
+
+    def __init__(self, stream, name):
+        self.stream, self.name, self.broken = stream, name, False
+
+    def write(self, text):
+        try:
+            return self.stream.write(text)
+        except BrokenPipeError:
+            self._divert()
+            return len(text)
+
+    def flush(self):
+        try:
+            self.stream.flush()
+        except BrokenPipeError:
+            self._divert()
+
+    def _divert(self):
+        if self.broken:
+            return
+        self.broken = True
+        with contextlib.suppress(OSError, ValueError):  # ValueError: io.UnsupportedOperation, a stream without fd
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self.stream.fileno())  # the stream's own buffer drains there too, also at exit
+            os.close(devnull)
+        if self.name == "stdout":
+            print("note: the reader of standard output is gone (a closed pipe); the run goes on without printing "
+                  "there", file=sys.stderr)
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
 def cli_main(main):
-    """Wrap a script's main(args): a UserError or NonFiniteLoss ends with one line on stderr and an exit code."""
+    """Wrap a script's main(args): a UserError or NonFiniteLoss ends with one line on stderr and an exit code;
+    a closed pipe on stdout or stderr does not end it (ClosedPipeGuard)."""
 
     @functools.wraps(main)
     def wrapper(args):
+        streams = sys.stdout, sys.stderr
+        sys.stdout, sys.stderr = ClosedPipeGuard(sys.stdout, "stdout"), ClosedPipeGuard(sys.stderr, "stderr")
         try:
             return main(args)
         except UserError as e:
@@ -74,6 +115,9 @@ def cli_main(main):
         finally:
             if dist.is_available() and dist.is_initialized():
                 dist.destroy_process_group()
+            for guard in (sys.stdout, sys.stderr):
+                guard.flush()  # a pipe closed since the last print is diverted now, not at exit
+            sys.stdout, sys.stderr = streams
     return wrapper
 
 

@@ -657,6 +657,51 @@ def test_classifier_interrupted_mid_epoch_resumes_bit_identical(tmp_path, cifar_
     assert untimed(part_logs) == untimed(full_logs)  # the same epoch averages, accuracies and report
 
 
+def test_a_closed_pipe_neither_ends_a_run_nor_spoils_its_stop(tmp_path, cifar_dir, monkeypatch):
+    """`2>&1 | tee log` and a Ctrl-C, which kills tee as well: stdout and stderr lead into a pipe nobody reads.
+    The prints go nowhere, and the SIGINT handler's message into that pipe does not keep the run from finishing
+    its step, saving and exiting 130."""
+    import utils
+    module = script_module("train_classifier.py")
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone: a write raises BrokenPipeError (Python ignores SIGPIPE)
+    dead = os.fdopen(write, "w", buffering=1)
+    step, steps = utils.Trainer.step, []
+
+    def step_then_interrupt(self, *args):
+        sums = step(self, *args)
+        steps.append(1)
+        if len(steps) == 3:
+            signal.raise_signal(signal.SIGINT)
+        return sums
+
+    monkeypatch.setattr(utils.Trainer, "step", step_then_interrupt)
+    monkeypatch.setattr(sys, "stdout", dead)
+    monkeypatch.setattr(sys, "stderr", dead)
+    argv = ["--data_dir", cifar_dir, *TINY_MODEL, "--batch_size", 16, "--max_device_batch_size", 8,
+            "--total_epoch", 2, "--output_model_path", tmp_path / "cls.pth", "--log_dir", tmp_path / "logs"]
+    with pytest.raises(SystemExit) as stopped:
+        module.main(module.get_args_parser().parse_args(list(map(str, argv))))
+    monkeypatch.undo()
+    dead.close()
+    assert stopped.value.code == 130
+    last = load(tmp_path / "cls-last.pth")
+    assert (last["epoch"], last["epoch_state"]["step"]) == (0, 3)
+
+
+def test_closed_pipe_guard_diverts_to_devnull_and_says_so_once(capsys):
+    import utils
+    read, write = os.pipe()
+    os.close(read)
+    with os.fdopen(write, "w") as dead:
+        guard = utils.ClosedPipeGuard(dead, "stdout")
+        for _ in range(3):
+            assert guard.write("epoch 1\n") == len("epoch 1\n")
+            guard.flush()
+        assert os.path.samestat(os.fstat(dead.fileno()), os.stat(os.devnull)) and guard.isatty() is False
+    assert capsys.readouterr().err.count("note: the reader of standard output is gone") == 1
+
+
 @pytest.mark.parametrize("signum,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_signal_saves_checkpoint_and_resume_matches_uninterrupted(tmp_path, signum, code):
     data = write_cifar_batches(str(tmp_path / "data"), per_batch=40)
