@@ -1532,6 +1532,8 @@ LEGACY_HELP = ("it is a whole pickled model (torch.save(model)) like the origina
 
 def load_checkpoint(path, kind=None, what="checkpoint"):
     """Load a checkpoint of this project with weights_only=True; a clear UserError for anything else."""
+    if path and os.path.isdir(path):
+        raise UserError(f"{what} {path} is a folder, not a checkpoint file")
     if not path or not os.path.isfile(path):
         raise UserError(f"{what} {path} does not exist")
     try:
@@ -1734,7 +1736,7 @@ def last_checkpoint_path(path):
 
 
 def check_fresh_output(path, args, flag):
-    if os.path.exists(path) and not args.resume and not args.overwrite:
+    if os.path.isfile(path) and not args.resume and not args.overwrite:  # a folder: check_writable says so
         raise UserError(f"{flag} {path} already exists; pass --resume {path} to continue that run or "
                         "--overwrite to start over")
 
