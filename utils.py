@@ -1132,9 +1132,22 @@ class DeviceLoader:
         return {"order": self.order_generator.get_state(), "aug": self.aug_generator.get_state()}
 
     def load_state_dict(self, state):
-        self.order_generator.set_state(state["order"])
-        if "aug" in state:  # absent when the checkpoint came from --loader torch
-            self.aug_generator.set_state(state["aug"])
+        """-> the names of the streams whose saved state does not fit (load_generator_state)."""
+        missed = [] if load_generator_state(self.order_generator, state["order"]) else ["order"]
+        # "aug" is absent when the checkpoint came from --loader torch
+        if "aug" in state and not load_generator_state(self.aug_generator, state["aug"]):
+            missed.append("augmentation")
+        return missed
+
+
+def load_generator_state(generator, state):
+    """Set a generator's saved state when it is of this generator's kind -> whether it was. A device loader's
+    generators live on the device, and a CUDA generator's state (16 bytes) does not fit a CPU one (5056), nor
+    the other way round: a run resumed on another kind of device starts those streams afresh."""
+    if state.numel() != generator.get_state().numel():
+        return False
+    generator.set_state(state)
+    return True
 
 
 class ArrayDataset(torch.utils.data.Dataset):
@@ -1237,10 +1250,12 @@ class TorchLoader:
                 "epoch_seed": self.epoch_seed}
 
     def load_state_dict(self, state):
-        self.order_generator.set_state(state["order"])
+        """-> the names of the streams whose saved state does not fit (a device loader's on a GPU)."""
+        missed = [] if load_generator_state(self.order_generator, state["order"]) else ["order"]
         if "samples" in state:  # absent when the checkpoint came from --loader device (or an older version)
             self.sample_generator.set_state(state["samples"])
             self.epoch_seed = state["epoch_seed"]
+        return missed
 
 
 def eval_batches(loader, rt, desc):
@@ -1619,10 +1634,11 @@ def rng_state(rt, loader):
 def set_rng_state(states, rt, loader):
     if len(states) != rt.world_size:
         # the epochs' order is drawn alike on every rank, so it goes on; the per-rank streams cannot
-        loader.load_state_dict({"order": states[0]["loader"]["order"]})
+        missed = loader.load_state_dict({"order": states[0]["loader"]["order"]})
         print(f"warning: the checkpoint holds RNG states of {len(states)} processes, this run has "
               f"{rt.world_size}; the order of the images goes on, the other random streams (augmentation, masks, "
               "dropout) start afresh", file=sys.stderr)
+        note_missed_streams(missed, rt)
         return
     state = states[rt.rank]
     torch.set_rng_state(state["torch"])
@@ -1633,7 +1649,14 @@ def set_rng_state(states, rt, loader):
                          np_state["has_gauss"], np_state["cached_gaussian"]))
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
-    loader.load_state_dict(state["loader"])
+    note_missed_streams(loader.load_state_dict(state["loader"]), rt)
+
+
+def note_missed_streams(missed, rt):
+    if missed and rt.is_main:
+        print(f"warning: the data loader's random streams in the checkpoint ({', '.join(missed)}) come from a run "
+              f"on another kind of device; they start afresh on {rt.device.type}, so from here on the order and "
+              "augmentation of the images differ from an uninterrupted run's", file=sys.stderr)
 
 
 # settings a resumed run takes from its checkpoint unless given again: they change speed or rounding only, or

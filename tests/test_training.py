@@ -455,6 +455,27 @@ def test_dataloader_path_augments_each_sample_from_its_own_seed():
     assert not any(torch.equal(a, b) for a, b in zip(batches, second))
 
 
+def test_loader_streams_saved_on_another_kind_of_device_start_afresh(capsys):
+    """A device loader's generators live on the device: a CUDA generator's state (16 bytes) does not fit a CPU
+    one. A GPU run resumed on the CPU (or the other way round) says so and goes on instead of failing."""
+    images = torch.zeros(8, 3, 4, 4, dtype=torch.uint8)
+    labels = torch.arange(8) % 10
+    cuda_state = torch.zeros(16, dtype=torch.uint8)  # what torch.Generator("cuda").get_state() returns
+    flags = dict(device=torch.device("cpu"), train=True, seed=0, flip=True)
+    device, torch_loader = utils.DeviceLoader(images, labels, 4, **flags), utils.TorchLoader(images, labels, 4, **flags)
+    fresh = device.state_dict()
+    assert device.load_state_dict({"order": cuda_state, "aug": cuda_state}) == ["order", "augmentation"]
+    assert all(torch.equal(fresh[k], v) for k, v in device.state_dict().items())  # as seeded
+    assert torch_loader.load_state_dict({"order": cuda_state, "aug": cuda_state}) == ["order"]
+    assert device.load_state_dict(utils.DeviceLoader(images, labels, 4, **{**flags, "seed": 5}).state_dict()) == []
+    assert not torch.equal(device.state_dict()["order"], fresh["order"])  # a state that fits is taken
+    state = utils.rng_state(CPU, device)
+    state[0]["loader"] = {"order": cuda_state, "aug": cuda_state}
+    utils.set_rng_state(state, CPU, device)
+    assert "random streams in the checkpoint (order, augmentation) come from a run on another kind of device" \
+        in capsys.readouterr().err
+
+
 def test_resume_command_names_the_launcher(monkeypatch):
     """The command printed after a stop: python for one process, torchrun with the processes per node else."""
     assert utils.resume_command("mae_pretrain.py", "m.pth", CPU) == "python mae_pretrain.py --resume m.pth"
