@@ -203,9 +203,10 @@ def evaluate(model, loader, rt, num_classes):
 
 
 def per_class_table(result, classes):
+    width = max([12] + [len(name) for name in classes]) + 2  # an ImageFolder's class names may be long
     lines = [f"top-1 {result['acc']:.2%}  top-5 {result['acc5']:.2%}  (loss {result['loss']:.4f})",
-             f"{'class':<14}accuracy"]
-    lines += [f"{name:<14}{acc:.2%}" for name, acc in zip(classes, result["per_class"])]
+             f"{'class':<{width}}accuracy"]
+    lines += [f"{name:<{width}}{acc:.2%}" for name, acc in zip(classes, result["per_class"])]
     return "\n".join(lines)
 
 

@@ -476,6 +476,14 @@ def test_loader_streams_saved_on_another_kind_of_device_start_afresh(capsys):
         in capsys.readouterr().err
 
 
+def test_per_class_table_keeps_its_column_for_long_class_names():
+    result = {"acc": 0.5, "acc5": 1.0, "loss": 0.7, "per_class": [0.25, 0.75]}
+    for classes, column in ((["cat", "dog"], 14), (["cat", "a_class_name_of_29_characters"], 31)):
+        lines = train_classifier.per_class_table(result, classes).splitlines()
+        assert [line[column:] for line in lines[1:]] == ["accuracy", "25.00%", "75.00%"]
+        assert [line[:column].rstrip() for line in lines[1:]] == ["class", *classes]
+
+
 def test_resume_command_names_the_launcher(monkeypatch):
     """The command printed after a stop: python for one process, torchrun with the processes per node else."""
     assert utils.resume_command("mae_pretrain.py", "m.pth", CPU) == "python mae_pretrain.py --resume m.pth"
