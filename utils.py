@@ -54,10 +54,13 @@ class ClosedPipeGuard:
     """Stands in for sys.stdout or sys.stderr while a script runs. Once the reader of the pipe behind it is gone
     (`| head` has its lines, or a `| tee` died of the same Ctrl-C as the run), what is printed there goes to
     /dev/null instead of raising BrokenPipeError from whichever print comes next, StopRequest's handler
-    included: the run goes on, and a stop still saves its checkpoint and exits 130 / 143."""
+    included: the run goes on, and a stop still saves its checkpoint and exits 130 / 143. A stream closed
+    before the start (`2>&-`, which Python makes None) writes to /dev/null from the start."""
 
     def __init__(self, stream, name):
-        self.stream, self.name, self.broken = stream, name, False
+        self.owned = stream is None  # Python's None for a stream whose fd was closed at start (`2>&-`)
+        self.stream = open(os.devnull, "w") if self.owned else stream
+        self.name, self.broken = name, False
 
     def write(self, text):
         try:
@@ -117,6 +120,8 @@ def cli_main(main):
                 dist.destroy_process_group()
             for guard in (sys.stdout, sys.stderr):
                 guard.flush()  # a pipe closed since the last print is diverted now, not at exit
+                if guard.owned:
+                    guard.stream.close()
             sys.stdout, sys.stderr = streams
     return wrapper
 

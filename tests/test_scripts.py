@@ -689,6 +689,16 @@ def test_a_closed_pipe_neither_ends_a_run_nor_spoils_its_stop(tmp_path, cifar_di
     assert (last["epoch"], last["epoch_state"]["step"]) == (0, 3)
 
 
+def test_a_run_started_with_stdout_and_stderr_closed_trains_and_saves(tmp_path, cifar_dir):
+    """`python mae_pretrain.py >&- 2>&-` (as some launchers start jobs): Python makes both streams None."""
+    ckpt = tmp_path / "mae.pth"
+    argv = [sys.executable, os.path.join(ROOT, "mae_pretrain.py"), "--data_dir", cifar_dir, *TINY_MAE, "-bs", 16,
+            "--total_epoch", 1, "--model_path", ckpt, "--log_dir", tmp_path / "logs"]
+    closed = subprocess.run(list(map(str, argv)), preexec_fn=lambda: (os.close(1), os.close(2)), timeout=240,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", **OFFLINE}, cwd=ROOT)
+    assert closed.returncode == 0 and load(ckpt)["epoch"] == 1
+
+
 def test_closed_pipe_guard_diverts_to_devnull_and_says_so_once(capsys):
     import utils
     read, write = os.pipe()
