@@ -279,7 +279,7 @@ def main(args):
             clock.lap()
             if rt.is_main:
                 print(f"epoch {epoch + 1}/{args.total_epoch}: loss {record['loss']:.4f}, "
-                      f"{record['images_per_s']:.0f} images/s"
+                      f"{utils.format_rate(record['images_per_s'])}"
                       + (f", kNN {record['knn_acc']:.2%}" if "knn_acc" in record else "")
                       + (f", compile {record['compile_seconds']:.1f}s" if "compile_seconds" in record else "")
                       + clock.left(args.total_epoch - epoch - 1))

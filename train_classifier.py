@@ -462,7 +462,7 @@ def main(args):
             if rt.is_main:
                 print(f"epoch {epoch + 1}/{args.total_epoch}: train loss {train['loss']:.4f} acc {train_acc:.2%}, "
                       f"val loss {val['loss']:.4f} acc {val['acc']:.2%} (best {best_acc:.2%}), "
-                      f"{train['images_per_s']:.0f} images/s" + clock.left(args.total_epoch - epoch - 1))
+                      f"{utils.format_rate(train['images_per_s'])}" + clock.left(args.total_epoch - epoch - 1))
             if stopping:
                 if rt.is_main:
                     print(f"stopping after epoch {epoch + 1} {stopping}; resume with: "

@@ -1450,7 +1450,9 @@ class Trainer:
         totals = all_reduce_sum(state.sums, self.rt).tolist()
         metrics = {"loss": totals[0] / max(totals[1], 1), "images": int(totals[1]),
                    "lr": self.lr_fn(first_step + steps - 1), "seconds": seconds,
-                   "images_per_s": timed_images / seconds if state.step > timed_from else float("nan")}
+                   # None (JSON null) when no step was timed: the epoch's only step compiled, or a resume after its
+                   # last step
+                   "images_per_s": timed_images / seconds if state.step > timed_from else None}
         metrics["extra_sums"] = totals[2:]
         return metrics
 
@@ -1873,7 +1875,8 @@ class MetricsLog:
     def scalars(self, values, epoch):
         if self.writer:
             for tag, value in values.items():
-                self.writer.add_scalar(tag, value, global_step=epoch)
+                if value is not None:  # images_per_s of an epoch without a timed step
+                    self.writer.add_scalar(tag, value, global_step=epoch)
 
     def image(self, tag, image, epoch):
         if self.writer:
@@ -1923,6 +1926,11 @@ class EpochClock:
     def _steady_mean(laps):
         steady = laps[1:] or laps
         return sum(steady) / len(steady)
+
+
+def format_rate(images_per_s):
+    """An epoch's images/s for its printed line (None: no step of it was timed)."""
+    return "images/s not timed" if images_per_s is None else f"{images_per_s:.0f} images/s"
 
 
 def format_duration(seconds):

@@ -78,9 +78,16 @@ def events(log_dir):
     return acc
 
 
+def strict_json(text):
+    """json.loads without Python's NaN / Infinity extensions, which other JSON readers (jq, browsers) refuse."""
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+    return json.loads(text, parse_constant=refuse)
+
+
 def metrics(log_dir):
     with open(os.path.join(log_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
+        return [strict_json(line) for line in f]
 
 
 def assert_clean_error(result, code, *fragments):
@@ -623,10 +630,12 @@ def test_classifier_resume_is_bit_identical(tmp_path, cifar_dir, loader):
         assert f"top-1 {metrics(full_logs)[2]['val_acc']:.2%}" in result.stdout
 
 
-@pytest.mark.parametrize("loader", ["device", "torch"])
-def test_classifier_interrupted_mid_epoch_resumes_bit_identical(tmp_path, cifar_dir, capsys, monkeypatch, loader):
-    """Ctrl-C after optimizer step 4 of epoch 1 (of 6): the epoch's order, sums, EMA and every RNG stream
-    (mixup's numpy, the augmentation's generator or per-image seeds) carry over."""
+@pytest.mark.parametrize("loader,at_step", [("device", 4), ("torch", 4), ("device", 6)])
+def test_classifier_interrupted_mid_epoch_resumes_bit_identical(tmp_path, cifar_dir, capsys, monkeypatch, loader,
+                                                                at_step):
+    """Ctrl-C after optimizer step 4 of epoch 1 (of 6), or after its last step, before its evaluation: the
+    epoch's order, sums, EMA and every RNG stream (mixup's numpy, the augmentation's generator or per-image
+    seeds) carry over."""
     import utils
     flags = [*TINY_MODEL, "--ema", "--ema_decay", 0.9, "--mixup", 0.5, "--cutmix", 0.5, "--drop_path", 0.1,
              "--randaug", "rand-m9-mstd0.5-inc1", "--reprob", 0.25, "--loader", loader, "--num_workers", 0]
@@ -637,7 +646,7 @@ def test_classifier_interrupted_mid_epoch_resumes_bit_identical(tmp_path, cifar_
     def step_then_interrupt(self, *args):
         sums = step(self, *args)
         steps.append(1)
-        if len(steps) == 4:
+        if len(steps) == at_step:
             signal.raise_signal(signal.SIGINT)  # caught by the run's handler: it finishes this step and saves
         return sums
 
@@ -646,15 +655,18 @@ def test_classifier_interrupted_mid_epoch_resumes_bit_identical(tmp_path, cifar_
     monkeypatch.undo()
     assert result.returncode == 130 and "Resume with: python train_classifier.py --resume" in result.stderr
     last = tmp_path / "part-last.pth"
-    assert (load(last)["epoch"], load(last)["epoch_state"]["step"]) == (0, 4) and not best.exists()
+    assert (load(last)["epoch"], load(last)["epoch_state"]["step"]) == (0, at_step) and not best.exists()
     result = run_here(capsys, "train_classifier.py", "--data_dir", cifar_dir, "--resume", last)
-    assert result.returncode == 0 and f"resumed {last} after epoch 0 (+4 steps)" in result.stdout, result.stderr
+    assert result.returncode == 0 and f"resumed {last} after epoch 0 (+{at_step} steps)" in result.stdout, \
+        result.stderr
     a, b = load(tmp_path / "full-last.pth"), load(last)
     for key in ("model", "ema", "best_model"):
         assert_same_tensors(a[key], b[key], key)
     untimed = lambda logs: [{k: v for k, v in line.items() if k not in ("images_per_s", "seconds")}
                             for line in metrics(logs)]
     assert untimed(part_logs) == untimed(full_logs)  # the same epoch averages, accuracies and report
+    if at_step == 6:  # the resumed start trained no step of epoch 1: nothing to time
+        assert metrics(part_logs)[0]["images_per_s"] is None and "images/s not timed" in result.stdout
 
 
 def test_a_closed_pipe_neither_ends_a_run_nor_spoils_its_stop(tmp_path, cifar_dir, monkeypatch):
