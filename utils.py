@@ -126,9 +126,22 @@ def cli_main(main):
     return wrapper
 
 
+def finite_float(text):
+    """float() for flags: nan and inf pass float() and most range checks (nan < 0 is False), then poison training."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text} is not a finite number")
+    return value
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse that also records the flags the command line gave, as args.given_flags: a resume (and a
-    checkpoint's sizes) can then tell `--batch_size 4096` from no flag at all where 4096 is the default."""
+    checkpoint's sizes) can then tell `--batch_size 4096` from no flag at all where 4096 is the default.
+    Every type=float flag, in argument groups too, takes finite numbers only (finite_float)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.register("type", float, finite_float)  # argparse looks a flag's type up here before calling it
 
     def parse_known_args(self, args=None, namespace=None):
         namespace, extras = super().parse_known_args(args, namespace)

@@ -27,7 +27,7 @@ import utils  # noqa: E402
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser("time to accuracy", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = utils.ArgumentParser("time to accuracy", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--data_dir", default="data", help="as the scripts' --data_dir")
     parser.add_argument("--out_dir", default="runs/time-to-accuracy", help="checkpoints and logs of this run")
     parser.add_argument("--pretrain_epochs", type=int, default=100, help="0: fine-tune from scratch")

@@ -737,6 +737,18 @@ def test_a_mid_epoch_checkpoint_gives_the_epochs_sums_to_rank_0_only(capsys):
     assert torch.equal(other.order.new_epoch(), loader.order.new_epoch())
 
 
+@pytest.mark.parametrize("script,argv", [(mae_pretrain, ["--base_learning_rate", "nan"]),
+                                         (mae_pretrain, ["--crop_scale", "0.2", "inf"]),  # nargs, in a group
+                                         (train_classifier, ["--clip_grad", "inf"]),
+                                         (train_classifier, ["--weight_decay", "nan"])])
+def test_float_flags_refuse_nan_and_inf(script, argv, capsys):
+    """nan passes float() and most range checks (nan < 0 is False) and would poison the weights."""
+    with pytest.raises(SystemExit) as refused:
+        script.get_args_parser().parse_args(argv)
+    assert refused.value.code == 2 and "is not a finite number" in capsys.readouterr().err
+    assert script.get_args_parser().parse_args(argv[:-1] + ["0.5"]) is not None  # a finite value passes
+
+
 def test_the_parser_records_which_flags_were_given_and_keeps_the_defaults():
     parser = mae_pretrain.get_args_parser()
     args = parser.parse_args(["-bs", "4096", "--no-flip", "--crop_scale", "1", "1"])
