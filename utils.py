@@ -163,6 +163,12 @@ def check_positive(args, *names):
             raise UserError(f"--{name} must be positive, got {getattr(args, name)}")
 
 
+def check_seed(seed):
+    """torch takes seeds below 2**64; each process seeds its generators with --seed plus a few."""
+    if not 0 <= seed < 2 ** 63:
+        raise UserError(f"--seed must lie in [0, 2**63), got {seed}")
+
+
 def check_writable(path, flag, is_dir=False):
     """Fail before training, not after the first epoch, when an output path cannot be written.
 
@@ -225,6 +231,7 @@ class Runtime:
 def setup_runtime(args):
     """Pick the device, join the process group under torchrun, seed every RNG, choose amp and compile."""
     started = time.perf_counter()
+    check_seed(args.seed)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
