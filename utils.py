@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -1865,19 +1866,28 @@ def write_log(path, text, mode="a"):
                         code=1) from None
 
 
+def _quiet_event_writer_failure(args, hook=threading.excepthook):
+    """TensorBoard writes its events in a thread, which re-raises a failed write (a full disk) and so prints a
+    traceback; MetricsLog raises the same error in the main thread as one line, so the thread's is left out."""
+    if not (type(args.thread).__name__ == "_AsyncWriterThread" and issubclass(args.exc_type, OSError)):
+        hook(args)
+
+
 class MetricsLog:
     """TensorBoard scalars/images plus one JSON line per epoch in log_dir/metrics.jsonl; main rank only.
 
     On resume after epoch k, TensorBoard events and JSON lines past epoch k (and a finished run's closing line)
     are discarded, so a resumed run's logs read as one run. log_dir/runs.jsonl gets one line per start of the
-    job (run_info: the first start, then each resume), and TensorBoard the same as text.
+    job (run_info: the first start, then each resume), and TensorBoard the same as text. A write that fails
+    (a full disk), of either, is a UserError with exit code 1.
     """
 
     def __init__(self, log_dir, rt, args, completed_epochs=0, resumed=False, data=None):
-        self.writer = None
+        self.writer, self.log_dir = None, log_dir
         if not rt.is_main:
             return
         from torch.utils.tensorboard import SummaryWriter
+        threading.excepthook = _quiet_event_writer_failure
         os.makedirs(log_dir, exist_ok=True)
         self.path = os.path.join(log_dir, "metrics.jsonl")
         kept = []
@@ -1887,29 +1897,43 @@ class MetricsLog:
             kept = [json.dumps(record) + "\n" for record in read_json_lines(self.path)
                     if not record.get("final") and record.get("epoch", 0) <= completed_epochs]
         write_log(self.path, "".join(kept), "w")
-        self.writer = SummaryWriter(log_dir, purge_step=completed_epochs + 1)
+        with self.writing_events():
+            self.writer = SummaryWriter(log_dir, purge_step=completed_epochs + 1)
         info = run_info(args, rt, data)
         write_log(os.path.join(log_dir, "runs.jsonl"), json.dumps(info) + "\n", "a" if resumed else "w")
-        self.writer.add_text("run", "```\n" + json.dumps(info, indent=1) + "\n```", global_step=completed_epochs)
+        with self.writing_events():
+            self.writer.add_text("run", "```\n" + json.dumps(info, indent=1) + "\n```", global_step=completed_epochs)
+
+    @contextlib.contextmanager
+    def writing_events(self):
+        try:
+            yield
+        except OSError as e:  # raised here, or in the writer's thread and raised again by its next call
+            raise UserError(f"could not write the TensorBoard events in {self.log_dir} ({e.strerror or e}); the "
+                            "last checkpoint on disk is as it was", code=1) from None
 
     def scalars(self, values, epoch):
         if self.writer:
-            for tag, value in values.items():
-                if value is not None:  # images_per_s of an epoch without a timed step
-                    self.writer.add_scalar(tag, value, global_step=epoch)
+            with self.writing_events():
+                for tag, value in values.items():
+                    if value is not None:  # images_per_s of an epoch without a timed step
+                        self.writer.add_scalar(tag, value, global_step=epoch)
 
     def image(self, tag, image, epoch):
         if self.writer:
-            self.writer.add_image(tag, image, global_step=epoch)
+            with self.writing_events():
+                self.writer.add_image(tag, image, global_step=epoch)
 
     def line(self, record):
         if self.writer:
             write_log(self.path, json.dumps(record) + "\n")
-            self.writer.flush()
+            with self.writing_events():
+                self.writer.flush()
 
     def close(self):
         if self.writer:
-            self.writer.close()
+            with self.writing_events():
+                self.writer.close()
 
 
 class EpochClock:

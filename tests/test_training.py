@@ -6,6 +6,7 @@ import random
 import re
 import shutil
 import signal
+import threading
 
 import numpy as np
 import pytest
@@ -705,6 +706,32 @@ def test_a_log_torn_by_a_crash_resumes_and_a_full_disk_is_one_error(tmp_path, mo
         log.line({"epoch": 4})
     assert info.value.code == 1
     log.close()
+
+
+def test_a_full_disk_under_tensorboard_is_one_error(tmp_path, monkeypatch):
+    """TensorBoard writes in a thread of its own: its failure comes back at the next call, as one line."""
+    from tensorboard.summary.writer.record_writer import RecordWriter
+    log = utils.MetricsLog(str(tmp_path), utils.Runtime(torch.device("cpu")), argparse.Namespace(seed=0))
+    log.scalars({"loss": 1.0}, 1)
+    log.line({"epoch": 1})
+
+    def full_disk(self, data):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(RecordWriter, "write", full_disk)
+    with pytest.raises(utils.UserError, match=r"could not write the TensorBoard events in .* \(No space left on "
+                                              r"device\); the last checkpoint on disk is as it was") as info:
+        log.scalars({"loss": 0.5}, 2)  # queued: the thread fails on it
+        log.line({"epoch": 2})  # the flush waits for the thread, and raises its error
+    assert info.value.code == 1
+    # the thread's own traceback is left out (threading.excepthook), other threads' failures are not
+    printed = []
+    thread_failure = lambda thread, exc_type: argparse.Namespace(thread=thread, exc_type=exc_type)
+    writer_thread = type("_AsyncWriterThread", (threading.Thread,), {})()
+    utils._quiet_event_writer_failure(thread_failure(writer_thread, OSError), hook=printed.append)
+    assert printed == []
+    for failure in (thread_failure(writer_thread, ValueError), thread_failure(threading.Thread(), OSError)):
+        utils._quiet_event_writer_failure(failure, hook=printed.append)
+    assert len(printed) == 2
 
 
 def test_an_unwritable_cache_is_a_note_and_the_images_still_load(tmp_path, capsys):
