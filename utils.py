@@ -1534,7 +1534,12 @@ def split_batch(args, rt):
 # ---------------------------------------------------------------------------------------------- checkpoints
 
 def save_atomic(obj, path):
-    """torch.save to a temporary file in the same folder, fsync, then rename over `path`.
+    """torch.save to a temporary file in the same folder, fsync, then rename over `path` (write_atomic)."""
+    write_atomic(path, lambda f: torch.save(obj, f))
+
+
+def write_atomic(path, write):
+    """write(f) into a temporary file in the same folder, fsync, then rename over `path`.
 
     A crash at any moment leaves either the previous complete file or the new one, never a torn one. A write
     that fails (a full disk) is a UserError with exit code 1 that says so.
@@ -1548,7 +1553,7 @@ def save_atomic(obj, path):
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide checkpoints from a shared group
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

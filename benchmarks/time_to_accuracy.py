@@ -126,8 +126,8 @@ def main(args):
     report["best_test_acc"] = result["final"]["acc"]
     report["best_acc5"] = result["final"]["acc5"]
     report["total_seconds"] = report.get("pretrain_seconds", 0) + report["finetune_seconds"]
-    with open(os.path.join(args.out_dir, "report.json"), "w") as f:
-        f.write(json.dumps(report) + "\n")
+    line = json.dumps(report) + "\n"
+    utils.write_atomic(os.path.join(args.out_dir, "report.json"), lambda f: f.write(line.encode()))
     print(json.dumps(report), flush=True)
     return report
 

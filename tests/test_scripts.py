@@ -404,7 +404,7 @@ def test_linear_probe_leaves_encoder_bit_identical(tmp_path, cifar_dir):
     assert not torch.equal(trained["head.0.running_mean"], torch.zeros_like(trained["head.0.running_mean"]))
 
 
-def test_reconstruction_figure_at_several_mask_ratios(tmp_path, cifar_dir, capsys):
+def test_reconstruction_figure_at_several_mask_ratios(tmp_path, cifar_dir, capsys, monkeypatch):
     from PIL import Image
     result, mae_path, _ = pretrain(tmp_path, cifar_dir, "--norm_pix_loss", capsys=capsys)
     assert result.returncode == 0, result.stderr
@@ -433,6 +433,16 @@ def test_reconstruction_figure_at_several_mask_ratios(tmp_path, cifar_dir, capsy
                   "--mask_ratios", 0.5)
     assert result.returncode == 0, result.stderr
     assert Image.open(tmp_path / "new" / "fig.jpg").size == (3 * 9 + 1, 2 * 9 + 1)
+    assert Image.open(tmp_path / "new" / "fig.jpg").format == "JPEG"  # the format follows the name
+    # a full disk: one line, and the figure that was there stays whole (written to a temporary file first)
+    def full_disk(image, fp, filename):
+        fp.write(b"part of a PNG")
+        raise OSError(28, "No space left on device")
+    monkeypatch.setitem(Image.SAVE, "PNG", full_disk)  # PIL's writer of the format
+    result = here(mae_path, "--out", out, "--data_dir", cifar_dir)
+    assert_clean_error(result, 1, f"could not write {out} (No space left on device); the file that was there is "
+                                  "unchanged")
+    assert out.read_bytes() == before and not [name for name in os.listdir(tmp_path) if name.startswith(".fig")]
 
 
 @pytest.mark.parametrize("script", ["mae_pretrain.py", "train_classifier.py", "tools/reconstruct.py",

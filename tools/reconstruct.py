@@ -64,8 +64,9 @@ def main(args):
         data = utils.load_data(args.data_dir, model.config["image_size"])
         images = utils.normalize(data.test_images[:args.num_images])
     grid, per_row = reconstruction_rows(model, images, args.mask_ratios, args.seed)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    save_image(grid, args.out, nrow=per_row, padding=1, pad_value=1.0)
+    image_format = "png" if args.out.lower().endswith(".png") else "jpeg"
+    utils.write_atomic(args.out, lambda f: save_image(grid, f, format=image_format, nrow=per_row, padding=1,
+                                                      pad_value=1.0))
     print(f"wrote {args.out}: {len(images)} images x (masked, reconstruction) at mask ratios "
           f"{', '.join(map(str, args.mask_ratios))}, then the original")
 
