@@ -1608,7 +1608,7 @@ def training_state(trainer, loader, rt, args, epoch_state=None, ema=None, data=N
             "scaler": trainer.scaler.state_dict() if trainer.scaler else None,
             "ema": ema.module.state_dict() if ema is not None else None,
             "epoch_state": epoch_state.state_dict(rt) if epoch_state is not None else None,
-            "rng": rng_state(rt, loader), "args": plain_args(args), "world_size": rt.world_size}
+            "rng": rng_state(rt, loader), "args": plain_args(args), "world_size": rt.world_size, "cwd": os.getcwd()}
 
 
 def restore_training_state(ckpt, model, trainer, loader, rt, ema=None):
@@ -1746,6 +1746,29 @@ def resolve_resume_args(args, parser, saved_args, keys, what="the checkpoint bei
                 continue
             raise UserError(f"--{key} {current} conflicts with {what}, which has {saved}; {hint}")
         setattr(args, key, saved)
+
+
+PATH_KEYS = ["data_dir", "log_dir", "model_path", "output_model_path", "pretrained_model_path"]
+
+
+def anchor_saved_paths(args, ckpt):
+    """A resumed run reads and writes where it did before: the relative paths it took from its checkpoint (not
+    given again) are resolved against the folder it was started from, when that folder is on this machine, and
+    a note says so. Without this, a resume from another working folder would write its checkpoints and logs
+    there and look for its data there."""
+    started_in = ckpt.get("cwd")  # absent in checkpoints from before it was saved
+    if not started_in or os.path.abspath(started_in) == os.getcwd() or not os.path.isdir(started_in):
+        return
+    given = set(getattr(args, "given_flags", None) or ())
+    anchored = []
+    for key in PATH_KEYS:
+        value = getattr(args, key, None)
+        if key in ckpt["args"] and key not in given and isinstance(value, str) and value and not os.path.isabs(value):
+            setattr(args, key, os.path.join(started_in, value))
+            anchored.append(f"--{key} {getattr(args, key)}")
+    if anchored and int(os.environ.get("RANK", "0")) == 0:
+        print(f"note: the run being resumed started in {started_in}, and its relative paths stay there: "
+              f"{', '.join(anchored)}", file=sys.stderr)
 
 
 def timm_vit_kwargs(config, num_classes, global_pool):

@@ -553,6 +553,25 @@ def test_resume_on_other_images_says_so_and_on_a_moved_copy_does_not(tmp_path, c
     assert load(part)["data"]["fingerprint"] != saved["fingerprint"]  # from here on it trained on those
 
 
+def test_a_resume_from_another_working_folder_keeps_the_runs_relative_paths(tmp_path, cifar_dir, capsys, monkeypatch):
+    """Started in a/ with relative paths, resumed from b/: checkpoint, logs and data stay those of a/."""
+    first, other = tmp_path / "a", tmp_path / "b"
+    shutil.copytree(cifar_dir, first / "data")
+    other.mkdir()
+    monkeypatch.chdir(first)
+    result = run_here(capsys, "mae_pretrain.py", *TINY_MAE, "-bs", 16, "--total_epoch", 2, "--stop_after_epoch", 1,
+                      "--model_path", "mae.pth")
+    assert result.returncode == 0, result.stderr
+    monkeypatch.chdir(other)
+    result = run_here(capsys, "mae_pretrain.py", "--resume", first / "mae.pth")
+    assert result.returncode == 0, result.stderr
+    assert f"note: the run being resumed started in {first}, and its relative paths stay there: --data_dir " \
+           f"{first / 'data'}, --log_dir {first / 'logs' / 'cifar10' / 'mae'}, --model_path {first / 'mae.pth'}" \
+        in result.stderr
+    assert load(first / "mae.pth")["epoch"] == 2 and os.listdir(other) == []
+    assert [line["epoch"] for line in metrics(first / "logs" / "cifar10" / "mae")] == [1, 2]
+
+
 def test_resume_auto_starts_fresh_then_goes_on_from_the_runs_own_checkpoint(tmp_path, cifar_dir, capsys):
     # (auto only picks the path: what a resume restores is checked bit for bit by the tests below)
     job = lambda *extra: pretrain(tmp_path, cifar_dir, *extra, name="part", capsys=capsys)  # in this process
