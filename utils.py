@@ -244,6 +244,9 @@ def setup_runtime(args):
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise UserError("--device cuda was asked for, but torch sees no CUDA device")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f"--device {name}: torch sees {torch.cuda.device_count()} CUDA device(s), cuda:0 to "
+                            f"cuda:{torch.cuda.device_count() - 1} (CUDA_VISIBLE_DEVICES renumbers them from 0)")
         if world_size > 1 or device.index is None:
             device = torch.device("cuda", local_rank if world_size > 1 else torch.cuda.current_device())
         torch.cuda.set_device(device)

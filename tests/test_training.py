@@ -882,6 +882,16 @@ def test_mae_encoder_export_gives_timm_the_same_features(pos_embed):
     torch.testing.assert_close(backbone(x), ours[:, 0], rtol=1e-4, atol=1e-5)  # the pooled cls feature
 
 
+def test_a_cuda_device_index_past_the_visible_ones_is_a_clear_error(monkeypatch):
+    """Checked before torch.cuda.set_device, whose 'invalid device ordinal' would be a traceback."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: pytest.fail("set_device was reached"))
+    args = mae_pretrain.get_args_parser().parse_args(["--device", "cuda:2"])
+    with pytest.raises(utils.UserError, match=r"--device cuda:2: torch sees 2 CUDA device\(s\), cuda:0 to cuda:1"):
+        utils.setup_runtime(args)
+
+
 @pytest.mark.parametrize("flag, expected", [("default", None), ("reduce-overhead", "reduce-overhead"),
                                             ("max-autotune-no-cudagraphs", "max-autotune-no-cudagraphs")])
 def test_compile_mode_reaches_torch_compile(monkeypatch, flag, expected):
