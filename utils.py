@@ -259,11 +259,15 @@ def setup_runtime(args):
     amp = args.amp or default_amp
     if amp != "off" and device.type != "cuda":
         raise UserError(f"--amp {amp} needs a CUDA device; use --amp off on {device.type}")
+    use_compile = default_compile if args.compile is None else args.compile
+    if use_compile and device.type == "cuda" and torch.cuda.get_device_capability(device) < (7, 0):
+        raise UserError(f"--compile: {torch.cuda.get_device_name(device)} (compute capability "
+                        f"{'.'.join(map(str, torch.cuda.get_device_capability(device)))}) is older than the 7.0 "
+                        "that torch.compile's Triton kernels need; drop the flag (off is the default there)")
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", device_id=device
                                 if device.type == "cuda" else None)
     amp_dtype = AMP_DTYPES[amp]
-    use_compile = default_compile if args.compile is None else args.compile
     mode = getattr(args, "compile_mode", None)
     seed_everything(args.seed + rank)
     return Runtime(device, rank, world_size, amp_dtype, use_compile, None if mode == "default" else mode,

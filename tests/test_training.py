@@ -883,12 +883,22 @@ def test_mae_encoder_export_gives_timm_the_same_features(pos_embed):
 
 
 def test_a_cuda_device_index_past_the_visible_ones_is_a_clear_error(monkeypatch):
-    """Checked before torch.cuda.set_device, whose 'invalid device ordinal' would be a traceback."""
+    """Checked before torch.cuda.set_device, whose 'invalid device ordinal' would be a traceback. Likewise
+    --compile on a GPU that Triton does not support."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(torch.cuda, "set_device", lambda device: pytest.fail("set_device was reached"))
     args = mae_pretrain.get_args_parser().parse_args(["--device", "cuda:2"])
     with pytest.raises(utils.UserError, match=r"--device cuda:2: torch sees 2 CUDA device\(s\), cuda:0 to cuda:1"):
+        utils.setup_runtime(args)
+    # and --compile asked for on a GPU too old for Triton (a GTX 1080): refused at the start, not at the first step
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (6, 1))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA GeForce GTX 1080")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)
+    args = mae_pretrain.get_args_parser().parse_args(["--device", "cuda:1", "--compile"])
+    with pytest.raises(utils.UserError, match=r"--compile: NVIDIA GeForce GTX 1080 \(compute capability 6.1\) is "
+                                              "older than the 7.0"):
         utils.setup_runtime(args)
 
 
