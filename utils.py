@@ -244,11 +244,15 @@ def setup_runtime(args):
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise UserError("--device cuda was asked for, but torch sees no CUDA device")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise UserError(f"--device {name}: torch sees {torch.cuda.device_count()} CUDA device(s), cuda:0 to "
-                            f"cuda:{torch.cuda.device_count() - 1} (CUDA_VISIBLE_DEVICES renumbers them from 0)")
         if world_size > 1 or device.index is None:
             device = torch.device("cuda", local_rank if world_size > 1 else torch.cuda.current_device())
+        count = torch.cuda.device_count()
+        if device.index >= count and world_size > 1:
+            raise UserError(f"process {local_rank} of this machine takes cuda:{local_rank}, but torch sees {count} "
+                            f"CUDA device(s): start at most {count} processes per machine (--nproc_per_node)")
+        if device.index >= count:
+            raise UserError(f"--device {name}: torch sees {count} CUDA device(s), cuda:0 to cuda:{count - 1} "
+                            "(CUDA_VISIBLE_DEVICES renumbers them from 0)")
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

@@ -891,6 +891,13 @@ def test_a_cuda_device_index_past_the_visible_ones_is_a_clear_error(monkeypatch)
     args = mae_pretrain.get_args_parser().parse_args(["--device", "cuda:2"])
     with pytest.raises(utils.UserError, match=r"--device cuda:2: torch sees 2 CUDA device\(s\), cuda:0 to cuda:1"):
         utils.setup_runtime(args)
+    monkeypatch.setenv("WORLD_SIZE", "4")  # torchrun --nproc_per_node=4 on a machine with 2 GPUs
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    with pytest.raises(utils.UserError, match=r"process 3 of this machine takes cuda:3, but torch sees 2 CUDA "
+                                              r"device\(s\): start at most 2 processes per machine"):
+        utils.setup_runtime(mae_pretrain.get_args_parser().parse_args([]))
+    monkeypatch.delenv("WORLD_SIZE")
+    monkeypatch.delenv("LOCAL_RANK")
     # and --compile asked for on a GPU too old for Triton (a GTX 1080): refused at the start, not at the first step
     monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (6, 1))
