@@ -264,10 +264,15 @@ def setup_runtime(args):
     if amp != "off" and device.type != "cuda":
         raise UserError(f"--amp {amp} needs a CUDA device; use --amp off on {device.type}")
     use_compile = default_compile if args.compile is None else args.compile
-    if use_compile and device.type == "cuda" and torch.cuda.get_device_capability(device) < (7, 0):
-        raise UserError(f"--compile: {torch.cuda.get_device_name(device)} (compute capability "
-                        f"{'.'.join(map(str, torch.cuda.get_device_capability(device)))}) is older than the 7.0 "
-                        "that torch.compile's Triton kernels need; drop the flag (off is the default there)")
+    if device.type == "cuda":
+        gpu = (f"{torch.cuda.get_device_name(device)} (compute capability "
+               f"{'.'.join(map(str, torch.cuda.get_device_capability(device)))})")
+        if amp == "bf16" and not torch.cuda.is_bf16_supported(including_emulation=False):
+            raise UserError(f"--amp bf16: {gpu} does not compute bf16 natively (from 8.0 on: A100, RTX 30xx, H100); "
+                            "drop the flag for fp16, the default there")
+        if use_compile and torch.cuda.get_device_capability(device) < (7, 0):
+            raise UserError(f"--compile: {gpu} is older than the 7.0 that torch.compile's Triton kernels need; drop "
+                            "the flag (off is the default there)")
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", device_id=device
                                 if device.type == "cuda" else None)

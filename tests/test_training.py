@@ -907,6 +907,13 @@ def test_a_cuda_device_index_past_the_visible_ones_is_a_clear_error(monkeypatch)
     with pytest.raises(utils.UserError, match=r"--compile: NVIDIA GeForce GTX 1080 \(compute capability 6.1\) is "
                                               "older than the 7.0"):
         utils.setup_runtime(args)
+    # --amp bf16 on a GPU without it (the original's RTX 2080 Ti): refused, fp16 named
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA GeForce RTX 2080 Ti")
+    args = mae_pretrain.get_args_parser().parse_args(["--device", "cuda:0", "--amp", "bf16"])
+    with pytest.raises(utils.UserError, match=r"--amp bf16: NVIDIA GeForce RTX 2080 Ti \(compute capability 7.5\) "
+                                              "does not compute bf16 natively"):
+        utils.setup_runtime(args)
 
 
 @pytest.mark.parametrize("flag, expected", [("default", None), ("reduce-overhead", "reduce-overhead"),
