@@ -585,19 +585,35 @@ def read_image(path, image_size):
     return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)
 
 
-def _decode_folder(root, image_size):
-    """Decode an ImageFolder tree once into uint8 tensors, cached beside it for later runs."""
-    from torchvision.datasets import ImageFolder
+def _visible_image(path, root):
+    """An image file of an ImageFolder tree that is not hidden, nor inside a hidden folder (such as Jupyter's
+    .ipynb_checkpoints/, or macOS's ._NAME.jpg copies, which hold no image)."""
     from torchvision.datasets.folder import IMG_EXTENSIONS
+    parts = os.path.relpath(path, root).split(os.sep)
+    return path.lower().endswith(IMG_EXTENSIONS) and not any(part.startswith(".") for part in parts)
 
-    classes = sorted(e.name for e in os.scandir(root) if e.is_dir()) if os.path.isdir(root) else []
+
+def _decode_folder(root, image_size):
+    """Decode an ImageFolder tree once into uint8 tensors, cached beside it for later runs. Hidden files and
+    folders are left out (_visible_image)."""
+    from torchvision.datasets import ImageFolder
+
+    def class_folders(directory):
+        return sorted(e.name for e in os.scandir(directory) if e.is_dir() and not e.name.startswith("."))
+
+    class VisibleImageFolder(ImageFolder):
+        def find_classes(self, directory):
+            names = class_folders(directory)
+            return names, {name: i for i, name in enumerate(names)}
+
+    classes = class_folders(root) if os.path.isdir(root) else []
     if not classes:
         raise UserError(f"{root} holds no class folders (an ImageFolder tree has one folder of images per class)")
     for name in classes:
-        if not any(f.lower().endswith(IMG_EXTENSIONS) for _, _, files in os.walk(os.path.join(root, name))
-                   for f in files):
+        if not any(_visible_image(os.path.join(folder, f), root) for folder, _, files in
+                   os.walk(os.path.join(root, name)) for f in files):
             raise UserError(f"{root}: class folder {name!r} holds no images")
-    folder = ImageFolder(root, loader=load_rgb)
+    folder = VisibleImageFolder(root, loader=load_rgb, is_valid_file=lambda path: _visible_image(path, root))
     # the cache is keyed by the file list and sizes, so an edited tree is decoded again
     listing = [(os.path.relpath(p, root), os.path.getsize(p)) for p, _ in folder.samples]
     key = f"{image_size}:{hash_json(listing)}"

@@ -15,7 +15,7 @@ import torch
 import mae_pretrain
 import train_classifier
 import utils
-from conftest import write_cifar100, write_cifar_batches, write_image_folder
+from conftest import CLASSES, write_cifar100, write_cifar_batches, write_image_folder
 from model import MAE_Encoder, MAE_ViT, ViT_Classifier
 
 CPU = utils.Runtime(torch.device("cpu"))
@@ -732,6 +732,22 @@ def test_a_full_disk_under_tensorboard_is_one_error(tmp_path, monkeypatch):
     for failure in (thread_failure(writer_thread, ValueError), thread_failure(threading.Thread(), OSError)):
         utils._quiet_event_writer_failure(failure, hook=printed.append)
     assert len(printed) == 2
+
+
+def test_hidden_files_and_folders_of_an_image_tree_are_left_out(tmp_path):
+    """Jupyter's .ipynb_checkpoints/ is no class, and macOS's ._NAME.jpg is no image."""
+    root = write_image_folder(str(tmp_path / "folder"), train=20, test=10)
+    clean = utils.load_data(root, 8)
+    shutil.rmtree(os.path.join(root, ".cache"))
+    for junk in ("train/.ipynb_checkpoints/0000.jpg", "train/cat/._0003.jpg", "test/dog/.thumbs/0001.jpg"):
+        os.makedirs(os.path.dirname(os.path.join(root, junk)), exist_ok=True)
+        with open(os.path.join(root, junk), "wb") as f:
+            f.write(b"not a jpeg")
+    os.makedirs(os.path.join(root, "test", ".empty"))
+    data = utils.load_data(root, 8)
+    assert data.classes == clean.classes == sorted(set(CLASSES))
+    for name in ("train_images", "train_labels", "test_images", "test_labels"):
+        assert torch.equal(getattr(data, name), getattr(clean, name)), name
 
 
 def test_an_unwritable_cache_is_a_note_and_the_images_still_load(tmp_path, capsys):
