@@ -51,7 +51,7 @@ MODEL_KEYS = [key for key in mae_pretrain.MODEL_KEYS if key not in ("pos_embed",
 
 def get_args_parser():
     parser = utils.ArgumentParser("training throughput benchmark",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--preset", default="vit-t", choices=sorted(PRESETS),
                         help="vit-t: the default ViT-T/2 on 32x32 images; tiny: a small model for a CPU")
     parser.add_argument("--steps", type=int, default=None, help="timed optimizer steps per case")

@@ -19,7 +19,7 @@ from model import MAE_ViT  # noqa: E402
 
 def get_args_parser():
     parser = utils.ArgumentParser("MAE reconstructions at several mask ratios",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("checkpoint", help="an MAE pretraining checkpoint (mae_pretrain.py --model_path)")
     parser.add_argument("--out", default="reconstructions.png", help="the figure: a .png or .jpg file")
     parser.add_argument("--mask_ratios", type=float, nargs="+", default=[0.25, 0.5, 0.75],
