@@ -256,7 +256,7 @@ def main(args):
             metrics, epoch_state = trainer.train_epoch(model, train_loader, epoch_state, epoch=epoch,
                                                        total_epoch=args.total_epoch, log_interval=args.log_interval,
                                                        stop=stop)
-            if metrics is None:  # SIGINT / SIGTERM: save where we are, exit 130 / 143
+            if metrics is None:  # SIGINT / SIGTERM / SIGHUP: save where we are, exit 128 + signal
                 save_checkpoint(args, rt, model, trainer, train_loader, epoch=epoch,
                                 step=epoch * steps_per_epoch + epoch_state.step, epoch_state=epoch_state,
                                 data=data_record)

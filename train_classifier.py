@@ -434,7 +434,7 @@ def main(args):
             train, epoch_state = trainer.train_epoch(model, train_loader, epoch_state, epoch=epoch,
                                                      total_epoch=args.total_epoch, log_interval=args.log_interval,
                                                      stop=stop)
-            if train is None:  # SIGINT / SIGTERM: save where we are, exit 130 / 143
+            if train is None:  # SIGINT / SIGTERM / SIGHUP: save where we are, exit 128 + signal
                 save_last(epoch, epoch_state)
                 utils.exit_after_signal(last_path, "train_classifier.py", stop.signum, rt, log)
             epoch_state = None

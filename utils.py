@@ -2,6 +2,7 @@
 gradient accumulation, the learning-rate schedule, checkpoints, logging, signals and distributed setup."""
 import argparse
 import contextlib
+import errno
 import functools
 import hashlib
 import json
@@ -53,9 +54,9 @@ class NonFiniteLoss(Exception):
 
 class ClosedPipeGuard:
     """Stands in for sys.stdout or sys.stderr while a script runs. Once the reader of the pipe behind it is gone
-    (`| head` has its lines, or a `| tee` died of the same Ctrl-C as the run), what is printed there goes to
-    /dev/null instead of raising BrokenPipeError from whichever print comes next, StopRequest's handler
-    included: the run goes on, and a stop still saves its checkpoint and exits 130 / 143. A stream closed
+    (`| head` has its lines, or a `| tee` died of the same Ctrl-C as the run), or its terminal has hung up,
+    what is printed there goes to /dev/null instead of raising an error from whichever print comes next,
+    StopRequest's handler included: the run goes on, and a stop still saves its checkpoint. A stream closed
     before the start (`2>&-`, which Python makes None) writes to /dev/null from the start."""
 
     def __init__(self, stream, name):
@@ -66,17 +67,21 @@ class ClosedPipeGuard:
     def write(self, text):
         try:
             return self.stream.write(text)
-        except BrokenPipeError:
-            self._divert()
+        except OSError as e:
+            self._divert(e)
             return len(text)
 
     def flush(self):
         try:
             self.stream.flush()
-        except BrokenPipeError:
-            self._divert()
+        except OSError as e:
+            self._divert(e)
 
-    def _divert(self):
+    def _divert(self, error):
+        """A closed pipe (EPIPE) or a hung-up terminal (EIO, after an SSH session drops) ends the stream's
+        output; any other error is raised as it was."""
+        if not (isinstance(error, BrokenPipeError) or error.errno == errno.EIO):
+            raise error
         if self.broken:
             return
         self.broken = True
@@ -85,8 +90,8 @@ class ClosedPipeGuard:
             os.dup2(devnull, self.stream.fileno())  # the stream's own buffer drains there too, also at exit
             os.close(devnull)
         if self.name == "stdout":
-            print("note: the reader of standard output is gone (a closed pipe); the run goes on without printing "
-                  "there", file=sys.stderr)
+            print("note: standard output is gone (a closed pipe or a hung-up terminal); the run goes on without "
+                  "printing there", file=sys.stderr)
 
     def __getattr__(self, name):
         return getattr(self.stream, name)
@@ -1243,13 +1248,17 @@ class ArrayDataset(torch.utils.data.Dataset):
                 random.setstate(saved[2])
 
 
+# Ctrl-C, a scheduler's kill, and the hang-up of a terminal (an SSH session that drops): each asks a run to save
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
 def _worker_ignores_stop_signals(worker_id):
-    """DataLoader workers leave SIGINT and SIGTERM to the main process, which finishes its step, saves and shuts
-    them down: a Ctrl-C in a terminal reaches every process of the group, and a forked worker would otherwise run
+    """DataLoader workers leave STOP_SIGNALS to the main process, which finishes its step, saves and shuts them
+    down: a Ctrl-C in a terminal reaches every process of the group, and a forked worker would otherwise run
     StopRequest's handler too (its message printed once per worker), or under spawn die on KeyboardInterrupt
     while the main process still waits for its batch."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
 
 
 class TorchLoader:
@@ -1363,14 +1372,15 @@ def make_optimizer(param_groups, lr, rt, betas=(0.9, 0.999)):
 # ---------------------------------------------------------------------------------------------- training
 
 class StopRequest:
-    """SIGINT / SIGTERM ask the run to finish its step, save and exit 130 / 143; a second SIGINT aborts."""
+    """STOP_SIGNALS ask the run to finish its step, save and exit 128 + the signal's number (SIGINT 130, SIGTERM
+    143, SIGHUP 129); a second SIGINT aborts."""
 
     def __init__(self):
         self.signum = None
         self._previous = {}
 
     def __enter__(self):
-        for signum in (signal.SIGINT, signal.SIGTERM):
+        for signum in STOP_SIGNALS:
             self._previous[signum] = signal.signal(signum, self._handle)
         return self
 

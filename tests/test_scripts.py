@@ -750,10 +750,30 @@ def test_closed_pipe_guard_diverts_to_devnull_and_says_so_once(capsys):
             assert guard.write("epoch 1\n") == len("epoch 1\n")
             guard.flush()
         assert os.path.samestat(os.fstat(dead.fileno()), os.stat(os.devnull)) and guard.isatty() is False
-    assert capsys.readouterr().err.count("note: the reader of standard output is gone") == 1
+    assert capsys.readouterr().err.count("note: standard output is gone (a closed pipe or a hung-up terminal)") == 1
 
 
-@pytest.mark.parametrize("signum,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_closed_pipe_guard_takes_a_hung_up_terminal_as_closed_and_raises_other_errors():
+    import errno
+    import utils
+
+    class Failing:
+        def __init__(self, code):
+            self.code = code
+
+        def write(self, text):
+            raise OSError(self.code, os.strerror(self.code))
+
+        def fileno(self):
+            raise ValueError("no fd")  # as io.UnsupportedOperation: the guard then just stops writing
+
+    hung_up = utils.ClosedPipeGuard(Failing(errno.EIO), "stderr")  # a terminal after its SSH session dropped
+    assert hung_up.write("x") == 1 and hung_up.broken
+    with pytest.raises(OSError, match="No space left on device"):  # not a closed stream: not hidden
+        utils.ClosedPipeGuard(Failing(errno.ENOSPC), "stderr").write("x")
+
+
+@pytest.mark.parametrize("signum,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGHUP, 129)])
 def test_signal_saves_checkpoint_and_resume_matches_uninterrupted(tmp_path, signum, code):
     data = write_cifar_batches(str(tmp_path / "data"), per_batch=40)
     flags = ["--data_dir", data, *TINY_MAE, "-bs", 4, "--total_epoch", 30, "--warmup_epoch", 1,

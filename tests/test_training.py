@@ -498,12 +498,12 @@ def test_resume_command_names_the_launcher(monkeypatch):
 
 
 class _SignalsItself(utils.ArrayDataset):
-    """Each worker sends itself SIGINT and SIGTERM, as a Ctrl-C in a terminal or a scheduler's kill of the
+    """Each worker sends itself SIGINT, SIGTERM and SIGHUP, as a Ctrl-C in a terminal or a scheduler's kill of the
     process group would, before it returns its first sample."""
 
     def __getitem__(self, item):
         assert torch.utils.data.get_worker_info() is not None  # never in the main process
-        for signum in (signal.SIGINT, signal.SIGTERM):
+        for signum in utils.STOP_SIGNALS:
             os.kill(os.getpid(), signum)
         return super().__getitem__(item)
 
