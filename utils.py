@@ -1381,6 +1381,8 @@ class StopRequest:
 
     def __enter__(self):
         for signum in STOP_SIGNALS:
+            if signum == signal.SIGHUP and signal.getsignal(signum) == signal.SIG_IGN:
+                continue  # started under nohup, whose whole point is to outlive the terminal
             self._previous[signum] = signal.signal(signum, self._handle)
         return self
 

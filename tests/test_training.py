@@ -497,6 +497,20 @@ def test_resume_command_names_the_launcher(monkeypatch):
         "torchrun train_classifier.py --resume c-last.pth on every node, with this run's launch options"
 
 
+def test_stop_request_leaves_sighup_ignored_under_nohup():
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)  # what nohup does before it starts the run
+    try:
+        with utils.StopRequest() as stop:
+            assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) == stop._handle
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)  # from a terminal: a hang-up saves and stops the run
+        with utils.StopRequest() as stop:
+            assert signal.getsignal(signal.SIGHUP) == stop._handle
+        assert signal.getsignal(signal.SIGHUP) == signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+
+
 class _SignalsItself(utils.ArrayDataset):
     """Each worker sends itself SIGINT, SIGTERM and SIGHUP, as a Ctrl-C in a terminal or a scheduler's kill of the
     process group would, before it returns its first sample."""
