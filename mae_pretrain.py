@@ -204,7 +204,7 @@ def main(args):
     if args.resume:
         ckpt = utils.load_checkpoint(args.resume, "mae_pretrain", "--resume")
         utils.resolve_resume_args(args, parser, ckpt["args"], RUN_KEYS, soft_keys=utils.SOFT_RESUME_KEYS)
-        utils.anchor_saved_paths(args, ckpt)
+        utils.check_run_folder(args, ckpt, ckpt["args"]["model_path"])
     validate(args)
     args.log_dir = args.log_dir or utils.default_log_dir(args.data_dir, args.model_path)
     config = model_config(args)

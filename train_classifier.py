@@ -327,7 +327,7 @@ def main(args):
             raise utils.UserError(f"--resume {args.resume} holds only weights; resume from the training state "
                                   f"written beside it ({utils.last_checkpoint_path(args.resume)})")
         utils.resolve_resume_args(args, parser, ckpt["args"], RUN_KEYS, soft_keys=utils.SOFT_RESUME_KEYS)
-        utils.anchor_saved_paths(args, ckpt)
+        utils.check_run_folder(args, ckpt, utils.last_checkpoint_path(ckpt["args"]["output_model_path"]))
     validate(args)
     default_output_path(args)
     args.log_dir = args.log_dir or utils.default_log_dir(args.data_dir, args.output_model_path)

@@ -1795,24 +1795,23 @@ def resolve_resume_args(args, parser, saved_args, keys, what="the checkpoint bei
 PATH_KEYS = ["data_dir", "log_dir", "model_path", "output_model_path", "pretrained_model_path"]
 
 
-def anchor_saved_paths(args, ckpt):
-    """A resumed run reads and writes where it did before: the relative paths it took from its checkpoint (not
-    given again) are resolved against the folder it was started from, when that folder is on this machine, and
-    a note says so. Without this, a resume from another working folder would write its checkpoints and logs
-    there and look for its data there."""
+def check_run_folder(args, ckpt, own_checkpoint):
+    """A run resumed from its own checkpoint (own_checkpoint: its path as the run named it) but from another
+    working folder would take the relative paths in its checkpoint (data, checkpoint, logs) to mean the new
+    folder: it would look for its data there and write a second, split copy of its checkpoints and logs. That
+    is refused with the folder to go to, unless each such path is given again. A copy of the run elsewhere (its
+    checkpoint not in the old place) is a run of its own and goes on where it is."""
     started_in = ckpt.get("cwd")  # absent in checkpoints from before it was saved
-    if not started_in or os.path.abspath(started_in) == os.getcwd() or not os.path.isdir(started_in):
+    if not started_in or os.path.abspath(started_in) == os.getcwd() or \
+            os.path.abspath(os.path.join(started_in, own_checkpoint)) != os.path.abspath(args.resume):
         return
     given = set(getattr(args, "given_flags", None) or ())
-    anchored = []
-    for key in PATH_KEYS:
-        value = getattr(args, key, None)
-        if key in ckpt["args"] and key not in given and isinstance(value, str) and value and not os.path.isabs(value):
-            setattr(args, key, os.path.join(started_in, value))
-            anchored.append(f"--{key} {getattr(args, key)}")
-    if anchored and int(os.environ.get("RANK", "0")) == 0:
-        print(f"note: the run being resumed started in {started_in}, and its relative paths stay there: "
-              f"{', '.join(anchored)}", file=sys.stderr)
+    relative = [f"--{key} {getattr(args, key)}" for key in PATH_KEYS if key in ckpt["args"] and key not in given
+                and isinstance(getattr(args, key), str) and getattr(args, key)
+                and not os.path.isabs(getattr(args, key))]
+    if relative:
+        raise UserError(f"{args.resume} is a run started in {started_in}, whose paths are relative to it "
+                        f"({', '.join(relative)}); resume it from there (cd {started_in}), or give those flags")
 
 
 def timm_vit_kwargs(config, num_classes, global_pool):

@@ -553,23 +553,34 @@ def test_resume_on_other_images_says_so_and_on_a_moved_copy_does_not(tmp_path, c
     assert load(part)["data"]["fingerprint"] != saved["fingerprint"]  # from here on it trained on those
 
 
-def test_a_resume_from_another_working_folder_keeps_the_runs_relative_paths(tmp_path, cifar_dir, capsys, monkeypatch):
-    """Started in a/ with relative paths, resumed from b/: checkpoint, logs and data stay those of a/."""
+def test_a_resume_from_another_working_folder_is_refused_and_a_copy_is_a_run_of_its_own(tmp_path, cifar_dir, capsys,
+                                                                                        monkeypatch):
+    """Started in a/ with relative paths and resumed from b/, a run would look for its data in b/ and split its
+    checkpoints and logs between the two: refused, naming a/. A copy of a/ resumed in place goes on there and
+    never writes into a/."""
     first, other = tmp_path / "a", tmp_path / "b"
     shutil.copytree(cifar_dir, first / "data")
     other.mkdir()
     monkeypatch.chdir(first)
-    result = run_here(capsys, "mae_pretrain.py", *TINY_MAE, "-bs", 16, "--total_epoch", 2, "--stop_after_epoch", 1,
+    result = run_here(capsys, "mae_pretrain.py", *TINY_MAE, "-bs", 16, "--total_epoch", 3, "--stop_after_epoch", 1,
                       "--model_path", "mae.pth")
     assert result.returncode == 0, result.stderr
     monkeypatch.chdir(other)
     result = run_here(capsys, "mae_pretrain.py", "--resume", first / "mae.pth")
+    assert_clean_error(result, 2, f"is a run started in {first}, whose paths are relative to it (--data_dir data, "
+                                  f"--log_dir {os.path.join('logs', 'cifar10', 'mae')}, --model_path mae.pth); resume "
+                                  f"it from there (cd {first})")
+    assert os.listdir(other) == [] and load(first / "mae.pth")["epoch"] == 1
+    monkeypatch.chdir(first)  # as the message says
+    result = run_here(capsys, "mae_pretrain.py", "--resume", first / "mae.pth", "--stop_after_epoch", 2)
+    assert result.returncode == 0 and load(first / "mae.pth")["epoch"] == 2, result.stderr
+    copy = shutil.copytree(first, tmp_path / "copy")
+    before = (first / "mae.pth").read_bytes()
+    monkeypatch.chdir(copy)
+    result = run_here(capsys, "mae_pretrain.py", "--resume", "mae.pth")
     assert result.returncode == 0, result.stderr
-    assert f"note: the run being resumed started in {first}, and its relative paths stay there: --data_dir " \
-           f"{first / 'data'}, --log_dir {first / 'logs' / 'cifar10' / 'mae'}, --model_path {first / 'mae.pth'}" \
-        in result.stderr
-    assert load(first / "mae.pth")["epoch"] == 2 and os.listdir(other) == []
-    assert [line["epoch"] for line in metrics(first / "logs" / "cifar10" / "mae")] == [1, 2]
+    assert load(copy / "mae.pth")["epoch"] == 3 and (first / "mae.pth").read_bytes() == before
+    assert [line["epoch"] for line in metrics(copy / "logs" / "cifar10" / "mae")] == [1, 2, 3]
 
 
 def test_resume_auto_starts_fresh_then_goes_on_from_the_runs_own_checkpoint(tmp_path, cifar_dir, capsys):
