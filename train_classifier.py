@@ -339,11 +339,7 @@ def main(args):
         utils.check_writable(args.output_model_path, "--output_model_path")
         utils.check_writable(args.log_dir, "--log_dir", is_dir=True)
         utils.check_fresh_log_dir(args.log_dir, args, restarting)
-        utils.check_export_path(args)
-        if args.export_timm and os.path.abspath(args.export_timm) in map(os.path.abspath, (args.output_model_path,
-                                                                                        last_path)):
-            raise utils.UserError(f"--export_timm {args.export_timm} names this run's own checkpoint; give another "
-                                  "file (the export is written at the end)")
+        utils.check_export_path(args, run_outputs=(args.output_model_path, last_path))
     local_batch, micro_batch = utils.split_batch(args, rt)
     if (args.mixup or args.cutmix) and micro_batch % 2:
         raise utils.UserError(f"mixup/cutmix need an even micro-batch, got {micro_batch}")

@@ -270,12 +270,12 @@ def setup_runtime(args):
         raise UserError(f"--amp {amp} needs a CUDA device; use --amp off on {device.type}")
     use_compile = default_compile if args.compile is None else args.compile
     if device.type == "cuda":
-        gpu = (f"{torch.cuda.get_device_name(device)} (compute capability "
-               f"{'.'.join(map(str, torch.cuda.get_device_capability(device)))})")
+        capability = torch.cuda.get_device_capability(device)
+        gpu = f"{torch.cuda.get_device_name(device)} (compute capability {'.'.join(map(str, capability))})"
         if amp == "bf16" and not torch.cuda.is_bf16_supported(including_emulation=False):
             raise UserError(f"--amp bf16: {gpu} does not compute bf16 natively (from 8.0 on: A100, RTX 30xx, H100); "
                             "drop the flag for fp16, the default there")
-        if use_compile and torch.cuda.get_device_capability(device) < (7, 0):
+        if use_compile and capability < (7, 0):
             raise UserError(f"--compile: {gpu} is older than the 7.0 that torch.compile's Triton kernels need; drop "
                             "the flag (off is the default there)")
     if world_size > 1 and not dist.is_initialized():
@@ -1806,9 +1806,8 @@ def check_run_folder(args, ckpt, own_checkpoint):
             os.path.abspath(os.path.join(started_in, own_checkpoint)) != os.path.abspath(args.resume):
         return
     given = set(getattr(args, "given_flags", None) or ())
-    relative = [f"--{key} {getattr(args, key)}" for key in PATH_KEYS if key in ckpt["args"] and key not in given
-                and isinstance(getattr(args, key), str) and getattr(args, key)
-                and not os.path.isabs(getattr(args, key))]
+    taken = {key: getattr(args, key) for key in PATH_KEYS if key in ckpt["args"] and key not in given}
+    relative = [f"--{key} {path}" for key, path in taken.items() if path and not os.path.isabs(path)]
     if relative:
         raise UserError(f"{args.resume} is a run started in {started_in}, whose paths are relative to it "
                         f"({', '.join(relative)}); resume it from there (cd {started_in}), or give those flags")
@@ -1846,9 +1845,15 @@ def check_new_file(path, flag, overwrite):
     check_writable(path, flag)
 
 
-def check_export_path(args):
-    if args.export_timm is not None:
-        check_new_file(args.export_timm, "--export_timm", args.overwrite)
+def check_export_path(args, run_outputs=()):
+    """--export_timm names a new file (or --overwrite), and none the run itself writes (run_outputs), which the
+    export at the end would replace."""
+    if args.export_timm is None:
+        return
+    if os.path.abspath(args.export_timm) in map(os.path.abspath, run_outputs):
+        raise UserError(f"--export_timm {args.export_timm} names this run's own checkpoint; give another file (the "
+                        "export is written at the end)")
+    check_new_file(args.export_timm, "--export_timm", args.overwrite)
 
 
 def last_checkpoint_path(path):
@@ -1937,11 +1942,19 @@ def write_log(path, text, mode="a"):
                         code=1) from None
 
 
-def _quiet_event_writer_failure(args, hook=threading.excepthook):
+def _quiet_event_writer_failure(args, hook):
     """TensorBoard writes its events in a thread, which re-raises a failed write (a full disk) and so prints a
-    traceback; MetricsLog raises the same error in the main thread as one line, so the thread's is left out."""
+    traceback; MetricsLog raises the same error in the main thread as one line, so the thread's is left out.
+    Every other thread failure goes to `hook`, the threading.excepthook that was in place."""
     if not (type(args.thread).__name__ == "_AsyncWriterThread" and issubclass(args.exc_type, OSError)):
         hook(args)
+
+
+def _quiet_event_writer_failures():
+    """Put _quiet_event_writer_failure in front of the current threading.excepthook, once."""
+    current = threading.excepthook
+    if getattr(current, "func", None) is not _quiet_event_writer_failure:
+        threading.excepthook = functools.partial(_quiet_event_writer_failure, hook=current)
 
 
 class MetricsLog:
@@ -1958,7 +1971,7 @@ class MetricsLog:
         if not rt.is_main:
             return
         from torch.utils.tensorboard import SummaryWriter
-        threading.excepthook = _quiet_event_writer_failure
+        _quiet_event_writer_failures()
         os.makedirs(log_dir, exist_ok=True)
         self.path = os.path.join(log_dir, "metrics.jsonl")
         kept = []

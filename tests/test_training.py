@@ -746,6 +746,13 @@ def test_a_full_disk_under_tensorboard_is_one_error(tmp_path, monkeypatch):
     for failure in (thread_failure(writer_thread, ValueError), thread_failure(threading.Thread(), OSError)):
         utils._quiet_event_writer_failure(failure, hook=printed.append)
     assert len(printed) == 2
+    # installed once, in front of whatever hook was there (pytest's, here), which gets the other failures
+    monkeypatch.setattr(threading, "excepthook", printed.append)
+    for _ in range(2):
+        utils._quiet_event_writer_failures()
+    threading.excepthook(thread_failure(threading.Thread(), OSError))
+    threading.excepthook(thread_failure(writer_thread, OSError))
+    assert len(printed) == 3 and threading.excepthook.keywords["hook"] == printed.append
 
 
 def test_hidden_files_and_folders_of_an_image_tree_are_left_out(tmp_path):
