@@ -255,7 +255,7 @@ def default_output_path(args):
 def check_classes(ckpt, data, what):
     """Labels are indexes into the class list, so a saved classifier only fits data with its classes, in order."""
     saved = ckpt.get("classes")
-    if saved is not None and list(saved) != list(data.classes):
+    if saved is not None and [utils.readable_name(c) for c in saved] != list(data.classes):  # older: raw names
         raise utils.UserError(f"{what} was trained on the classes {list(saved)}, but --data_dir has "
                               f"{list(data.classes)}")
 

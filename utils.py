@@ -57,7 +57,11 @@ class ClosedPipeGuard:
     (`| head` has its lines, or a `| tee` died of the same Ctrl-C as the run), or its terminal has hung up,
     what is printed there goes to /dev/null instead of raising an error from whichever print comes next,
     StopRequest's handler included: the run goes on, and a stop still saves its checkpoint. A stream closed
-    before the start (`2>&-`, which Python makes None) writes to /dev/null from the start."""
+    before the start (`2>&-`, which Python makes None) writes to /dev/null from the start.
+
+    Text the stream's encoding cannot hold (a class folder or path whose name is not UTF-8, which Python reads
+    as lone surrogates, on a strict UTF-8 stdout) is written with backslash escapes, as Python's stderr does,
+    instead of ending the run at the report after its training."""
 
     def __init__(self, stream, name):
         self.owned = stream is None  # Python's None for a stream whose fd was closed at start (`2>&-`)
@@ -66,7 +70,12 @@ class ClosedPipeGuard:
 
     def write(self, text):
         try:
-            return self.stream.write(text)
+            try:
+                return self.stream.write(text)
+            except UnicodeEncodeError:
+                encoding = getattr(self.stream, "encoding", None) or "utf-8"
+                self.stream.write(text.encode(encoding, "backslashreplace").decode(encoding))
+                return len(text)
         except OSError as e:
             self._divert(e)
             return len(text)
@@ -180,7 +189,7 @@ def check_writable(path, flag, is_dir=False):
 
     Creates nothing: the nearest existing folder on the way must be a writable folder.
     """
-    target = os.path.abspath(path)
+    target = os.path.realpath(path)  # where a symbolic link points: that folder is written (write_atomic)
     if not is_dir and os.path.isdir(target):
         raise UserError(f"{flag} {path} is a folder, not a file")
     folder = target if is_dir else os.path.dirname(target)
@@ -628,22 +637,29 @@ def _decode_folder(root, image_size):
         try:
             cached = torch.load(cache, map_location="cpu", weights_only=True)
             if cached.get("key") == key:
-                return cached["images"], cached["labels"], cached["classes"]
+                return cached["images"], cached["labels"], [readable_name(c) for c in cached["classes"]]
         except Exception:
             pass  # a broken cache is rebuilt
     images = torch.empty(len(folder), 3, image_size, image_size, dtype=torch.uint8)
     with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1)) as pool:  # PIL decodes outside the GIL
         decoded = pool.map(lambda path: read_image(path, image_size), [path for path, _ in folder.samples],
                            chunksize=256)
-        for i, image in enumerate(tqdm(decoded, total=len(folder), desc=f"decoding {root} (once, then cached)",
-                                       leave=False, mininterval=1.0)):
+        for i, image in enumerate(progress_bar(decoded, total=len(folder),
+                                               desc=f"decoding {root} (once, then cached)")):
             images[i] = image
     labels = torch.tensor(folder.targets, dtype=torch.int64)
+    classes = [readable_name(c) for c in folder.classes]
     try:
-        save_atomic({"key": key, "images": images, "labels": labels, "classes": folder.classes}, cache)
+        save_atomic({"key": key, "images": images, "labels": labels, "classes": classes}, cache)
     except UserError as e:  # a read-only or full disk: the run goes on without the cache
         print(f"note: {e}; the next run decodes the images again", file=sys.stderr)
-    return images, labels, folder.classes
+    return images, labels, classes
+
+
+def readable_name(name):
+    """A file name as text that any UTF-8 output takes: bytes that are not UTF-8 (a folder unzipped from an
+    archive made with another code page, which Python reads as lone surrogates) become backslash escapes."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
 
 
 def holdout_split(num_images, size, seed=0):
@@ -1249,7 +1265,8 @@ class ArrayDataset(torch.utils.data.Dataset):
 
 
 # Ctrl-C, a scheduler's kill, and the hang-up of a terminal (an SSH session that drops): each asks a run to save
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+# (Windows has no SIGHUP: the others, rather than an AttributeError at import)
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
 
 
 def _worker_ignores_stop_signals(worker_id):
@@ -1325,11 +1342,19 @@ class TorchLoader:
         return missed
 
 
+def progress_bar(iterable=None, **kwargs):
+    """tqdm's bar on stderr, cleared when done. On a terminal it redraws up to once a second; into a file or a
+    pipe (`nohup python mae_pretrain.py > run.log 2>&1`) once a minute, since every redraw stays in the log
+    (at tqdm's default of ten a second, about 60 MB a day of carriage-return lines)."""
+    interval = 1.0 if sys.stderr.isatty() else 60.0
+    return tqdm(iterable, leave=False, dynamic_ncols=True, mininterval=interval, **kwargs)
+
+
 def eval_batches(loader, rt, desc):
     """One pass over an unaugmented loader, in dataset order, under a progress bar on the main process that
     clears itself (a pass takes a second on a GPU, minutes on a CPU)."""
-    return tqdm(loader.batches(loader.order.new_epoch()), total=len(loader), desc=desc, leave=False,
-                disable=not rt.is_main, dynamic_ncols=True)
+    return progress_bar(loader.batches(loader.order.new_epoch()), total=len(loader), desc=desc,
+                        disable=not rt.is_main)
 
 
 def make_loader(args, rt, images, labels, batch_size, *, train, crop_scale=None, flip=False, randaug=None,
@@ -1381,7 +1406,7 @@ class StopRequest:
 
     def __enter__(self):
         for signum in STOP_SIGNALS:
-            if signum == signal.SIGHUP and signal.getsignal(signum) == signal.SIG_IGN:
+            if signum == getattr(signal, "SIGHUP", None) and signal.getsignal(signum) == signal.SIG_IGN:
                 continue  # started under nohup, whose whole point is to outlive the terminal
             self._previous[signum] = signal.signal(signum, self._handle)
         return self
@@ -1490,8 +1515,8 @@ class Trainer:
         steps, self.epoch = len(loader), epoch
         if state.sums is None:
             state.sums = torch.zeros(2 + self.num_extra, dtype=torch.float64, device=self.rt.device)
-        with tqdm(total=steps, initial=state.step, desc=desc, disable=not show, dynamic_ncols=True,
-                  leave=False) as bar:  # closed (and cleared) on every way out, errors included
+        with progress_bar(total=steps, initial=state.step, desc=desc, disable=not show) as bar:
+            # closed (and cleared) on every way out, errors included
             start_time, timed_images, timed_from = time.perf_counter(), 0, state.step
             for images, labels in loader.batches(state.order, state.step):
                 state.sums += self.step(images, labels, first_step + state.step)
@@ -1586,9 +1611,11 @@ def write_atomic(path, write):
     """write(f) into a temporary file in the same folder, fsync, then rename over `path`.
 
     A crash at any moment leaves either the previous complete file or the new one, never a torn one. A write
-    that fails (a full disk) is a UserError with exit code 1 that says so.
+    that fails (a full disk) is a UserError with exit code 1 that says so. A symbolic link (a checkpoint linked
+    to a larger disk) is written through: the file it points to is replaced, and the link stays.
     """
-    folder = os.path.dirname(os.path.abspath(path))
+    target = os.path.realpath(path)
+    folder = os.path.dirname(target)
     tmp = None
     try:
         os.makedirs(folder, exist_ok=True)
@@ -1600,7 +1627,7 @@ def write_atomic(path, write):
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        os.replace(tmp, target)
     except BaseException as e:
         if tmp is not None:
             with contextlib.suppress(OSError):

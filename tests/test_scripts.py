@@ -784,6 +784,60 @@ def test_closed_pipe_guard_takes_a_hung_up_terminal_as_closed_and_raises_other_e
         utils.ClosedPipeGuard(Failing(errno.ENOSPC), "stderr").write("x")
 
 
+def test_progress_bars_into_a_log_file_redraw_once_a_minute(capsys, monkeypatch):
+    """`nohup python mae_pretrain.py > run.log 2>&1`: each redraw stays in the file, so a bar that is not on a
+    terminal draws at its start and end (and every 60 s), where a terminal's redraws every second."""
+    import utils
+    for _ in utils.progress_bar(range(50), desc="epoch 1/1"):
+        time.sleep(0.01)  # half a second: five redraws at tqdm's default, one a second on a terminal
+    draws = capsys.readouterr().err.split("\r")
+    assert [d for d in draws if "epoch 1/1" in d] == [draws[1]] and "0/50" in draws[1]  # the first draw only
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    assert utils.progress_bar(range(1)).mininterval == 1.0
+
+
+def test_text_the_stream_cannot_encode_is_escaped_not_raised():
+    import io
+    import utils
+    raw = io.BytesIO()
+    stream = io.TextIOWrapper(raw, encoding="ascii")  # strict, like a UTF-8 stdout for lone surrogates
+    guard = utils.ClosedPipeGuard(stream, "stdout")
+    assert guard.write("café \udcf3\n") == len("café \udcf3\n")
+    guard.flush()
+    assert raw.getvalue() == b"caf\\xe9 \\udcf3\n"
+
+
+def test_a_class_folder_whose_name_is_not_utf8_trains_reports_and_evaluates(tmp_path):
+    """A tree unzipped from an archive made with another code page: Python reads the name b"avi\\xf3n" as
+    "avi\\udcf3n", which a strict UTF-8 stdout (PYTHONIOENCODING=utf-8, or an en_US.UTF-8 terminal) cannot print:
+    the per-class table at the end of training raised UnicodeEncodeError."""
+    data = write_image_folder(str(tmp_path / "folder"))
+    for split in ("train", "test"):
+        os.rename(os.fsencode(os.path.join(data, split, "airplane")), os.fsencode(os.path.join(data, split)) +
+                  b"/avi\xf3n")
+    strict = {"PYTHONIOENCODING": "utf-8"}
+    ckpt, logs = tmp_path / "cls.pth", tmp_path / "logs"
+    result = run("train_classifier.py", "--data_dir", data, *TINY_MODEL, "--batch_size", 16, "--total_epoch", 1,
+                 "--warmup_epoch", 0, "--output_model_path", ckpt, "--log_dir", logs, env=strict)
+    assert result.returncode == 0, result.stderr
+    result = run("train_classifier.py", "--eval_only", ckpt, "--data_dir", data, env=strict)
+    assert result.returncode == 0, result.stderr
+    table = result.stdout.splitlines()
+    rows = {line.split()[0]: line for line in table[table.index(next(x for x in table if x.startswith("class"))):]}
+    assert "avi\\xf3n" in rows and rows["avi\\xf3n"].index("%") == rows["bird"].index("%")  # one column
+    assert "avi\\xf3n" in metrics(logs)[-1]["per_class"]  # the logs hold the same readable name
+
+
+def test_without_sighup_the_other_stop_signals_still_save():
+    """Windows has no signal.SIGHUP: importing the scripts must not die of an AttributeError."""
+    code = ("import signal; del signal.SIGHUP; import utils; "
+            "stop = utils.StopRequest().__enter__(); signal.raise_signal(signal.SIGTERM); "
+            "print([signal.Signals(s).name for s in utils.STOP_SIGNALS], signal.Signals(stop.signum).name)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["['SIGINT',", "'SIGTERM']", "SIGTERM"]
+
+
 @pytest.mark.parametrize("signum,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGHUP, 129)])
 def test_signal_saves_checkpoint_and_resume_matches_uninterrupted(tmp_path, signum, code):
     data = write_cifar_batches(str(tmp_path / "data"), per_batch=40)

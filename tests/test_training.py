@@ -698,6 +698,19 @@ def test_a_failed_write_is_one_error_and_leaves_the_previous_file(tmp_path, monk
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pth"]
 
 
+def test_a_checkpoint_that_is_a_symbolic_link_is_written_through(tmp_path):
+    """vit-t-mae.pth -> /big/disk/vit-t-mae.pth: the rename must replace the file on the big disk, as a plain
+    torch.save would, not the link with a file in the small one."""
+    big = tmp_path / "big"
+    big.mkdir()
+    link = tmp_path / "ckpt.pth"
+    link.symlink_to(big / "ckpt.pth")  # dangling until the first save
+    utils.save_atomic({"step": 1}, str(link))
+    utils.save_atomic({"step": 2}, str(link))
+    assert link.is_symlink() and os.readlink(link) == str(big / "ckpt.pth")
+    assert torch.load(big / "ckpt.pth") == {"step": 2} and sorted(p.name for p in big.iterdir()) == ["ckpt.pth"]
+
+
 def test_a_log_torn_by_a_crash_resumes_and_a_full_disk_is_one_error(tmp_path, monkeypatch):
     rt, args = utils.Runtime(torch.device("cpu")), argparse.Namespace(seed=0)
     log = utils.MetricsLog(str(tmp_path), rt, args)
