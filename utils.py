@@ -446,6 +446,10 @@ def default_log_dir(data_dir, model_path):
     return os.path.join("logs", dataset_name(data_dir), os.path.splitext(os.path.basename(model_path))[0])
 
 
+# the folders inside a dataset that load_data reads: torchvision's CIFAR batches, an ImageFolder tree's splits
+DATASET_FOLDERS = ("cifar-10-batches-py", "cifar-100-python", "train", "test", "val")
+
+
 def _find_and_load(data_dir, image_size):
     from torchvision.datasets import CIFAR10
     if os.path.exists(data_dir) and not os.path.isdir(data_dir):  # such as the archive itself
@@ -456,6 +460,12 @@ def _find_and_load(data_dir, image_size):
             if os.path.isdir(os.path.join(data_dir, test_name)):
                 return _load_image_folders(data_dir, test_name, image_size)
         raise UserError(f"{data_dir} has train/ but neither test/ nor val/ beside it")
+    if kind is None and os.path.isdir(data_dir):  # before any download: the dataset's own folder was named,
+        # cifar-10-batches-py/ or an ImageFolder split (train/), which would download CIFAR-10 into it
+        parent = os.path.dirname(os.path.abspath(data_dir))
+        if os.path.basename(os.path.abspath(data_dir)) in DATASET_FOLDERS and _data_kind(parent) is not None:
+            raise UserError(f"--data_dir {data_dir} is a folder inside the dataset; pass the folder that holds it: "
+                            f"--data_dir {parent}")
     if kind is None:  # before any download: the data may sit one folder down, as the JPEG archive unpacks
         # (hidden folders left out: another machine's download in progress on a shared disk is one)
         inside = sorted(e.path for e in os.scandir(data_dir) if e.is_dir() and not e.name.startswith(".")
@@ -463,10 +473,19 @@ def _find_and_load(data_dir, image_size):
         if inside:
             raise UserError(f"--data_dir {data_dir} holds no dataset itself, but {inside[0]} does: pass "
                             f"--data_dir {inside[0]}")
+        packed = sorted(name for name in os.listdir(data_dir) if name.lower().endswith(ARCHIVE_SUFFIXES)) \
+            if os.path.isdir(data_dir) else []
+        if packed:  # such as the JPEG copy of CIFAR-10, cifar10-jpeg.tar.gz: meant to be used, not downloaded over
+            raise UserError(f"--data_dir {data_dir} holds no dataset, only the archive {packed[0]}: unpack it (for a "
+                            f".tar.gz: tar -xzf {os.path.join(data_dir, packed[0])} -C {data_dir}) and pass the "
+                            "folder that holds train/ and test/ (or cifar-10-batches-py/)")
     kind = kind or CIFAR10
     if not os.path.isdir(os.path.join(data_dir, kind.base_folder)):
         _download_cifar(data_dir, kind)
     return _load_cifar_batches(data_dir, image_size, kind)
+
+
+ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip", ".tar.xz", ".tar.bz2", ".7z", ".rar")
 
 
 def _download_cifar(data_dir, dataset=None):
@@ -631,9 +650,8 @@ def _decode_folder(root, image_size):
     # the cache is keyed by the file list and sizes, so an edited tree is decoded again
     listing = [(os.path.relpath(p, root), os.path.getsize(p)) for p, _ in folder.samples]
     key = f"{image_size}:{hash_json(listing)}"
-    cache = os.path.join(os.path.dirname(os.path.abspath(root)), ".cache",
-                         f"{os.path.basename(os.path.abspath(root))}-{image_size}.pt")
-    if os.path.isfile(cache):
+    caches = decode_cache_paths(root, image_size)
+    for cache in filter(os.path.isfile, caches):
         try:
             cached = torch.load(cache, map_location="cpu", weights_only=True)
             if cached.get("key") == key:
@@ -649,11 +667,27 @@ def _decode_folder(root, image_size):
             images[i] = image
     labels = torch.tensor(folder.targets, dtype=torch.int64)
     classes = [readable_name(c) for c in folder.classes]
+    decoded = {"key": key, "images": images, "labels": labels, "classes": classes}
     try:
-        save_atomic({"key": key, "images": images, "labels": labels, "classes": classes}, cache)
-    except UserError as e:  # a read-only or full disk: the run goes on without the cache
-        print(f"note: {e}; the next run decodes the images again", file=sys.stderr)
+        save_atomic(decoded, caches[0])
+    except UserError as beside:  # a read-only dataset (shared on a cluster) or a full disk
+        try:
+            save_atomic(decoded, caches[1])
+            print(f"note: {beside}; cached in {caches[1]} instead", file=sys.stderr)
+        except UserError as e:  # the run goes on without the cache
+            print(f"note: {beside}; {e}; the next run decodes the images again", file=sys.stderr)
     return images, labels, classes
+
+
+def decode_cache_paths(root, image_size):
+    """Where the decoded images of an ImageFolder split are cached: in .cache/ beside the split's folder, or,
+    where that cannot be written (a read-only shared dataset), in the user's cache folder
+    ($XDG_CACHE_HOME or ~/.cache, then cifar-mae/), under a name made from the split's absolute path."""
+    root = os.path.abspath(root)
+    name = f"{os.path.basename(root)}-{image_size}.pt"
+    user_cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return [os.path.join(os.path.dirname(root), ".cache", name),
+            os.path.join(user_cache, "cifar-mae", f"{hash_json(root)}-{name}")]
 
 
 def readable_name(name):

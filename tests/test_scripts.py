@@ -905,6 +905,9 @@ def trained(tmp_path_factory):
     write_image_folder(str(world["empty_class"]))
     shutil.rmtree(world["empty_class"] / "train" / "dog")
     (world["empty_class"] / "train" / "dog").mkdir()
+    world["packed"] = tmp / "packed"  # the dataset still in its archive (offline: no download to fall back on)
+    world["packed"].mkdir()
+    (world["packed"] / "cifar10-jpeg.tar.gz").write_bytes(b"an archive")
     world["nested"] = tmp / "nested"  # the dataset one folder down, as an archive unpacks
     shutil.copytree(data, world["nested"] / "cifar10")
     world["a_file"] = tmp / "a-file"
@@ -991,6 +994,15 @@ BAD_INPUTS = {  # name: (script, argv from (world, tmp_path), what the error lin
     "dataset one folder down": ("mae", lambda w, t: ["--data_dir", w["nested"], *TINY_MAE, *MAE_OUT(w, t)],
                                 lambda w: f"holds no dataset itself, but {w['nested'] / 'cifar10'} does: pass "
                                           f"--data_dir {w['nested'] / 'cifar10'}"),
+    "dataset's own folder": ("mae", lambda w, t: ["--data_dir", os.path.join(w["data"], "cifar-10-batches-py"),
+                                                  *TINY_MAE, *MAE_OUT(w, t)],
+                             lambda w: f"is a folder inside the dataset; pass the folder that holds it: --data_dir "
+                                       f"{os.path.abspath(w['data'])}"),
+    "an image tree's split": ("cls", lambda w, t: ["--data_dir", w["broken_image"] / "train", *CLS_OUT(w, t)],
+                              lambda w: f"pass the folder that holds it: --data_dir {w['broken_image']}"),
+    "dataset still packed": ("mae", lambda w, t: ["--data_dir", w["packed"], *TINY_MAE, *MAE_OUT(w, t)],
+                             lambda w: f"holds no dataset, only the archive cifar10-jpeg.tar.gz: unpack it (for a "
+                                       f".tar.gz: tar -xzf {w['packed'] / 'cifar10-jpeg.tar.gz'} -C {w['packed']})"),
     "no minutes to train": ("cls", lambda w, t: ["--data_dir", w["data"], "--stop_after_minutes", 0, *CLS_OUT(w, t)],
                             lambda w: "--stop_after_minutes must be positive"),
     "seed past torch's range": ("mae", lambda w, t: ["--data_dir", w["data"], *TINY_MAE, "--seed", 2 ** 64,

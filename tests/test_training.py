@@ -784,10 +784,29 @@ def test_hidden_files_and_folders_of_an_image_tree_are_left_out(tmp_path):
         assert torch.equal(getattr(data, name), getattr(clean, name)), name
 
 
-def test_an_unwritable_cache_is_a_note_and_the_images_still_load(tmp_path, capsys):
+def test_a_cache_that_cannot_go_beside_the_images_goes_to_the_users_cache_folder(tmp_path, capsys, monkeypatch):
+    """A read-only dataset (shared on a cluster) was decoded again by every run."""
+    from conftest import write_image_folder
+    root = write_image_folder(str(tmp_path / "folder"))
+    (tmp_path / "folder" / ".cache").write_text("a file where the cache folder would go")  # unwritable, even as root
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "home-cache"))
+    images, labels, classes = utils._decode_folder(os.path.join(root, "train"), 8)
+    assert images.shape == (40, 3, 8, 8) and len(labels) == 40 and len(classes) == 10
+    home = utils.decode_cache_paths(os.path.join(root, "train"), 8)[1]
+    assert os.path.dirname(home) == str(tmp_path / "home-cache" / "cifar-mae") and os.path.isfile(home)
+    assert f"cached in {home} instead" in capsys.readouterr().err
+    monkeypatch.setattr(utils, "read_image", lambda *a: pytest.fail("decoded again"))
+    cached = utils._decode_folder(os.path.join(root, "train"), 8)
+    assert torch.equal(cached[0], images) and torch.equal(cached[1], labels) and cached[2] == classes
+    assert capsys.readouterr().err == ""
+
+
+def test_an_unwritable_cache_is_a_note_and_the_images_still_load(tmp_path, capsys, monkeypatch):
     from conftest import write_image_folder
     root = write_image_folder(str(tmp_path / "folder"))
     (tmp_path / "folder" / ".cache").write_text("a file where the cache folder would go")
+    (tmp_path / "home-cache").write_text("nor can the user's cache folder be made")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "home-cache"))
     images, labels, classes = utils._decode_folder(os.path.join(root, "train"), 8)
     assert images.shape == (40, 3, 8, 8) and len(labels) == 40 and len(classes) == 10
     err = capsys.readouterr().err
