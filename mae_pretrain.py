@@ -30,7 +30,8 @@ def get_args_parser():
     parser.add_argument("-bs", "--batch_size", type=int, default=4096, help="images per optimizer step (global)")
     parser.add_argument("--max_device_batch_size", type=int, default=1024,
                         help="micro-batch per forward/backward; gradients are averaged over micro-batches, so this "
-                             "changes memory use, not the objective")
+                             "changes memory use, not the objective. Not given: at most this on a GPU, 64 on the "
+                             "CPU, the largest that divides the batch per process")
     parser.add_argument("--base_learning_rate", type=float, default=1.5e-4, help="lr = base * batch_size / 256")
     parser.add_argument("--weight_decay", type=float, default=0.05, help="AdamW weight decay (weight matrices only)")
     parser.add_argument("--mask_ratio", type=float, default=0.75, help="fraction of patches hidden from the encoder")

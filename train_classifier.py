@@ -30,7 +30,9 @@ def get_args_parser():
     parser = utils.ArgumentParser("ViT classifier", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--seed", type=int, default=2022, help="seeds every RNG (process k of a run takes seed + k)")
     parser.add_argument("--batch_size", type=int, default=128, help="images per optimizer step (global)")
-    parser.add_argument("--max_device_batch_size", type=int, default=256, help="micro-batch per forward/backward")
+    parser.add_argument("--max_device_batch_size", type=int, default=256,
+                        help="micro-batch per forward/backward (not given: at most this on a GPU, 64 on the CPU, the "
+                             "largest that divides the batch per process)")
     parser.add_argument("--base_learning_rate", type=float, default=1e-3, help="lr = base * batch_size / 256")
     parser.add_argument("--weight_decay", type=float, default=0.05,
                         help="AdamW weight decay (none on biases, norms, cls token, position embeddings)")
@@ -340,7 +342,7 @@ def main(args):
         utils.check_writable(args.log_dir, "--log_dir", is_dir=True)
         utils.check_fresh_log_dir(args.log_dir, args, restarting)
         utils.check_export_path(args, run_outputs=(args.output_model_path, last_path))
-    local_batch, micro_batch = utils.split_batch(args, rt)
+    local_batch, micro_batch = utils.split_batch(args, rt, even=bool(args.mixup or args.cutmix))
     if (args.mixup or args.cutmix) and micro_batch % 2:
         raise utils.UserError(f"mixup/cutmix need an even micro-batch, got {micro_batch}")
     pretrained = None

@@ -51,6 +51,22 @@ def test_accumulated_micro_batches_equal_one_big_batch(k, n):
     assert any((a != p).any() for a, p in zip(big.parameters(), tiny_classifier().parameters()))
 
 
+def test_the_default_micro_batch_fits_the_device_and_divides_the_batch():
+    """The GPU default of 1024 took about 24 GB of host memory on the CPU, where the kernel killed the run without
+    a word; not given, the micro-batch is at most 64 there, and a divisor of the batch on either device."""
+    def micro(batch, device, given=(), max_device_batch_size=1024, even=False, world_size=1):
+        args = argparse.Namespace(batch_size=batch, max_device_batch_size=max_device_batch_size,
+                                  given_flags=list(given))
+        return utils.split_batch(args, utils.Runtime(torch.device(device), world_size=world_size), even=even)[1]
+    assert [micro(b, "cpu") for b in (4096, 128, 100, 90, 16, 97)] == [64, 64, 50, 45, 16, 1]
+    assert micro(90, "cpu", even=True) == 30 and micro(90, "cpu", max_device_batch_size=256, even=True) == 30
+    assert micro(4096, "cpu", world_size=4) == 64 and micro(96, "cpu", world_size=2) == 48
+    assert [micro(b, "cuda") for b in (4096, 3000, 512)] == [1024, 1000, 512]  # no longer a divisibility error
+    assert micro(4096, "cpu", given=["max_device_batch_size"]) == 1024  # given: as it is
+    with pytest.raises(utils.UserError, match="not a multiple of the micro-batch 1024"):
+        micro(3000, "cuda", given=["max_device_batch_size"])
+
+
 def test_accumulation_for_mae_loss():
     """The MAE loss is a mean over an equal number of masked patches per image, so micro-batch means average
     to the big-batch mean; the masks match because CPU torch.rand draws the same stream in pieces."""
