@@ -440,6 +440,25 @@ def test_device_loader_without_augmentation_is_normalised_slice():
     torch.testing.assert_close(batches[1][0], images[order[8:16]].float() / 127.5 - 1)
 
 
+@pytest.mark.parametrize("method", ["forkserver", "spawn"])
+def test_dataloader_workers_started_without_fork_give_the_same_batches(method):
+    """Python 3.14 starts worker processes with forkserver by default on Linux (macOS and Windows: spawn), which
+    pickles the dataset, its transforms and the worker hook instead of inheriting them."""
+    import multiprocessing
+    images = torch.randint(0, 256, (16, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(5))
+    flags = dict(device=torch.device("cpu"), train=True, seed=3, crop_scale=(0.2, 1.0), flip=True,
+                 randaug="rand-m9-mstd0.5-inc1", reprob=0.5)
+    loaders = [utils.TorchLoader(images, torch.arange(16) % 10, 8, num_workers=n, **flags) for n in (0, 2)]
+    order = [loader.order.new_epoch() for loader in loaders][0]
+    previous = multiprocessing.get_start_method(allow_none=True)
+    multiprocessing.set_start_method(method, force=True)
+    try:
+        batches = [[x for x, _ in loader.batches(order)] for loader in loaders]
+    finally:
+        multiprocessing.set_start_method(previous, force=True)
+    assert len(batches[1]) == 2 and all(torch.equal(a, b) for a, b in zip(*batches, strict=True))
+
+
 def test_dataloader_path_augments_each_sample_from_its_own_seed():
     """--loader torch: the same batches for 0 and 2 workers, a resumed epoch repeats them, training RNGs untouched."""
     images = torch.randint(0, 256, (24, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(5))
