@@ -73,6 +73,7 @@ def validate(args):
         raise utils.UserError(f"--mask_ratio must lie in (0, 1), got {args.mask_ratio}")
     if not 0 < args.crop_scale[0] <= args.crop_scale[1] <= 1:
         raise utils.UserError(f"--crop_scale needs 0 < MIN <= MAX <= 1, got {args.crop_scale}")
+    utils.check_schedule(args)
 
 
 def build_model(config):

@@ -96,6 +96,7 @@ def validate(args):
         raise utils.UserError(f"--ema_decay must lie in (0, 1), got {args.ema_decay}")
     if not 0 < args.crop_scale[0] <= args.crop_scale[1] <= 1:
         raise utils.UserError(f"--crop_scale needs 0 < MIN <= MAX <= 1, got {args.crop_scale}")
+    utils.check_schedule(args)
     if args.linear_probe and args.drop_path:
         raise utils.UserError("--linear_probe keeps the encoder frozen; --drop_path would have nothing to act on")
     if args.randaug and args.loader == "device":  # a bad policy fails here, before the data is loaded

@@ -178,6 +178,20 @@ def check_positive(args, *names):
             raise UserError(f"--{name} must be positive, got {getattr(args, name)}")
 
 
+def check_schedule(args):
+    """A new run whose warmup outlasts it would never reach its peak learning rate nor decay; a kNN monitor
+    (--knn_every) less often than the run is long would never run. Runs resumed keep what they started with."""
+    if args.resume or getattr(args, "eval_only", None):
+        return
+    if args.warmup_epoch > args.total_epoch:
+        raise UserError(f"--warmup_epoch {args.warmup_epoch} is longer than --total_epoch {args.total_epoch}: the "
+                        "learning rate would never reach its peak nor decay; pass a shorter --warmup_epoch (a tenth "
+                        "of the run, say)")
+    if getattr(args, "knn_every", 0) > args.total_epoch:
+        raise UserError(f"--knn_every {args.knn_every} is longer than --total_epoch {args.total_epoch}: the kNN "
+                        "monitor would never run")
+
+
 def check_seed(seed):
     """torch takes seeds below 2**64; each process seeds its generators with --seed plus a few."""
     if not 0 <= seed < 2 ** 63:

@@ -562,8 +562,8 @@ def test_a_resume_from_another_working_folder_is_refused_and_a_copy_is_a_run_of_
     shutil.copytree(cifar_dir, first / "data")
     other.mkdir()
     monkeypatch.chdir(first)
-    result = run_here(capsys, "mae_pretrain.py", *TINY_MAE, "-bs", 16, "--total_epoch", 3, "--stop_after_epoch", 1,
-                      "--model_path", "mae.pth")
+    result = run_here(capsys, "mae_pretrain.py", *TINY_MAE, "-bs", 16, "--total_epoch", 3, "--warmup_epoch", 1,
+                      "--stop_after_epoch", 1, "--model_path", "mae.pth")
     assert result.returncode == 0, result.stderr
     monkeypatch.chdir(other)
     result = run_here(capsys, "mae_pretrain.py", "--resume", first / "mae.pth")
@@ -731,7 +731,8 @@ def test_a_closed_pipe_neither_ends_a_run_nor_spoils_its_stop(tmp_path, cifar_di
     monkeypatch.setattr(sys, "stdout", dead)
     monkeypatch.setattr(sys, "stderr", dead)
     argv = ["--data_dir", cifar_dir, *TINY_MODEL, "--batch_size", 16, "--max_device_batch_size", 8,
-            "--total_epoch", 2, "--output_model_path", tmp_path / "cls.pth", "--log_dir", tmp_path / "logs"]
+            "--total_epoch", 2, "--warmup_epoch", 1, "--output_model_path", tmp_path / "cls.pth", "--log_dir",
+            tmp_path / "logs"]
     with pytest.raises(SystemExit) as stopped:
         module.main(module.get_args_parser().parse_args(list(map(str, argv))))
     monkeypatch.undo()
@@ -745,7 +746,7 @@ def test_a_run_started_with_stdout_and_stderr_closed_trains_and_saves(tmp_path, 
     """`python mae_pretrain.py >&- 2>&-` (as some launchers start jobs): Python makes both streams None."""
     ckpt = tmp_path / "mae.pth"
     argv = [sys.executable, os.path.join(ROOT, "mae_pretrain.py"), "--data_dir", cifar_dir, *TINY_MAE, "-bs", 16,
-            "--total_epoch", 1, "--model_path", ckpt, "--log_dir", tmp_path / "logs"]
+            "--total_epoch", 1, "--warmup_epoch", 0, "--model_path", ckpt, "--log_dir", tmp_path / "logs"]
     closed = subprocess.run(list(map(str, argv)), preexec_fn=lambda: (os.close(1), os.close(2)), timeout=240,
                             env={**os.environ, "OMP_NUM_THREADS": "1", **OFFLINE}, cwd=ROOT)
     assert closed.returncode == 0 and load(ckpt)["epoch"] == 1
@@ -1003,6 +1004,13 @@ BAD_INPUTS = {  # name: (script, argv from (world, tmp_path), what the error lin
     "dataset still packed": ("mae", lambda w, t: ["--data_dir", w["packed"], *TINY_MAE, *MAE_OUT(w, t)],
                              lambda w: f"holds no dataset, only the archive cifar10-jpeg.tar.gz: unpack it (for a "
                                        f".tar.gz: tar -xzf {w['packed'] / 'cifar10-jpeg.tar.gz'} -C {w['packed']})"),
+    "warmup longer than the run": ("mae", lambda w, t: ["--data_dir", w["data"], *TINY_MAE, "--total_epoch", 100,
+                                                        *MAE_OUT(w, t)],
+                                   lambda w: "--warmup_epoch 200 is longer than --total_epoch 100: the learning rate "
+                                             "would never reach its peak nor decay"),
+    "kNN never due": ("mae", lambda w, t: ["--data_dir", w["data"], *TINY_MAE, "--total_epoch", 10, "--warmup_epoch",
+                                           1, "--knn_every", 20, *MAE_OUT(w, t)],
+                      lambda w: "--knn_every 20 is longer than --total_epoch 10: the kNN monitor would never run"),
     "no minutes to train": ("cls", lambda w, t: ["--data_dir", w["data"], "--stop_after_minutes", 0, *CLS_OUT(w, t)],
                             lambda w: "--stop_after_minutes must be positive"),
     "seed past torch's range": ("mae", lambda w, t: ["--data_dir", w["data"], *TINY_MAE, "--seed", 2 ** 64,
