@@ -474,12 +474,14 @@ def _find_and_load(data_dir, image_size):
             if os.path.isdir(os.path.join(data_dir, test_name)):
                 return _load_image_folders(data_dir, test_name, image_size)
         raise UserError(f"{data_dir} has train/ but neither test/ nor val/ beside it")
-    if kind is None and os.path.isdir(data_dir):  # before any download: the dataset's own folder was named,
-        # cifar-10-batches-py/ or an ImageFolder split (train/), which would download CIFAR-10 into it
-        parent = os.path.dirname(os.path.abspath(data_dir))
-        if os.path.basename(os.path.abspath(data_dir)) in DATASET_FOLDERS and _data_kind(parent) is not None:
-            raise UserError(f"--data_dir {data_dir} is a folder inside the dataset; pass the folder that holds it: "
-                            f"--data_dir {parent}")
+    if kind is None and os.path.isdir(data_dir):  # before any download: a folder inside the dataset was named,
+        # cifar-10-batches-py/, an ImageFolder split (train/) or one of its classes, which would download CIFAR-10
+        inner = above = os.path.abspath(data_dir)
+        for _ in range(2):
+            inner, above = above, os.path.dirname(above)
+            if os.path.basename(inner) in DATASET_FOLDERS and _data_kind(above) is not None:
+                raise UserError(f"--data_dir {data_dir} is a folder inside the dataset; pass the folder that holds "
+                                f"it: --data_dir {above}")
     if kind is None:  # before any download: the data may sit one folder down, as the JPEG archive unpacks
         # (hidden folders left out: another machine's download in progress on a shared disk is one)
         inside = sorted(e.path for e in os.scandir(data_dir) if e.is_dir() and not e.name.startswith(".")

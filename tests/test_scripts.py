@@ -1001,6 +1001,9 @@ BAD_INPUTS = {  # name: (script, argv from (world, tmp_path), what the error lin
                                        f"{os.path.abspath(w['data'])}"),
     "an image tree's split": ("cls", lambda w, t: ["--data_dir", w["broken_image"] / "train", *CLS_OUT(w, t)],
                               lambda w: f"pass the folder that holds it: --data_dir {w['broken_image']}"),
+    "a class folder of a split": ("mae", lambda w, t: ["--data_dir", w["broken_image"] / "test" / "cat", *TINY_MAE,
+                                                       *MAE_OUT(w, t)],
+                                  lambda w: f"pass the folder that holds it: --data_dir {w['broken_image']}"),
     "dataset still packed": ("mae", lambda w, t: ["--data_dir", w["packed"], *TINY_MAE, *MAE_OUT(w, t)],
                              lambda w: f"holds no dataset, only the archive cifar10-jpeg.tar.gz: unpack it (for a "
                                        f".tar.gz: tar -xzf {w['packed'] / 'cifar10-jpeg.tar.gz'} -C {w['packed']})"),
