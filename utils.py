@@ -683,12 +683,12 @@ def _decode_folder(root, image_size):
             images[i] = image
     labels = torch.tensor(folder.targets, dtype=torch.int64)
     classes = [readable_name(c) for c in folder.classes]
-    decoded = {"key": key, "images": images, "labels": labels, "classes": classes}
+    entry = {"key": key, "images": images, "labels": labels, "classes": classes}
     try:
-        save_atomic(decoded, caches[0])
+        save_atomic(entry, caches[0])
     except UserError as beside:  # a read-only dataset (shared on a cluster) or a full disk
         try:
-            save_atomic(decoded, caches[1])
+            save_atomic(entry, caches[1])
             print(f"note: {beside}; cached in {caches[1]} instead", file=sys.stderr)
         except UserError as e:  # the run goes on without the cache
             print(f"note: {beside}; {e}; the next run decodes the images again", file=sys.stderr)
