@@ -462,6 +462,8 @@ def default_log_dir(data_dir, model_path):
 
 # the folders inside a dataset that load_data reads: torchvision's CIFAR batches, an ImageFolder tree's splits
 DATASET_FOLDERS = ("cifar-10-batches-py", "cifar-100-python", "train", "test", "val")
+# archives a --data_dir may hold instead of a dataset (the CIFAR site's own are extracted, _download_cifar)
+ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip", ".tar.xz", ".tar.bz2", ".7z", ".rar")
 
 
 def _find_and_load(data_dir, image_size):
@@ -474,23 +476,22 @@ def _find_and_load(data_dir, image_size):
             if os.path.isdir(os.path.join(data_dir, test_name)):
                 return _load_image_folders(data_dir, test_name, image_size)
         raise UserError(f"{data_dir} has train/ but neither test/ nor val/ beside it")
-    if kind is None and os.path.isdir(data_dir):  # before any download: a folder inside the dataset was named,
-        # cifar-10-batches-py/, an ImageFolder split (train/) or one of its classes, which would download CIFAR-10
+    if kind is None and os.path.isdir(data_dir):  # before a download into it, a folder that is not the dataset's:
+        # one inside the dataset (cifar-10-batches-py/, an ImageFolder split such as train/, or one of its classes)
         inner = above = os.path.abspath(data_dir)
         for _ in range(2):
             inner, above = above, os.path.dirname(above)
             if os.path.basename(inner) in DATASET_FOLDERS and _data_kind(above) is not None:
                 raise UserError(f"--data_dir {data_dir} is a folder inside the dataset; pass the folder that holds "
                                 f"it: --data_dir {above}")
-    if kind is None:  # before any download: the data may sit one folder down, as the JPEG archive unpacks
-        # (hidden folders left out: another machine's download in progress on a shared disk is one)
+        # the folder above it, as the JPEG archive unpacks (hidden folders left out: another machine's download in
+        # progress on a shared disk is one)
         inside = sorted(e.path for e in os.scandir(data_dir) if e.is_dir() and not e.name.startswith(".")
-                        and _data_kind(e.path) is not None) if os.path.isdir(data_dir) else []
+                        and _data_kind(e.path) is not None)
         if inside:
             raise UserError(f"--data_dir {data_dir} holds no dataset itself, but {inside[0]} does: pass "
                             f"--data_dir {inside[0]}")
-        packed = sorted(name for name in os.listdir(data_dir) if name.lower().endswith(ARCHIVE_SUFFIXES)) \
-            if os.path.isdir(data_dir) else []
+        packed = sorted(name for name in os.listdir(data_dir) if name.lower().endswith(ARCHIVE_SUFFIXES))
         if packed:  # such as the JPEG copy of CIFAR-10, cifar10-jpeg.tar.gz: meant to be used, not downloaded over
             raise UserError(f"--data_dir {data_dir} holds no dataset, only the archive {packed[0]}: unpack it (for a "
                             f".tar.gz: tar -xzf {os.path.join(data_dir, packed[0])} -C {data_dir}) and pass the "
@@ -499,9 +500,6 @@ def _find_and_load(data_dir, image_size):
     if not os.path.isdir(os.path.join(data_dir, kind.base_folder)):
         _download_cifar(data_dir, kind)
     return _load_cifar_batches(data_dir, image_size, kind)
-
-
-ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip", ".tar.xz", ".tar.bz2", ".7z", ".rar")
 
 
 def _download_cifar(data_dir, dataset=None):
@@ -1942,7 +1940,7 @@ def check_export_path(args, run_outputs=()):
     export at the end would replace."""
     if args.export_timm is None:
         return
-    if os.path.abspath(args.export_timm) in map(os.path.abspath, run_outputs):
+    if os.path.realpath(args.export_timm) in map(os.path.realpath, run_outputs):  # links: as write_atomic
         raise UserError(f"--export_timm {args.export_timm} names this run's own checkpoint; give another file (the "
                         "export is written at the end)")
     check_new_file(args.export_timm, "--export_timm", args.overwrite)

@@ -746,6 +746,25 @@ def test_a_checkpoint_that_is_a_symbolic_link_is_written_through(tmp_path):
     assert torch.load(big / "ckpt.pth") == {"step": 2} and sorted(p.name for p in big.iterdir()) == ["ckpt.pth"]
 
 
+def test_an_export_linked_to_the_runs_own_checkpoint_is_refused(tmp_path):
+    """The export is written through a link (write_atomic), so a link to the run's checkpoint would replace it."""
+    own = tmp_path / "cls.pth"
+    (tmp_path / "export.pth").symlink_to(own)
+    args = argparse.Namespace(export_timm=str(tmp_path / "export.pth"), overwrite=True)
+    with pytest.raises(utils.UserError, match="names this run's own checkpoint"):
+        utils.check_export_path(args, run_outputs=[str(own)])
+    utils.check_export_path(argparse.Namespace(export_timm=str(tmp_path / "other.pth"), overwrite=False),
+                            run_outputs=[str(own)])
+
+
+def test_class_names_saved_raw_by_older_checkpoints_match_their_readable_form():
+    """Before readable_name, a class folder whose name is not UTF-8 was saved with Python's lone surrogates."""
+    data = argparse.Namespace(classes=["avi\\xf3n", "bird"])
+    train_classifier.check_classes({"classes": ["avi\udcf3n", "bird"]}, data, "c.pth")  # the same folder
+    with pytest.raises(utils.UserError, match="was trained on the classes"):
+        train_classifier.check_classes({"classes": ["avion", "bird"]}, data, "c.pth")
+
+
 def test_a_log_torn_by_a_crash_resumes_and_a_full_disk_is_one_error(tmp_path, monkeypatch):
     rt, args = utils.Runtime(torch.device("cpu")), argparse.Namespace(seed=0)
     log = utils.MetricsLog(str(tmp_path), rt, args)
