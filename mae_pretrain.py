@@ -213,10 +213,7 @@ def main(args):
     rt = utils.setup_runtime(args)  # seeds every RNG, so the model's initial weights repeat
     model = build_model(config)  # a bad configuration fails here, before the data is read
     if rt.is_main:
-        utils.check_fresh_output(args.model_path, args, "--model_path")
-        utils.check_writable(args.model_path, "--model_path")
-        utils.check_writable(args.log_dir, "--log_dir", is_dir=True)
-        utils.check_fresh_log_dir(args.log_dir, args, restarting)
+        utils.claim_outputs(args, args.model_path, "--model_path", restarting)
     local_batch, micro_batch = utils.split_batch(args, rt)
     data = utils.load_data(args.data_dir, args.image_size, rt)
     data_record = utils.data_info(args.data_dir, data) if rt.is_main else None

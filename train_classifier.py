@@ -337,11 +337,7 @@ def main(args):
     last_path = utils.last_checkpoint_path(args.output_model_path)
     rt = utils.setup_runtime(args)
     if rt.is_main:
-        for path in (args.output_model_path, last_path):
-            utils.check_fresh_output(path, args, "--output_model_path")
-        utils.check_writable(args.output_model_path, "--output_model_path")
-        utils.check_writable(args.log_dir, "--log_dir", is_dir=True)
-        utils.check_fresh_log_dir(args.log_dir, args, restarting)
+        utils.claim_outputs(args, args.output_model_path, "--output_model_path", restarting, beside=[last_path])
         utils.check_export_path(args, run_outputs=(args.output_model_path, last_path))
     local_batch, micro_batch = utils.split_batch(args, rt, even=bool(args.mixup or args.cutmix))
     if (args.mixup or args.cutmix) and micro_batch % 2:

@@ -13,6 +13,7 @@ import platform
 import random
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -28,6 +29,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
+
+try:
+    import fcntl  # output locks (lock_output); Windows has no flock, and goes without them
+except ImportError:
+    fcntl = None
 
 CHECKPOINT_FORMAT = "cifar-mae/1"
 
@@ -108,7 +114,8 @@ class ClosedPipeGuard:
 
 def cli_main(main):
     """Wrap a script's main(args): a UserError or NonFiniteLoss ends with one line on stderr and an exit code;
-    a closed pipe on stdout or stderr does not end it (ClosedPipeGuard)."""
+    a closed pipe on stdout or stderr does not end it (ClosedPipeGuard); the output locks it took are released
+    when it returns (lock_output)."""
 
     @functools.wraps(main)
     def wrapper(args):
@@ -131,6 +138,7 @@ def cli_main(main):
             print("\ninterrupted; nothing was saved since the last checkpoint", file=sys.stderr)
             sys.exit(130)
         finally:
+            release_output_locks()
             if dist.is_available() and dist.is_initialized():
                 dist.destroy_process_group()
             for guard in (sys.stdout, sys.stderr):
@@ -1950,6 +1958,84 @@ def last_checkpoint_path(path):
     """Where the full training state lives beside a classifier's best-weights file: name-last.pth."""
     root, ext = os.path.splitext(path)
     return f"{root}-last{ext or '.pth'}"
+
+
+_held_locks = []  # (file descriptor, lock file, folders made for it) of lock_output, released by cli_main
+LOCKED_ERRNOS = (errno.EAGAIN, errno.EWOULDBLOCK)  # flock's "held by another"; ENOLCK and the like: no locks
+
+
+def lock_output(path, flag, is_dir=False):
+    """Hold an exclusive lock on an output (a checkpoint, or a log dir with is_dir) until the command ends, so
+    that a second run given the same one stops with one line instead of both writing it: a sweep started with
+    `&` under one default name, a job started twice, a resume of a run that is still going.
+
+    The lock is flock on a hidden file beside the checkpoint (.NAME.lock) or in the log dir (.lock), so it also
+    holds between machines on a shared file system that has locks. The kernel drops it with the process: a
+    run killed with -9 leaves a lock file that the next run takes over. A file system without locks, and
+    Windows, go unchecked. Folders made for the lock file are removed again if they are empty at the end.
+    """
+    if fcntl is None:
+        return
+    target = os.path.realpath(path)  # a symbolic link: the file written (write_atomic)
+    folder = target if is_dir else os.path.dirname(target)
+    lock_path = os.path.join(folder, ".lock" if is_dir else f".{os.path.basename(target)}.lock")
+    made, missing = [], folder  # check_writable has found the nearest existing folder writable
+    while not os.path.isdir(missing):
+        made.append(missing)
+        missing = os.path.dirname(missing)
+    os.makedirs(folder, exist_ok=True)
+    while True:
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+        except PermissionError:  # another user's lock file in a shared folder: flock needs no write access
+            fd = os.open(lock_path, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            holder = os.read(fd, 1000).decode(errors="replace").strip() if e.errno in LOCKED_ERRNOS else None
+            os.close(fd)
+            if holder is None:  # no locks on this file system: go on unchecked
+                _held_locks.append((None, None, made))
+                return
+            raise UserError(f"{flag} {path} is being written by another run ({holder or 'starting'}); wait for it "
+                            f"to end, stop it, or give this run another {flag}") from None
+        try:  # the previous holder may have removed the file between open and flock: lock the one at the path
+            if os.path.samestat(os.fstat(fd), os.stat(lock_path)):
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    _held_locks.append((fd, lock_path, made))
+    with contextlib.suppress(OSError):  # who holds it, for the message of a run that finds it taken
+        os.ftruncate(fd, 0)
+        os.write(fd, f"process {os.getpid()} on {socket.gethostname()}, started "
+                     f"{datetime.now().astimezone().strftime('%Y-%m-%d %H:%M')}\n".encode())
+
+
+def release_output_locks():
+    """Release lock_output's locks, remove their files and the folders made for them that stayed empty."""
+    while _held_locks:
+        fd, lock_path, made = _held_locks.pop()
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(lock_path)  # before the lock goes, so a run that opened it retries (samestat)
+            os.close(fd)
+        for folder in made:  # deepest first
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)
+
+
+def claim_outputs(args, path, flag, restarting, beside=()):
+    """On the main process, before anything is written: the checkpoint `path` (with the files `beside` it, which
+    the run also writes) and args.log_dir can be written, no other running run writes them (locked until the
+    command ends), and a new run does not replace another run's (check_fresh_output, check_fresh_log_dir)."""
+    check_writable(path, flag)
+    check_writable(args.log_dir, "--log_dir", is_dir=True)
+    lock_output(path, flag)
+    lock_output(args.log_dir, "--log_dir", is_dir=True)
+    for output in (path, *beside):
+        check_fresh_output(output, args, flag)
+    check_fresh_log_dir(args.log_dir, args, restarting)
 
 
 def check_fresh_output(path, args, flag):

@@ -240,6 +240,47 @@ def test_default_log_dirs_keep_runs_apart_and_a_new_run_needs_overwrite_to_repla
     assert json.loads((logs / "ft" / "runs.jsonl").read_text())["args"]["seed"] == 7
 
 
+
+@pytest.mark.skipif(sys.platform == "win32", reason="no flock on Windows")
+def test_a_running_run_keeps_a_second_run_off_its_checkpoint_and_logs(tmp_path, cifar_dir, monkeypatch, capsys):
+    """Two runs started at once under one name (a sweep started with `&`): the second stops in one line and
+    writes nothing; a lock left by a killed run, or by none, stops nobody."""
+    monkeypatch.chdir(tmp_path)
+    go = lambda *argv: run_here(capsys, "train_classifier.py", "--data_dir", cifar_dir, *TINY_MODEL, "--batch_size",
+                                16, "--total_epoch", 1, "--warmup_epoch", 1, *argv)
+    # another process holds the run's locks, as a run that has not yet written a checkpoint or a log line does
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, utils; utils.lock_output('cls.pth', '-'); "
+                               "utils.lock_output('logs/cls', '-', is_dir=True); print('held', flush=True); "
+                               "sys.stdin.read()"], cwd=tmp_path, stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": ROOT})
+    try:
+        assert holder.stdout.readline() == "held\n"
+        assert sorted(os.listdir(tmp_path / "logs" / "cls")) == [".lock"]
+        result = go("--output_model_path", "cls.pth", "--log_dir", "elsewhere")
+        assert_clean_error(result, 2, "--output_model_path cls.pth is being written by another run",
+                           f"process {holder.pid} on ")
+        assert sorted(os.listdir(tmp_path)) == [".cls.pth.lock", "data", "logs"]  # nothing written, no folder made
+        for flags in ([], ["--overwrite"]):
+            result = go("--output_model_path", "other.pth", "--log_dir", "logs/cls", *flags)
+            assert_clean_error(result, 2, "--log_dir logs/cls is being written by another run")
+        assert sorted(os.listdir(tmp_path)) == [".cls.pth.lock", "data", "logs"]
+        # killed with -9: the kernel drops its locks, and the files it leaves are taken over
+        holder.kill()
+        holder.wait()
+    finally:
+        holder.kill()
+        holder.stdin.close()
+        holder.stdout.close()
+    assert (tmp_path / ".cls.pth.lock").exists()
+    assert go("--output_model_path", "cls.pth", "--log_dir", "logs/cls").returncode == 0
+    assert sorted(os.listdir(tmp_path)) == ["cls-last.pth", "cls.pth", "data", "logs"]  # lock files removed at the end
+    assert ".lock" not in os.listdir(tmp_path / "logs" / "cls")
+    # a run that fails before writing leaves no lock file, nor the folders made for one
+    result = go("--output_model_path", "new/deeper/cls.pth", "--log_dir", "logs/new/run", "--data_dir", "missing")
+    assert result.returncode == 2
+    assert sorted(os.listdir(tmp_path)) == ["cls-last.pth", "cls.pth", "data", "logs"]
+    assert sorted(os.listdir(tmp_path / "logs")) == ["cls"]
+
 def test_val_size_picks_the_best_epoch_on_held_out_training_images(tmp_path, cifar_dir):
     import train_classifier
     import utils
@@ -1188,7 +1229,8 @@ def one_and_two_processes(tmp_path, script, flags, out_flag):
     """The same run in one process and under torchrun in two: outputs one.pth / two.pth, logs-one / logs-two."""
     one = run(script, *flags, out_flag, tmp_path / "one.pth", "--log_dir", tmp_path / "logs-one")
     assert one.returncode == 0, one.stderr
-    env = {**os.environ, **OFFLINE, "OMP_NUM_THREADS": "1"}
+    os.makedirs(tmp_path / "tmp")  # torchrun leaves a torchelastic_* folder of worker logs in the temp folder
+    env = {**os.environ, **OFFLINE, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path / "tmp")}
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                           os.path.join(ROOT, script), *map(str, flags),
                           out_flag, str(tmp_path / "two.pth"), "--log_dir", str(tmp_path / "logs-two")],
