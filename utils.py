@@ -615,11 +615,27 @@ def _first_unreadable_pickle(folder, names):
 
 
 def _load_image_folders(data_dir, test_name, image_size):
-    train = _decode_folder(os.path.join(data_dir, "train"), image_size)
-    test = _decode_folder(os.path.join(data_dir, test_name), image_size)
-    if train[2] != test[2]:
-        raise UserError(f"the class folders of {data_dir}/train and {data_dir}/{test_name} differ")
+    train_root, test_root = os.path.join(data_dir, "train"), os.path.join(data_dir, test_name)
+    train_classes, test_classes = _class_folders(train_root), _class_folders(test_root)
+    if train_classes and test_classes and train_classes != test_classes:  # before decoding anything
+        def only(a, b):  # up to 3 names of a that b lacks
+            names = sorted(set(a) - set(b))
+            return ", ".join(map(readable_name, names[:3])) + (", ..." if len(names) > 3 else "") or "-"
+        raise UserError(f"the class folders of {train_root} ({len(train_classes)}) and {test_root} "
+                        f"({len(test_classes)}) differ: only in {test_name}/: {only(test_classes, train_classes)}; "
+                        f"only in train/: {only(train_classes, test_classes)} (both need one folder of images "
+                        "per class, with the same names; a split laid out otherwise, such as Tiny-ImageNet's "
+                        "val/images/ with val_annotations.txt, needs sorting into class folders first)")
+    train = _decode_folder(train_root, image_size)
+    test = _decode_folder(test_root, image_size)
     return ImageData(train[0], train[1], test[0], test[1], classes=train[2])
+
+
+def _class_folders(directory):
+    """An ImageFolder split's classes: its folders, sorted, hidden ones left out; none if it is no folder."""
+    if not os.path.isdir(directory):
+        return []
+    return sorted(e.name for e in os.scandir(directory) if e.is_dir() and not e.name.startswith("."))
 
 
 def load_rgb(path):
@@ -653,15 +669,12 @@ def _decode_folder(root, image_size):
     folders are left out (_visible_image)."""
     from torchvision.datasets import ImageFolder
 
-    def class_folders(directory):
-        return sorted(e.name for e in os.scandir(directory) if e.is_dir() and not e.name.startswith("."))
-
     class VisibleImageFolder(ImageFolder):
         def find_classes(self, directory):
-            names = class_folders(directory)
+            names = _class_folders(directory)
             return names, {name: i for i, name in enumerate(names)}
 
-    classes = class_folders(root) if os.path.isdir(root) else []
+    classes = _class_folders(root)
     if not classes:
         raise UserError(f"{root} holds no class folders (an ImageFolder tree has one folder of images per class)")
     for name in classes:

@@ -838,6 +838,23 @@ def test_hidden_files_and_folders_of_an_image_tree_are_left_out(tmp_path):
         assert torch.equal(getattr(data, name), getattr(clean, name)), name
 
 
+def test_a_test_split_without_the_train_class_folders_is_named_before_any_decoding(tmp_path):
+    """Tiny-ImageNet's val/ is val/images/*.JPEG plus a list of labels: one class folder, 'images'. The
+    mismatch was found only after both splits had been decoded (minutes for 100,000 images), and not named."""
+    root = write_image_folder(str(tmp_path / "tiny"), train=30, test=10, test_name="val")
+    os.makedirs(os.path.join(root, "val", "images"))
+    for folder in os.listdir(os.path.join(root, "val")):
+        if folder != "images":
+            for name in os.listdir(os.path.join(root, "val", folder)):
+                os.replace(os.path.join(root, "val", folder, name), os.path.join(root, "val", "images", folder + name))
+            os.rmdir(os.path.join(root, "val", folder))
+    train_classes = sorted(os.listdir(os.path.join(root, "train")))
+    with pytest.raises(utils.UserError) as e:
+        utils.load_data(root, 8)
+    assert f"({len(train_classes)}) and {os.path.join(root, 'val')} (1) differ: only in val/: images; only in " \
+           f"train/: {', '.join(train_classes[:3])}, ..." in str(e.value)
+    assert sorted(os.listdir(root)) == ["train", "val"]  # nothing decoded: no .cache/
+
 def test_a_cache_that_cannot_go_beside_the_images_goes_to_the_users_cache_folder(tmp_path, capsys, monkeypatch):
     """A read-only dataset (shared on a cluster) was decoded again by every run."""
     from conftest import write_image_folder
