@@ -432,7 +432,7 @@ def load_data(data_dir, image_size, rt=None):
     if not first:
         dist.barrier()
     try:
-        data = _find_and_load(data_dir, image_size)
+        data = _find_and_load(data_dir, image_size, quiet=rt is not None and not rt.is_main)
     finally:
         if first and rt is not None and rt.distributed:
             dist.barrier()
@@ -443,7 +443,10 @@ def _data_kind(data_dir):
     """What load_data finds in data_dir: torchvision's CIFAR10 or CIFAR100 class (its folder, or the archive the
     CIFAR site serves), "folders", or None (download)."""
     from torchvision.datasets import CIFAR10, CIFAR100
-    for dataset in (CIFAR10, CIFAR100):  # cifar-10-batches-py/, cifar-100-python/
+    for dataset in (CIFAR10, CIFAR100):  # cifar-10-batches-py/ or cifar-100-python/ itself, or the folder above
+        if os.path.basename(os.path.abspath(data_dir)) == dataset.base_folder and os.path.isdir(data_dir):
+            return dataset
+    for dataset in (CIFAR10, CIFAR100):
         if os.path.isdir(os.path.join(data_dir, dataset.base_folder)):
             return dataset
     if os.path.isdir(os.path.join(data_dir, "train")):
@@ -468,14 +471,14 @@ def default_log_dir(data_dir, model_path):
     return os.path.join("logs", dataset_name(data_dir), os.path.splitext(os.path.basename(model_path))[0])
 
 
-# the folders inside a dataset that load_data reads: torchvision's CIFAR batches, an ImageFolder tree's splits
-DATASET_FOLDERS = ("cifar-10-batches-py", "cifar-100-python", "train", "test", "val")
+# the folders inside an ImageFolder tree that load_data reads (torchvision's CIFAR folders may be passed themselves)
+DATASET_FOLDERS = ("train", "test", "val")
 # archives a --data_dir may hold instead of a dataset (the CIFAR site's own are extracted, _download_cifar)
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip", ".tar.xz", ".tar.bz2", ".7z", ".rar")
 
 
-def _find_and_load(data_dir, image_size):
-    from torchvision.datasets import CIFAR10
+def _find_and_load(data_dir, image_size, quiet=False):
+    from torchvision.datasets import CIFAR10, CIFAR100
     if os.path.exists(data_dir) and not os.path.isdir(data_dir):  # such as the archive itself
         raise UserError(f"--data_dir {data_dir} is a file, not a folder: pass the folder that holds the data")
     kind = _data_kind(data_dir)
@@ -485,7 +488,7 @@ def _find_and_load(data_dir, image_size):
                 return _load_image_folders(data_dir, test_name, image_size)
         raise UserError(f"{data_dir} has train/ but neither test/ nor val/ beside it")
     if kind is None and os.path.isdir(data_dir):  # before a download into it, a folder that is not the dataset's:
-        # one inside the dataset (cifar-10-batches-py/, an ImageFolder split such as train/, or one of its classes)
+        # one inside the dataset (an ImageFolder split such as train/, or one of its classes)
         inner = above = os.path.abspath(data_dir)
         for _ in range(2):
             inner, above = above, os.path.dirname(above)
@@ -505,8 +508,14 @@ def _find_and_load(data_dir, image_size):
                             f".tar.gz: tar -xzf {os.path.join(data_dir, packed[0])} -C {data_dir}) and pass the "
                             "folder that holds train/ and test/ (or cifar-10-batches-py/)")
     kind = kind or CIFAR10
+    if os.path.basename(os.path.abspath(data_dir)) == kind.base_folder:  # the batches' own folder
+        return _load_cifar_batches(os.path.dirname(os.path.abspath(data_dir)), image_size, kind)
     if not os.path.isdir(os.path.join(data_dir, kind.base_folder)):
         _download_cifar(data_dir, kind)
+    elif kind is CIFAR10 and os.path.isdir(os.path.join(data_dir, CIFAR100.base_folder)) and not quiet:
+        # torchvision downloads both into one root: CIFAR-10 is the default, CIFAR-100 is one flag away
+        print(f"note: {data_dir} holds CIFAR-10 and CIFAR-100; this is CIFAR-10 (for CIFAR-100 pass --data_dir "
+              f"{os.path.join(data_dir, CIFAR100.base_folder)})", file=sys.stderr)
     return _load_cifar_batches(data_dir, image_size, kind)
 
 

@@ -1036,10 +1036,6 @@ BAD_INPUTS = {  # name: (script, argv from (world, tmp_path), what the error lin
     "dataset one folder down": ("mae", lambda w, t: ["--data_dir", w["nested"], *TINY_MAE, *MAE_OUT(w, t)],
                                 lambda w: f"holds no dataset itself, but {w['nested'] / 'cifar10'} does: pass "
                                           f"--data_dir {w['nested'] / 'cifar10'}"),
-    "dataset's own folder": ("mae", lambda w, t: ["--data_dir", os.path.join(w["data"], "cifar-10-batches-py"),
-                                                  *TINY_MAE, *MAE_OUT(w, t)],
-                             lambda w: f"is a folder inside the dataset; pass the folder that holds it: --data_dir "
-                                       f"{os.path.abspath(w['data'])}"),
     "an image tree's split": ("cls", lambda w, t: ["--data_dir", w["broken_image"] / "train", *CLS_OUT(w, t)],
                               lambda w: f"pass the folder that holds it: --data_dir {w['broken_image']}"),
     "a class folder of a split": ("mae", lambda w, t: ["--data_dir", w["broken_image"] / "test" / "cat", *TINY_MAE,

@@ -649,6 +649,27 @@ def test_download_moves_into_place_once_and_leaves_nothing_on_failure(tmp_path, 
     assert os.listdir(data) == ["cifar-10-batches-py"]
 
 
+def test_cifar10_and_cifar100_in_one_folder_are_told_apart_by_naming_the_dataset_folder(tmp_path, capsys):
+    """torchvision's CIFAR10 and CIFAR100 downloads share one root; the root gave CIFAR-10 with no word of the
+    other, and its cifar-100-python/ was refused as a folder inside the dataset, naming the root: no way to
+    CIFAR-100 but moving folders."""
+    root = write_cifar100(write_cifar_batches(str(tmp_path / "data")))
+    cifar10, cifar100 = os.path.join(root, "cifar-10-batches-py"), os.path.join(root, "cifar-100-python")
+    both = utils.load_data(root, 8)
+    assert len(both.classes) == 10 and utils.dataset_name(root) == "cifar10"
+    assert capsys.readouterr().err.strip() == (f"note: {root} holds CIFAR-10 and CIFAR-100; this is CIFAR-10 (for "
+                                               f"CIFAR-100 pass --data_dir {cifar100})")
+    ten, hundred = utils.load_data(cifar10, 8), utils.load_data(cifar100 + os.sep, 8)
+    assert capsys.readouterr().err == ""
+    for name in ("train_images", "train_labels", "test_images", "test_labels"):
+        assert torch.equal(getattr(ten, name), getattr(both, name)), name
+    assert ten.classes == both.classes
+    assert len(hundred.classes) == 100 and hundred.train_images.shape == (200, 3, 8, 8)
+    assert utils.dataset_name(cifar100) == "cifar100"
+    assert utils.default_log_dir(cifar100, "vit-t-mae.pth") == os.path.join("logs", "cifar100", "vit-t-mae")
+    assert sorted(os.listdir(root)) == ["cifar-10-batches-py", "cifar-100-python"]  # nothing downloaded
+
+
 def test_another_machines_download_in_progress_is_not_taken_for_a_dataset_one_folder_down(tmp_path, monkeypatch):
     busy = tmp_path / "data"  # a shared disk: another machine's download, not yet renamed into place
     write_cifar_batches(str(busy / ".cifar-download-x"))
