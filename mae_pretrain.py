@@ -248,6 +248,7 @@ def main(args):
               f"peak lr {peak_lr:.2e}, {rt.describe()}, loader {args.loader}")
         if start_epoch >= args.total_epoch:
             print(f"{args.resume} has finished all {args.total_epoch} epochs: nothing to train")
+        utils.note_idle_gpus(args, rt, "mae_pretrain.py")
 
     clock = utils.EpochClock(rt.started)
     with utils.StopRequest() as stop:

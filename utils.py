@@ -319,6 +319,17 @@ def setup_runtime(args):
                    local_rank, started)
 
 
+def note_idle_gpus(args, rt, script):
+    """A one-process run on a machine with more GPUs than it uses: print a note naming the torchrun command that
+    uses them all. Not when --device names one (cuda:1: a GPU picked on purpose, say one run per GPU)."""
+    picked = args.device is not None and torch.device(args.device).index is not None
+    count = torch.cuda.device_count() if rt.device.type == "cuda" and not rt.distributed and not picked else 0
+    if count > 1:
+        print(f"note: torch sees {count} CUDA devices and this run uses one ({rt.device}); torchrun "
+              f"--nproc_per_node={count} {script} with the same flags trains on all {count}, with the same "
+              "--batch_size split between them (CUDA_VISIBLE_DEVICES picks which)")
+
+
 def cuda_defaults():
     """--amp and --compile defaults for the current CUDA device: bf16 where the GPU computes it natively
     (compute capability 8.0 on: A100, RTX 30xx, H100), else fp16 with a GradScaler (V100, T4, RTX 20xx such as

@@ -1043,6 +1043,22 @@ def test_mae_encoder_export_gives_timm_the_same_features(pos_embed):
     torch.testing.assert_close(backbone(x), ours[:, 0], rtol=1e-4, atol=1e-5)  # the pooled cls feature
 
 
+def test_a_one_process_run_on_a_machine_with_several_gpus_names_the_torchrun_command(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    note = lambda device, rt: utils.note_idle_gpus(argparse.Namespace(device=device), rt, "mae_pretrain.py") or \
+        capsys.readouterr().out
+    one = utils.Runtime(torch.device("cuda", 0))
+    assert note(None, one) == note("cuda", one) == (
+        "note: torch sees 4 CUDA devices and this run uses one (cuda:0); torchrun --nproc_per_node=4 "
+        "mae_pretrain.py with the same flags trains on all 4, with the same --batch_size split between them "
+        "(CUDA_VISIBLE_DEVICES picks which)\n")
+    assert note("cuda:1", utils.Runtime(torch.device("cuda", 1))) == ""  # picked on purpose
+    assert note(None, utils.Runtime(torch.device("cuda", 0), world_size=4)) == ""  # under torchrun
+    assert note("cpu", utils.Runtime(torch.device("cpu"))) == ""
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert note(None, one) == ""
+
+
 def test_a_cuda_device_index_past_the_visible_ones_is_a_clear_error(monkeypatch):
     """Checked before torch.cuda.set_device, whose 'invalid device ordinal' would be a traceback. Likewise
     --compile on a GPU that Triton does not support."""
