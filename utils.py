@@ -1993,7 +1993,7 @@ def last_checkpoint_path(path):
     return f"{root}-last{ext or '.pth'}"
 
 
-_held_locks = []  # (file descriptor, lock file, folders made for it) of lock_output, released by cli_main
+_held_locks = []  # [file descriptor, lock file, folders made for it] of lock_output, released by cli_main
 LOCKED_ERRNOS = (errno.EAGAIN, errno.EWOULDBLOCK)  # flock's "held by another"; ENOLCK and the like: no locks
 
 
@@ -2016,7 +2016,28 @@ def lock_output(path, flag, is_dir=False):
     while not os.path.isdir(missing):
         made.append(missing)
         missing = os.path.dirname(missing)
-    os.makedirs(folder, exist_ok=True)
+    held = [None, None, made]
+    _held_locks.append(held)  # released at the end whatever happens below, so the folders made go again
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, holder = _flock(lock_path)
+    except OSError as e:  # a full disk
+        raise UserError(f"{flag} {path}: cannot write there ({e.strerror or e})", code=1) from None
+    if holder is not None:
+        raise UserError(f"{flag} {path} is being written by another run ({holder or 'starting'}); wait for it to "
+                        f"end, stop it, or give this run another {flag}")
+    if fd is None:  # no locks on this file system: go on unchecked
+        return
+    held[:2] = fd, lock_path
+    with contextlib.suppress(OSError):  # who holds it, for the message of a run that finds it taken
+        os.ftruncate(fd, 0)
+        os.write(fd, f"process {os.getpid()} on {socket.gethostname()}, started "
+                     f"{datetime.now().astimezone().strftime('%Y-%m-%d %H:%M')}\n".encode())
+
+
+def _flock(lock_path):
+    """Open lock_path (made if missing) and take flock on it without waiting -> (fd, None) when taken; (None,
+    what the file says of its holder) when another process holds it; (None, None) without locks."""
     while True:
         try:
             fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
@@ -2027,22 +2048,13 @@ def lock_output(path, flag, is_dir=False):
         except OSError as e:
             holder = os.read(fd, 1000).decode(errors="replace").strip() if e.errno in LOCKED_ERRNOS else None
             os.close(fd)
-            if holder is None:  # no locks on this file system: go on unchecked
-                _held_locks.append((None, None, made))
-                return
-            raise UserError(f"{flag} {path} is being written by another run ({holder or 'starting'}); wait for it "
-                            f"to end, stop it, or give this run another {flag}") from None
+            return None, holder
         try:  # the previous holder may have removed the file between open and flock: lock the one at the path
             if os.path.samestat(os.fstat(fd), os.stat(lock_path)):
-                break
+                return fd, None
         except FileNotFoundError:
             pass
         os.close(fd)
-    _held_locks.append((fd, lock_path, made))
-    with contextlib.suppress(OSError):  # who holds it, for the message of a run that finds it taken
-        os.ftruncate(fd, 0)
-        os.write(fd, f"process {os.getpid()} on {socket.gethostname()}, started "
-                     f"{datetime.now().astimezone().strftime('%Y-%m-%d %H:%M')}\n".encode())
 
 
 def release_output_locks():

@@ -1,5 +1,6 @@
 """Training machinery: accumulation, schedule, optimizer groups, EMA, mixup, augmentation, loaders, checkpoints."""
 import argparse
+import errno
 import math
 import os
 import random
@@ -1181,3 +1182,28 @@ def test_data_fingerprint_follows_the_pixels_labels_and_class_names():
               make(images, torch.arange(6) % 2, ["b", "a"])]
     assert len({base["fingerprint"]} | {utils.data_info("d", data)["fingerprint"] for data in others}) == 4
     assert (base["train_images"], base["test_images"], base["classes"]) == (6, 2, 2)
+
+
+@pytest.mark.skipif(utils.fcntl is None, reason="no flock on Windows")
+def test_an_output_lock_that_cannot_be_made_is_one_line_and_leaves_no_folder(tmp_path, monkeypatch):
+    """A full disk when the lock file is made: exit code 1 with the reason, and the folders made for it go."""
+    real_open = os.open
+
+    def full_disk(path, flags, *mode):
+        if str(path).endswith(".lock"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+        return real_open(path, flags, *mode)
+
+    monkeypatch.setattr(os, "open", full_disk)
+    with pytest.raises(utils.UserError) as e:
+        utils.lock_output(str(tmp_path / "new" / "deeper" / "m.pth"), "--model_path")
+    assert e.value.code == 1 and str(e.value) == (f"--model_path {tmp_path / 'new' / 'deeper' / 'm.pth'}: cannot "
+                                                  "write there (No space left on device)")
+    assert (tmp_path / "new" / "deeper").is_dir()  # until the command ends
+    utils.release_output_locks()
+    assert os.listdir(tmp_path) == []
+    monkeypatch.setattr(os, "open", real_open)
+    utils.lock_output(str(tmp_path / "logs"), "--log_dir", is_dir=True)  # and a lock that works, for contrast
+    assert os.listdir(tmp_path / "logs") == [".lock"]
+    utils.release_output_locks()
+    assert os.listdir(tmp_path) == []
