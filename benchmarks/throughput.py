@@ -213,7 +213,8 @@ def profile_steps(trainer, batches, rt, steps, first_step, trace_path=None):
         utils.synchronize(rt.device)
     if trace_path:
         os.makedirs(os.path.dirname(trace_path), exist_ok=True)
-        prof.export_chrome_trace(trace_path)
+        prof.export_chrome_trace(trace_path + ".part")  # a run stopped while writing leaves no torn trace
+        os.replace(trace_path + ".part", trace_path)
     return profile_summary(prof, steps, rt.device.type)
 
 

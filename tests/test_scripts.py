@@ -1354,6 +1354,7 @@ def test_throughput_benchmark_profiles_where_the_time_goes(tmp_path):
     assert "aten::mm" in names and len(names) == len(set(names))
     with open(tmp_path / "traces" / "pretrain-fast.json") as f:
         assert json.load(f)["traceEvents"]
+    assert os.listdir(tmp_path / "traces") == ["pretrain-fast.json"]  # written under another name, then renamed
     bad = run("benchmarks/throughput.py", "--preset", "tiny", "--cases", "pretrain,segmentation")
     assert_clean_error(bad, 2, "--cases takes a comma-separated subset")
 
