@@ -694,14 +694,13 @@ def _decode_folder(root, image_size):
             names = _class_folders(directory)
             return names, {name: i for i, name in enumerate(names)}
 
-    classes = _class_folders(root)
-    if not classes:
+    if not _class_folders(root):
         raise UserError(f"{root} holds no class folders (an ImageFolder tree has one folder of images per class)")
-    for name in classes:
-        if not any(_visible_image(os.path.join(folder, f), root) for folder, _, files in
-                   os.walk(os.path.join(root, name)) for f in files):
-            raise UserError(f"{root}: class folder {name!r} holds no images")
-    folder = VisibleImageFolder(root, loader=load_rgb, is_valid_file=lambda path: _visible_image(path, root))
+    folder = VisibleImageFolder(root, loader=load_rgb, is_valid_file=lambda path: _visible_image(path, root),
+                                allow_empty=True)  # an empty class is named below, as torchvision does not
+    counts = torch.bincount(torch.tensor(folder.targets, dtype=torch.int64), minlength=len(folder.classes))
+    if (counts == 0).any():
+        raise UserError(f"{root}: class folder {folder.classes[int((counts == 0).nonzero()[0])]!r} holds no images")
     # the cache is keyed by the file list and sizes, so an edited tree is decoded again
     listing = [(os.path.relpath(p, root), os.path.getsize(p)) for p, _ in folder.samples]
     key = f"{image_size}:{hash_json(listing)}"
