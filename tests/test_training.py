@@ -607,7 +607,7 @@ def test_fast_and_plain_paths_train_the_same_model():
 def test_each_machine_decodes_once_before_its_other_processes_read(monkeypatch):
     events = []
     monkeypatch.setattr(utils.dist, "barrier", lambda: events.append("barrier"))
-    monkeypatch.setattr(utils, "_find_and_load", lambda *a: events.append("load"))
+    monkeypatch.setattr(utils, "_find_and_load", lambda *a, **k: events.append("load"))
     # two machines with two processes each: the first of each machine loads, then waits for the others
     for rank, local_rank, expected in ((0, 0, ["load", "barrier"]), (1, 1, ["barrier", "load"]),
                                        (2, 0, ["load", "barrier"]), (3, 1, ["barrier", "load"])):
