@@ -454,10 +454,10 @@ def _data_kind(data_dir):
     """What load_data finds in data_dir: torchvision's CIFAR10 or CIFAR100 class (its folder, or the archive the
     CIFAR site serves), "folders", or None (download)."""
     from torchvision.datasets import CIFAR10, CIFAR100
-    for dataset in (CIFAR10, CIFAR100):  # cifar-10-batches-py/ or cifar-100-python/ itself, or the folder above
-        if os.path.basename(os.path.abspath(data_dir)) == dataset.base_folder and os.path.isdir(data_dir):
-            return dataset
-    for dataset in (CIFAR10, CIFAR100):
+    own = _own_cifar_folder(data_dir)
+    if own is not None:
+        return own
+    for dataset in (CIFAR10, CIFAR100):  # cifar-10-batches-py/, cifar-100-python/
         if os.path.isdir(os.path.join(data_dir, dataset.base_folder)):
             return dataset
     if os.path.isdir(os.path.join(data_dir, "train")):
@@ -466,6 +466,14 @@ def _data_kind(data_dir):
         if os.path.isfile(os.path.join(data_dir, dataset.filename)):
             return dataset
     return None
+
+
+def _own_cifar_folder(data_dir):
+    """torchvision's CIFAR10 or CIFAR100 class when data_dir is its batches' own folder (cifar-10-batches-py/ or
+    cifar-100-python/, which a root shared by both downloads holds side by side), else None."""
+    from torchvision.datasets import CIFAR10, CIFAR100
+    name = os.path.basename(os.path.abspath(data_dir))
+    return next((d for d in (CIFAR10, CIFAR100) if d.base_folder == name and os.path.isdir(data_dir)), None)
 
 
 def dataset_name(data_dir):
@@ -519,7 +527,7 @@ def _find_and_load(data_dir, image_size, quiet=False):
                             f".tar.gz: tar -xzf {os.path.join(data_dir, packed[0])} -C {data_dir}) and pass the "
                             "folder that holds train/ and test/ (or cifar-10-batches-py/)")
     kind = kind or CIFAR10
-    if os.path.basename(os.path.abspath(data_dir)) == kind.base_folder:  # the batches' own folder
+    if _own_cifar_folder(data_dir):
         return _load_cifar_batches(os.path.dirname(os.path.abspath(data_dir)), image_size, kind)
     if not os.path.isdir(os.path.join(data_dir, kind.base_folder)):
         _download_cifar(data_dir, kind)
@@ -694,7 +702,7 @@ def _decode_folder(root, image_size):
             names = _class_folders(directory)
             return names, {name: i for i, name in enumerate(names)}
 
-    if not _class_folders(root):
+    if not _class_folders(root):  # torchvision's own error for this is a ValueError about class_to_index
         raise UserError(f"{root} holds no class folders (an ImageFolder tree has one folder of images per class)")
     folder = VisibleImageFolder(root, loader=load_rgb, is_valid_file=lambda path: _visible_image(path, root),
                                 allow_empty=True)  # an empty class is named below, as torchvision does not
