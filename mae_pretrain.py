@@ -6,6 +6,7 @@
 """
 import argparse
 import contextlib
+import sys
 
 import torch
 from einops import rearrange
@@ -169,7 +170,10 @@ def eval_only(args):
                               soft_keys=["mask_ratio"],
                               hint=utils.SIZES_FROM_CHECKPOINT)
     validate(args)
+    data_note = utils.data_dir_from(args, ckpt, args.eval_only)
     rt = utils.setup_runtime(args)
+    if rt.is_main and data_note:
+        print(data_note, file=sys.stderr)
     model = build_model(config)
     model.load_state_dict(ckpt["model"])
     model.to(rt.device)

@@ -7,6 +7,7 @@
 import argparse
 import math
 import os
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -270,7 +271,10 @@ def eval_only(args):
     utils.resolve_resume_args(args, get_args_parser(), {key: config[key] for key in SIZE_KEYS}, SIZE_KEYS,
                               what=f"--eval_only {args.eval_only}",  # a size flag that differs is an error
                               hint=utils.SIZES_FROM_CHECKPOINT)
+    data_note = utils.data_dir_from(args, ckpt, args.eval_only)
     rt = utils.setup_runtime(args)
+    if rt.is_main and data_note:
+        print(data_note, file=sys.stderr)
     model = build_classifier(config)
     weights = ckpt["model"]
     if "optimizer" in ckpt:  # a NAME-last.pth training state: the weights its run evaluates (EMA when on)
@@ -332,20 +336,23 @@ def main(args):
         utils.resolve_resume_args(args, parser, ckpt["args"], RUN_KEYS, soft_keys=utils.SOFT_RESUME_KEYS)
         utils.check_run_folder(args, ckpt, utils.last_checkpoint_path(ckpt["args"]["output_model_path"]))
     validate(args)
+    pretrained, data_note = None, None
+    if args.pretrained_model_path and ckpt is None:  # before the data: a wrong path fails in a second
+        pretrained = utils.load_checkpoint(args.pretrained_model_path, "mae_pretrain", "--pretrained_model_path")
+        pretrained_sizes(args, parser, pretrained)
+        data_note = utils.data_dir_from(args, pretrained, args.pretrained_model_path)
     default_output_path(args)
     args.log_dir = args.log_dir or utils.default_log_dir(args.data_dir, args.output_model_path)
     last_path = utils.last_checkpoint_path(args.output_model_path)
     rt = utils.setup_runtime(args)
     if rt.is_main:
+        if data_note:
+            print(data_note, file=sys.stderr)
         utils.claim_outputs(args, args.output_model_path, "--output_model_path", restarting, beside=[last_path])
         utils.check_export_path(args, run_outputs=(args.output_model_path, last_path))
     local_batch, micro_batch = utils.split_batch(args, rt, even=bool(args.mixup or args.cutmix))
     if (args.mixup or args.cutmix) and micro_batch % 2:
         raise utils.UserError(f"mixup/cutmix need an even micro-batch, got {micro_batch}")
-    pretrained = None
-    if args.pretrained_model_path and ckpt is None:  # before the data: a wrong path fails in a second
-        pretrained = utils.load_checkpoint(args.pretrained_model_path, "mae_pretrain", "--pretrained_model_path")
-        pretrained_sizes(args, parser, pretrained)
     try:  # a bad configuration fails here, before the data is read
         check_config(args.image_size, args.patch_size, {"encoder": args.emb_dim}, {"encoder": args.encoder_head})
     except ValueError as e:
@@ -400,7 +407,10 @@ def main(args):
     log = utils.MetricsLog(args.log_dir, rt, args, completed_epochs=start_epoch, resumed=ckpt is not None,
                            data=data_record)
     if rt.is_main:
-        mode = "linear probe" if args.linear_probe else ("fine-tuning" if args.pretrained_model_path else "scratch")
+        mode = "fine-tuning" if args.pretrained_model_path else "scratch"
+        if args.linear_probe:  # a probe of random features is a baseline, or a forgotten --pretrained_model_path
+            mode = "linear probe" + ("" if args.pretrained_model_path else
+                                     " of a randomly initialised encoder: no --pretrained_model_path")
         print(f"training a classifier ({mode}), {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters "
               f"on {rt.device} ({rt.world_size} process(es)), {steps_per_epoch} steps/epoch, micro-batch "
               f"{micro_batch}, peak lr {peak_lr:.2e}, {rt.describe()}; the best epoch is picked on {selected_on}")
@@ -415,7 +425,8 @@ def main(args):
 
     def save_best():
         utils.save_atomic(checkpoint(best_state, config, data.classes, best_epoch, acc=best_acc,
-                                     selected_on=selected_on), args.output_model_path)
+                                     selected_on=selected_on, args=utils.plain_args(args), cwd=os.getcwd()),
+                          args.output_model_path)
 
     def save_last(epoch, epoch_state=None):
         # every rank takes part

@@ -160,7 +160,9 @@ def finite_float(text):
 class ArgumentParser(argparse.ArgumentParser):
     """argparse that also records the flags the command line gave, as args.given_flags: a resume (and a
     checkpoint's sizes) can then tell `--batch_size 4096` from no flag at all where 4096 is the default.
-    Every type=float flag, in argument groups too, takes finite numbers only (finite_float)."""
+    Every type=float flag, in argument groups too, takes finite numbers only (finite_float). A value that starts
+    with ~ is a path in a home folder (os.path.expanduser): bash leaves `--data_dir=~/data` and a quoted "~/data"
+    as they are, which would otherwise make (or download CIFAR-10 into) a folder named ~."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -177,6 +179,12 @@ class ArgumentParser(argparse.ArgumentParser):
             for action, default in defaults:
                 action.default = default
         namespace.given_flags = sorted(vars(given))
+        for key, value in vars(namespace).items():  # a path as the shell would have it, also in `--data_dir=~/x`
+            if isinstance(value, str) and value.startswith("~"):
+                setattr(namespace, key, os.path.expanduser(value))
+            elif isinstance(value, list):
+                setattr(namespace, key, [os.path.expanduser(v) if isinstance(v, str) and v.startswith("~") else v
+                                         for v in value])
         return namespace, extras
 
 
@@ -354,7 +362,8 @@ def all_reduce_sum(values, rt):
 
 DATA_DIR_HELP = ("a folder holding cifar-10-batches-py/, cifar-100-python/, train/ + test/ (or val/) image folders, "
                  "or the archive cifar-10-python.tar.gz or cifar-100-python.tar.gz; with none of these, CIFAR-10 "
-                 "is downloaded into it")
+                 "is downloaded into it. Not given with --resume, --eval_only or --pretrained_model_path: the data "
+                 "that checkpoint's run used (where it is still there)")
 
 
 def add_encoder_args(group):
@@ -1949,6 +1958,26 @@ def check_run_folder(args, ckpt, own_checkpoint):
     if relative:
         raise UserError(f"{args.resume} is a run started in {started_in}, whose paths are relative to it "
                         f"({', '.join(relative)}); resume it from there (cd {started_in}), or give those flags")
+
+
+def data_dir_from(args, ckpt, path):
+    """A job that starts from a saved model (--eval_only, --pretrained_model_path, tools/reconstruct.py) and is
+    given no --data_dir takes the data its run trained on: a relative path means the folder that run started in
+    (or, for a run's folder copied elsewhere, this one). -> a note for the user, or None. Where that data is gone,
+    the default stays, and the note says so."""
+    saved = ckpt.get("args", {}).get("data_dir")  # absent in best-weights files from before it was saved
+    if not saved or "data_dir" in getattr(args, "given_flags", ["data_dir"]):
+        return None
+    for folder in dict.fromkeys([os.path.join(ckpt.get("cwd") or "", saved), saved]):  # join keeps an absolute one
+        if os.path.exists(folder):
+            if os.path.abspath(folder) == os.path.abspath(args.data_dir):
+                return None
+            args.data_dir = folder
+            return f"note: no --data_dir given: using {folder}, the data {path} was trained on"
+    if os.path.normpath(saved) == os.path.normpath(args.data_dir):  # the default, missing: its own error follows
+        return None
+    return f"note: no --data_dir given, and the data {path} was trained on ({saved}) is not there: using " \
+           f"{args.data_dir}"
 
 
 def timm_vit_kwargs(config, num_classes, global_pool):

@@ -432,17 +432,47 @@ def test_recipe_flags_and_timm_export(tmp_path, cifar_dir):
     assert not torch.equal(last["ema"]["head.weight"], last["model"]["head.weight"])
 
 
-def test_linear_probe_leaves_encoder_bit_identical(tmp_path, cifar_dir):
+def test_linear_probe_leaves_encoder_bit_identical(tmp_path, cifar_dir, capsys):
     result, mae_path, _ = pretrain(tmp_path, cifar_dir)
     assert result.returncode == 0, result.stderr
     result, ckpt, _ = classify(tmp_path, cifar_dir, "--pretrained_model_path", mae_path, "--linear_probe",
                                "--weight_decay", 0.05)
     assert result.returncode == 0, result.stderr
+    assert "training a classifier (linear probe), " in result.stdout
     encoder = {k[len("encoder."):]: v for k, v in load(mae_path)["model"].items() if k.startswith("encoder.")}
     trained = load(tmp_path / "cls-last.pth")["model"]
     for key, value in encoder.items():
         assert torch.equal(trained[key], value), key
     assert not torch.equal(trained["head.0.running_mean"], torch.zeros_like(trained["head.0.running_mean"]))
+    # without a pretrained encoder it probes random features (a baseline, or a forgotten flag), and says so
+    result, _, _ = classify(tmp_path, cifar_dir, *TINY_MODEL, "--linear_probe", "--total_epoch", 1, name="random",
+                            capsys=capsys)
+    assert result.returncode == 0, result.stderr
+    assert "(linear probe of a randomly initialised encoder: no --pretrained_model_path), " in result.stdout
+
+
+def test_the_readmes_python_block_loads_both_checkpoints(tmp_path, cifar_dir, capsys, monkeypatch):
+    """The README's "Using checkpoints in Python" code, run as written, on tiny checkpoints of those names."""
+    from PIL import Image
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    code = readme.split("## Using checkpoints in Python", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    monkeypatch.chdir(tmp_path)
+    result, _, _ = pretrain(tmp_path, cifar_dir, name="vit-t-mae", capsys=capsys)
+    assert result.returncode == 0, result.stderr
+    result, _, _ = classify(tmp_path, cifar_dir, "--pretrained_model_path", "vit-t-mae.pth",
+                            name="vit-t-classifier-from_pretrained", capsys=capsys)
+    assert result.returncode == 0, result.stderr
+    Image.new("RGB", (40, 30), (200, 120, 40)).save("cat.jpg")
+    Image.new("L", (8, 8), 90).save("ship.png")  # grey, and already the model's size
+    namespace = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    out = capsys.readouterr().out
+    classifier, x = namespace["classifier"], namespace["x"]
+    assert x.shape == (2, 3, 8, 8) and x.min() >= -1 and x.max() <= 1
+    assert namespace["features"].shape == (2, 1 + 16, 16) and namespace["pictures"].shape == (2, 3, 8, 8)
+    names = [load(tmp_path / "vit-t-classifier-from_pretrained.pth")["classes"][i] for i in classifier(x).argmax(1)]
+    assert out == f"{names}\n"
 
 
 def test_reconstruction_figure_at_several_mask_ratios(tmp_path, cifar_dir, capsys, monkeypatch):
@@ -622,6 +652,49 @@ def test_a_resume_from_another_working_folder_is_refused_and_a_copy_is_a_run_of_
     assert result.returncode == 0, result.stderr
     assert load(copy / "mae.pth")["epoch"] == 3 and (first / "mae.pth").read_bytes() == before
     assert [line["epoch"] for line in metrics(copy / "logs" / "cifar10" / "mae")] == [1, 2, 3]
+
+
+def test_jobs_on_a_saved_model_take_the_data_its_run_used_unless_given_other(tmp_path, cifar_dir, capsys,
+                                                                            monkeypatch):
+    """--eval_only, --pretrained_model_path and tools/reconstruct.py without --data_dir: the data the checkpoint's
+    run trained on (a relative path meant its working folder), with a note, rather than a download into data/."""
+    import utils
+    first, other = tmp_path / "a", tmp_path / "b"
+    shutil.copytree(cifar_dir, first / "data")
+    other.mkdir()
+    monkeypatch.chdir(first)
+    result = run_here(capsys, "mae_pretrain.py", *TINY_MAE, "-bs", 16, "--total_epoch", 1, "--warmup_epoch", 1,
+                      "--model_path", "mae.pth")
+    assert result.returncode == 0, result.stderr
+    monkeypatch.chdir(other)  # no data here
+    mae_path, data = first / "mae.pth", os.path.join(first, "data")
+    note = f"note: no --data_dir given: using {data}, the data {mae_path} was trained on\n"
+    for script, flags in (("mae_pretrain.py", ["--eval_only", mae_path, "--knn_k", 5]),
+                          ("tools/reconstruct.py", [mae_path, "--out", "fig.png"]),
+                          ("train_classifier.py", ["--pretrained_model_path", mae_path, "--batch_size", 16,
+                                                   "--total_epoch", 1, "--warmup_epoch", 1])):
+        result = run_here(capsys, script, *flags)
+        assert result.returncode == 0 and note in result.stderr, result.stderr
+    assert sorted(os.listdir(other)) == ["fig.png", "logs", "vit-t-classifier-from_pretrained-last.pth",
+                                         "vit-t-classifier-from_pretrained.pth"]
+    assert os.listdir(other / "logs") == ["cifar10"]  # named after the data used
+    best = other / "vit-t-classifier-from_pretrained.pth"
+    assert load(best)["args"]["data_dir"] == data  # the weights file names its data too
+    result = run_here(capsys, "train_classifier.py", "--eval_only", best)
+    assert result.returncode == 0 and f"using {data}, the data {best} was trained on" in result.stderr
+    assert f"top-1 {load(best)['acc']:.2%}" in result.stdout
+    # a --data_dir given wins, with no note
+    result = run_here(capsys, "train_classifier.py", "--eval_only", best, "--data_dir", cifar_dir)
+    assert result.returncode == 0 and "note" not in result.stderr, result.stderr
+    # where that data is gone, the default stays, and the note says so
+    parse = lambda *flags: script_module("train_classifier.py").get_args_parser().parse_args(list(map(str, flags)))
+    args, ckpt = parse("--eval_only", best), load(best)
+    os.rename(data, data + "-moved")
+    assert utils.data_dir_from(args, ckpt, str(best)) == \
+        f"note: no --data_dir given, and the data {best} was trained on ({data}) is not there: using data"
+    assert args.data_dir == "data"
+    args = parse("--eval_only", best, "--data_dir", "elsewhere")
+    assert utils.data_dir_from(args, ckpt, str(best)) is None and args.data_dir == "elsewhere"
 
 
 def test_resume_auto_starts_fresh_then_goes_on_from_the_runs_own_checkpoint(tmp_path, cifar_dir, capsys):

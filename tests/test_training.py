@@ -1207,3 +1207,17 @@ def test_an_output_lock_that_cannot_be_made_is_one_line_and_leaves_no_folder(tmp
     assert os.listdir(tmp_path / "logs") == [".lock"]
     utils.release_output_locks()
     assert os.listdir(tmp_path) == []
+
+
+def test_a_path_that_starts_with_a_tilde_means_the_home_folder(monkeypatch, tmp_path):
+    """bash leaves `--data_dir=~/data` and a quoted "~/data" alone; taken literally they would make (or download
+    CIFAR-10 into) a folder named ~ in the working folder."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    args = train_classifier.get_args_parser().parse_args(["--data_dir=~/data", "--output_model_path", "~/c.pth",
+                                                          "--randaug", "rand-m9-mstd0.5", "--resume", "auto"])
+    assert (args.data_dir, args.output_model_path) == (str(tmp_path / "data"), str(tmp_path / "c.pth"))
+    assert (args.randaug, args.resume, args.log_dir) == ("rand-m9-mstd0.5", "auto", None)  # the rest as given
+    assert args.given_flags == ["data_dir", "output_model_path", "randaug", "resume"]
+    parser = utils.ArgumentParser("paths")
+    parser.add_argument("--images", nargs="+")
+    assert parser.parse_args(["--images", "~/a.png", "b~.png"]).images == [str(tmp_path / "a.png"), "b~.png"]

@@ -27,7 +27,9 @@ def get_args_parser():
     parser.add_argument("--images", nargs="+", default=None, metavar="FILE",
                         help="image files to reconstruct (resized to the model's image size); default: test images")
     parser.add_argument("--num_images", type=int, default=8, help="without --images: the first N test images")
-    parser.add_argument("--data_dir", default="data", help="where the test images come from (as the scripts')")
+    parser.add_argument("--data_dir", default="data",
+                        help="where the test images come from (as the scripts'); not given: the data the checkpoint "
+                             "was trained on, where it is still there")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random masks")
     return parser
 
@@ -61,6 +63,9 @@ def main(args):
         images = utils.normalize(torch.stack([utils.read_image(path, model.config["image_size"])
                                               for path in args.images]))
     else:
+        note = utils.data_dir_from(args, ckpt, args.checkpoint)
+        if note:
+            print(note, file=sys.stderr)
         data = utils.load_data(args.data_dir, model.config["image_size"])
         images = utils.normalize(data.test_images[:args.num_images])
     grid, per_row = reconstruction_rows(model, images, args.mask_ratios, args.seed)
