@@ -38,10 +38,11 @@ def get_args_parser():
     parser.add_argument("--mask_ratio", type=float, default=0.75, help="fraction of patches hidden from the encoder")
     parser.add_argument("--total_epoch", type=int, default=2000, help="epochs; the cosine schedule ends with the last")
     parser.add_argument("--warmup_epoch", type=int, default=200, help="epochs of linear lr warmup")
-    parser.add_argument("--model_path", default="vit-t-mae.pth", help="checkpoint written after every epoch")
-    parser.add_argument("--data_dir", default="data",
+    parser.add_argument("--model_path", type=utils.path_arg, default="vit-t-mae.pth",
+                        help="checkpoint written after every epoch")
+    parser.add_argument("--data_dir", type=utils.path_arg, default="data",
                         help=utils.DATA_DIR_HELP)
-    parser.add_argument("--log_dir", default=None,
+    parser.add_argument("--log_dir", type=utils.path_arg, default=None,
                         help="TensorBoard events and metrics.jsonl; none: logs/<dataset>/<--model_path's name>, "
                              "logs/cifar10/vit-t-mae by default")
     model = utils.add_encoder_args(parser.add_argument_group("model"))
@@ -54,10 +55,10 @@ def get_args_parser():
     monitor.add_argument("--knn_every", type=int, default=0, help="kNN accuracy every N epochs (0: never)")
     monitor.add_argument("--knn_k", type=int, default=200, help="neighbours that vote")
     monitor.add_argument("--knn_t", type=float, default=0.07, help="temperature of the votes, exp(similarity / T)")
-    monitor.add_argument("--eval_only", default=None, metavar="CHECKPOINT",
+    monitor.add_argument("--eval_only", type=utils.path_arg, default=None, metavar="CHECKPOINT",
                          help="print a saved MAE's kNN accuracy and test-set reconstruction loss (at --mask_ratio if "
                               "given, else the checkpoint's) and exit")
-    monitor.add_argument("--export_timm", default=None, metavar="PATH",
+    monitor.add_argument("--export_timm", type=utils.path_arg, default=None, metavar="PATH",
                          help="with --eval_only: also write the encoder as a state_dict for timm's VisionTransformer "
                               "(num_classes=0: a backbone to fine-tune with timm)")
     return utils.add_runtime_args(parser)

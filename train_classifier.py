@@ -39,14 +39,14 @@ def get_args_parser():
                         help="AdamW weight decay (none on biases, norms, cls token, position embeddings)")
     parser.add_argument("--total_epoch", type=int, default=100, help="epochs; the cosine schedule ends with the last")
     parser.add_argument("--warmup_epoch", type=int, default=5, help="epochs of linear lr warmup")
-    parser.add_argument("--pretrained_model_path", default=None,
+    parser.add_argument("--pretrained_model_path", type=utils.path_arg, default=None,
                         help="MAE checkpoint whose encoder to fine-tune; none: train from scratch")
-    parser.add_argument("--output_model_path", default=None,
+    parser.add_argument("--output_model_path", type=utils.path_arg, default=None,
                         help="best-accuracy weights; the full training state goes to NAME-last.pth beside it; "
                              "none: vit-t-classifier-from_pretrained.pth or vit-t-classifier-from_scratch.pth")
-    parser.add_argument("--data_dir", default="data",
+    parser.add_argument("--data_dir", type=utils.path_arg, default="data",
                         help=utils.DATA_DIR_HELP)
-    parser.add_argument("--log_dir", default=None,
+    parser.add_argument("--log_dir", type=utils.path_arg, default=None,
                         help="TensorBoard events and metrics.jsonl; none: logs/<dataset>/<--output_model_path's "
                              "name>, such as logs/cifar10/vit-t-classifier-from_scratch")
     parser.add_argument("--val_size", type=int, default=0,
@@ -72,9 +72,9 @@ def get_args_parser():
     recipe.add_argument("--ema", action="store_true", help="keep an EMA of the weights; evaluate and save it")
     recipe.add_argument("--ema_decay", type=float, default=0.9999, help="per optimizer step")
     actions = parser.add_argument_group("other jobs")
-    actions.add_argument("--eval_only", default=None, metavar="CHECKPOINT",
+    actions.add_argument("--eval_only", type=utils.path_arg, default=None, metavar="CHECKPOINT",
                          help="evaluate a saved classifier on the test set and exit")
-    actions.add_argument("--export_timm", default=None, metavar="PATH",
+    actions.add_argument("--export_timm", type=utils.path_arg, default=None, metavar="PATH",
                          help="also write the classifier as a state_dict for timm's VisionTransformer")
     return utils.add_runtime_args(parser)
 

@@ -157,12 +157,20 @@ def finite_float(text):
     return value
 
 
+def path_arg(text):
+    """argparse type of every flag that names a file or folder. A leading ~ is the home folder: bash leaves
+    `--data_dir=~/data` and a quoted "~/data" as they are, which would make (or download CIFAR-10 into) a folder
+    named ~. An empty value is refused: from a job script's unset variable (`--eval_only "$CKPT"`) it would
+    otherwise read as no flag at all, and start a training run, or train from scratch."""
+    if not text:
+        raise argparse.ArgumentTypeError("empty (an unset variable in a script?)")
+    return os.path.expanduser(text)
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse that also records the flags the command line gave, as args.given_flags: a resume (and a
     checkpoint's sizes) can then tell `--batch_size 4096` from no flag at all where 4096 is the default.
-    Every type=float flag, in argument groups too, takes finite numbers only (finite_float). A value that starts
-    with ~ is a path in a home folder (os.path.expanduser): bash leaves `--data_dir=~/data` and a quoted "~/data"
-    as they are, which would otherwise make (or download CIFAR-10 into) a folder named ~."""
+    Every type=float flag, in argument groups too, takes finite numbers only (finite_float)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -179,12 +187,6 @@ class ArgumentParser(argparse.ArgumentParser):
             for action, default in defaults:
                 action.default = default
         namespace.given_flags = sorted(vars(given))
-        for key, value in vars(namespace).items():  # a path as the shell would have it, also in `--data_dir=~/x`
-            if isinstance(value, str) and value.startswith("~"):
-                setattr(namespace, key, os.path.expanduser(value))
-            elif isinstance(value, list):
-                setattr(namespace, key, [os.path.expanduser(v) if isinstance(v, str) and v.startswith("~") else v
-                                         for v in value])
         return namespace, extras
 
 
@@ -222,6 +224,8 @@ def check_writable(path, flag, is_dir=False):
     target = os.path.realpath(path)  # where a symbolic link points: that folder is written (write_atomic)
     if not is_dir and os.path.isdir(target):
         raise UserError(f"{flag} {path} is a folder, not a file")
+    if not is_dir and path.endswith(tuple(filter(None, (os.sep, os.altsep)))):  # realpath drops the slash
+        raise UserError(f"{flag} {path} names a folder (it ends with {path[-1]}); give a file name")
     folder = target if is_dir else os.path.dirname(target)
     existing = folder
     while not os.path.exists(existing):
@@ -412,7 +416,7 @@ def add_runtime_args(parser):
     group.add_argument("--num_workers", type=int, default=4, help="DataLoader workers (--loader torch only)")
     group.add_argument("--log_interval", type=int, default=50,
                        help="optimizer steps between loss read-backs (the only host-device syncs)")
-    group.add_argument("--resume", default=None,
+    group.add_argument("--resume", type=path_arg, default=None,
                        help="checkpoint to resume from (everything is restored); auto: the run's own checkpoint when "
                             "it exists, else a fresh start (for jobs that are re-submitted after preemption)")
     group.add_argument("--overwrite", action="store_true", help="allow starting over an existing output checkpoint")

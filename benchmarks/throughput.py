@@ -78,7 +78,8 @@ def get_args_parser():
     parser.add_argument("--profile", type=int, default=0,
                         help="after the timed steps of each training case, profile this many steps and print "
                              "where the device time goes")
-    parser.add_argument("--trace_dir", default=None, help="with --profile: write a Chrome trace per case here")
+    parser.add_argument("--trace_dir", type=utils.path_arg, default=None,
+                        help="with --profile: write a Chrome trace per case here")
     parser.add_argument("--model", nargs="+", default=[], metavar="KEY=VALUE",
                         help="change the preset's model, e.g. decoder_emb_dim=128 decoder_layer=2 (keys: "
                              f"{', '.join(MODEL_KEYS)})")

@@ -28,15 +28,16 @@ import utils  # noqa: E402
 
 def get_args_parser():
     parser = utils.ArgumentParser("time to accuracy", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--data_dir", default="data", help="as the scripts' --data_dir")
-    parser.add_argument("--out_dir", default="runs/time-to-accuracy", help="checkpoints and logs of this run")
+    parser.add_argument("--data_dir", type=utils.path_arg, default="data", help="as the scripts' --data_dir")
+    parser.add_argument("--out_dir", type=utils.path_arg, default="runs/time-to-accuracy",
+                        help="checkpoints and logs of this run")
     parser.add_argument("--pretrain_epochs", type=int, default=100, help="0: fine-tune from scratch")
-    parser.add_argument("--pretrained_model_path", default=None,
+    parser.add_argument("--pretrained_model_path", type=utils.path_arg, default=None,
                         help="skip pretraining and fine-tune (or probe) this MAE checkpoint")
     parser.add_argument("--finetune_epochs", type=int, default=30, help="fine-tuning (or probing) epochs")
     parser.add_argument("--pretrain_args", default="", help="more mae_pretrain.py flags, quoted")
     parser.add_argument("--finetune_args", default="", help="more train_classifier.py flags, quoted")
-    parser.add_argument("--summarize", nargs="+", metavar="OUT_DIR", default=None,
+    parser.add_argument("--summarize", type=utils.path_arg, nargs="+", metavar="OUT_DIR", default=None,
                         help="run nothing: print the report.json of these earlier runs as a table")
     return parser
 

@@ -1219,5 +1219,18 @@ def test_a_path_that_starts_with_a_tilde_means_the_home_folder(monkeypatch, tmp_
     assert (args.randaug, args.resume, args.log_dir) == ("rand-m9-mstd0.5", "auto", None)  # the rest as given
     assert args.given_flags == ["data_dir", "output_model_path", "randaug", "resume"]
     parser = utils.ArgumentParser("paths")
-    parser.add_argument("--images", nargs="+")
+    parser.add_argument("--images", type=utils.path_arg, nargs="+")
     assert parser.parse_args(["--images", "~/a.png", "b~.png"]).images == [str(tmp_path / "a.png"), "b~.png"]
+
+
+@pytest.mark.parametrize("script,argv", [(train_classifier, ["--eval_only", ""]),  # would train a new model
+                                         (train_classifier, ["--pretrained_model_path", ""]),  # from scratch
+                                         (mae_pretrain, ["--resume", ""]),
+                                         (mae_pretrain, ["--data_dir="]),  # would mean the working folder
+                                         (mae_pretrain, ["--model_path", ""])])
+def test_an_empty_path_is_refused_rather_than_read_as_no_flag(script, argv, capsys):
+    """`--eval_only "$CKPT"` with CKPT unset in a job script: without this, a training run from scratch."""
+    with pytest.raises(SystemExit) as refused:
+        script.get_args_parser().parse_args(argv)
+    assert refused.value.code == 2
+    assert f"argument {argv[0].rstrip('=')}: empty (an unset variable in a script?)" in capsys.readouterr().err

@@ -80,8 +80,10 @@ def first_block_heads(part):
 def get_args_parser():
     parser = utils.ArgumentParser("convert a legacy whole-model pickle",
                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("source", help="the original repository's torch.save(model) file, or a state_dict")
-    parser.add_argument("destination", help="this project's checkpoint to write (weights_only loadable)")
+    parser.add_argument("source", type=utils.path_arg,
+                        help="the original repository's torch.save(model) file, or a state_dict")
+    parser.add_argument("destination", type=utils.path_arg,
+                        help="this project's checkpoint to write (weights_only loadable)")
     parser.add_argument("--execute_pickled_code", action="store_true",
                         help="required for a whole pickled model: loading it runs code stored in it; only for "
                              "files you trust")

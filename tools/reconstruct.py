@@ -20,14 +20,16 @@ from model import MAE_ViT  # noqa: E402
 def get_args_parser():
     parser = utils.ArgumentParser("MAE reconstructions at several mask ratios",
                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("checkpoint", help="an MAE pretraining checkpoint (mae_pretrain.py --model_path)")
-    parser.add_argument("--out", default="reconstructions.png", help="the figure: a .png or .jpg file")
+    parser.add_argument("checkpoint", type=utils.path_arg,
+                        help="an MAE pretraining checkpoint (mae_pretrain.py --model_path)")
+    parser.add_argument("--out", type=utils.path_arg, default="reconstructions.png",
+                        help="the figure: a .png or .jpg file")
     parser.add_argument("--mask_ratios", type=float, nargs="+", default=[0.25, 0.5, 0.75],
                         help="one masked input + reconstruction column pair per ratio, each in [0, 1)")
-    parser.add_argument("--images", nargs="+", default=None, metavar="FILE",
+    parser.add_argument("--images", type=utils.path_arg, nargs="+", default=None, metavar="FILE",
                         help="image files to reconstruct (resized to the model's image size); default: test images")
     parser.add_argument("--num_images", type=int, default=8, help="without --images: the first N test images")
-    parser.add_argument("--data_dir", default="data",
+    parser.add_argument("--data_dir", type=utils.path_arg, default="data",
                         help="where the test images come from (as the scripts'); not given: the data the checkpoint "
                              "was trained on, where it is still there")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random masks")
