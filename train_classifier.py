@@ -7,6 +7,7 @@
 import argparse
 import math
 import os
+import shlex
 import sys
 
 import torch
@@ -133,7 +134,7 @@ def pretraining_note(path, ckpt):
     note = f"encoder from {path}: MAE pretraining after epoch {done}" + (f" of {total}" if total else "")
     if total and done < total:
         note += f" (an unfinished run: its learning rate had not yet decayed; resume it with mae_pretrain.py " \
-                f"--resume {path})"
+                f"--resume {shlex.quote(path)})"
     return note
 
 

@@ -11,6 +11,7 @@ import os
 import pickle
 import platform
 import random
+import shlex
 import shutil
 import signal
 import socket
@@ -526,19 +527,20 @@ def _find_and_load(data_dir, image_size, quiet=False):
             inner, above = above, os.path.dirname(above)
             if os.path.basename(inner) in DATASET_FOLDERS and _data_kind(above) is not None:
                 raise UserError(f"--data_dir {data_dir} is a folder inside the dataset; pass the folder that holds "
-                                f"it: --data_dir {above}")
+                                f"it: --data_dir {shlex.quote(above)}")
         # the folder above it, as the JPEG archive unpacks (hidden folders left out: another machine's download in
         # progress on a shared disk is one)
         inside = sorted(e.path for e in os.scandir(data_dir) if e.is_dir() and not e.name.startswith(".")
                         and _data_kind(e.path) is not None)
         if inside:
             raise UserError(f"--data_dir {data_dir} holds no dataset itself, but {inside[0]} does: pass "
-                            f"--data_dir {inside[0]}")
+                            f"--data_dir {shlex.quote(inside[0])}")
         packed = sorted(name for name in os.listdir(data_dir) if name.lower().endswith(ARCHIVE_SUFFIXES))
         if packed:  # such as the JPEG copy of CIFAR-10, cifar10-jpeg.tar.gz: meant to be used, not downloaded over
+            archive, into = shlex.quote(os.path.join(data_dir, packed[0])), shlex.quote(data_dir)
             raise UserError(f"--data_dir {data_dir} holds no dataset, only the archive {packed[0]}: unpack it (for a "
-                            f".tar.gz: tar -xzf {os.path.join(data_dir, packed[0])} -C {data_dir}) and pass the "
-                            "folder that holds train/ and test/ (or cifar-10-batches-py/)")
+                            f".tar.gz: tar -xzf {archive} -C {into}) and pass the folder that holds train/ and test/ "
+                            "(or cifar-10-batches-py/)")
     kind = kind or CIFAR10
     if _own_cifar_folder(data_dir):
         return _load_cifar_batches(os.path.dirname(os.path.abspath(data_dir)), image_size, kind)
@@ -547,7 +549,7 @@ def _find_and_load(data_dir, image_size, quiet=False):
     elif kind is CIFAR10 and os.path.isdir(os.path.join(data_dir, CIFAR100.base_folder)) and not quiet:
         # torchvision downloads both into one root: CIFAR-10 is the default, CIFAR-100 is one flag away
         print(f"note: {data_dir} holds CIFAR-10 and CIFAR-100; this is CIFAR-10 (for CIFAR-100 pass --data_dir "
-              f"{os.path.join(data_dir, CIFAR100.base_folder)})", file=sys.stderr)
+              f"{shlex.quote(os.path.join(data_dir, CIFAR100.base_folder))})", file=sys.stderr)
     return _load_cifar_batches(data_dir, image_size, kind)
 
 
@@ -1961,7 +1963,8 @@ def check_run_folder(args, ckpt, own_checkpoint):
     relative = [f"--{key} {path}" for key, path in taken.items() if path and not os.path.isabs(path)]
     if relative:
         raise UserError(f"{args.resume} is a run started in {started_in}, whose paths are relative to it "
-                        f"({', '.join(relative)}); resume it from there (cd {started_in}), or give those flags")
+                        f"({', '.join(relative)}); resume it from there (cd {shlex.quote(started_in)}), or give those "
+                        "flags")
 
 
 def data_dir_from(args, ckpt, path):
@@ -2125,7 +2128,7 @@ def claim_outputs(args, path, flag, restarting, beside=()):
 
 def check_fresh_output(path, args, flag):
     if os.path.isfile(path) and not args.resume and not args.overwrite:  # a folder: check_writable says so
-        raise UserError(f"{flag} {path} already exists; pass --resume {path} to continue that run or "
+        raise UserError(f"{flag} {path} already exists; pass --resume {shlex.quote(path)} to continue that run or "
                         "--overwrite to start over")
 
 
@@ -2334,6 +2337,7 @@ def format_duration(seconds):
 
 def resume_command(script, path, rt):
     """The command that goes on with a run from its checkpoint (which holds its settings and --data_dir)."""
+    path = shlex.quote(path)  # to be copied into a shell
     if not rt.distributed:
         return f"python {script} --resume {path}"
     per_node = int(os.environ.get("LOCAL_WORLD_SIZE", rt.world_size))

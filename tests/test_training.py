@@ -531,6 +531,9 @@ def test_resume_command_names_the_launcher(monkeypatch):
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two machines of two
     assert utils.resume_command("train_classifier.py", "c-last.pth", rank1) == \
         "torchrun train_classifier.py --resume c-last.pth on every node, with this run's launch options"
+    # a path with a space or a quote is quoted for the shell it is copied into
+    assert utils.resume_command("mae_pretrain.py", "my runs/it's.pth", CPU) == \
+        """python mae_pretrain.py --resume 'my runs/it'"'"'s.pth'"""
 
 
 def test_stop_request_leaves_sighup_ignored_under_nohup():
