@@ -660,7 +660,11 @@ def _first_unreadable_pickle(folder, names):
 def _load_image_folders(data_dir, test_name, image_size):
     train_root, test_root = os.path.join(data_dir, "train"), os.path.join(data_dir, test_name)
     train_classes, test_classes = _class_folders(train_root), _class_folders(test_root)
-    if train_classes and test_classes and train_classes != test_classes:  # before decoding anything
+    for root, classes in ((train_root, train_classes), (test_root, test_classes)):  # before decoding anything
+        if not classes:  # torchvision's own error for this is a ValueError about class_to_index
+            raise UserError(f"{root} holds no class folders (an ImageFolder tree has one folder of images per "
+                            "class)")
+    if train_classes != test_classes:
         def only(a, b):  # up to 3 names of a that b lacks
             names = sorted(set(a) - set(b))
             return ", ".join(map(readable_name, names[:3])) + (", ..." if len(names) > 3 else "") or "-"
@@ -709,7 +713,7 @@ def _visible_image(path, root):
 
 def _decode_folder(root, image_size):
     """Decode an ImageFolder tree once into uint8 tensors, cached beside it for later runs. Hidden files and
-    folders are left out (_visible_image)."""
+    folders are left out (_visible_image). _load_image_folders has checked that root holds class folders."""
     from torchvision.datasets import ImageFolder
 
     class VisibleImageFolder(ImageFolder):
@@ -717,8 +721,6 @@ def _decode_folder(root, image_size):
             names = _class_folders(directory)
             return names, {name: i for i, name in enumerate(names)}
 
-    if not _class_folders(root):  # torchvision's own error for this is a ValueError about class_to_index
-        raise UserError(f"{root} holds no class folders (an ImageFolder tree has one folder of images per class)")
     folder = VisibleImageFolder(root, loader=load_rgb, is_valid_file=lambda path: _visible_image(path, root),
                                 allow_empty=True)  # an empty class is named below, as torchvision does not
     counts = torch.bincount(torch.tensor(folder.targets, dtype=torch.int64), minlength=len(folder.classes))

@@ -879,6 +879,15 @@ def test_a_test_split_without_the_train_class_folders_is_named_before_any_decodi
     assert f"({len(train_classes)}) and {os.path.join(root, 'val')} (1) differ: only in val/: images; only in " \
            f"train/: {', '.join(train_classes[:3])}, ..." in str(e.value)
     assert sorted(os.listdir(root)) == ["train", "val"]  # nothing decoded: no .cache/
+    # no class folders at all in val/ (its images loose in it): also named before train/ is decoded
+    for name in os.listdir(os.path.join(root, "val", "images")):
+        os.replace(os.path.join(root, "val", "images", name), os.path.join(root, "val", name))
+    os.rmdir(os.path.join(root, "val", "images"))
+    with pytest.raises(utils.UserError) as e:
+        utils.load_data(root, 8)
+    assert str(e.value).startswith(f"{os.path.join(root, 'val')} holds no class folders")
+    assert sorted(os.listdir(root)) == ["train", "val"]
+
 
 def test_a_cache_that_cannot_go_beside_the_images_goes_to_the_users_cache_folder(tmp_path, capsys, monkeypatch):
     """A read-only dataset (shared on a cluster) was decoded again by every run."""
