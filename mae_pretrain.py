@@ -55,6 +55,10 @@ def get_args_parser():
     monitor.add_argument("--knn_every", type=int, default=0, help="kNN accuracy every N epochs (0: never)")
     monitor.add_argument("--knn_k", type=int, default=200, help="neighbours that vote")
     monitor.add_argument("--knn_t", type=float, default=0.07, help="temperature of the votes, exp(similarity / T)")
+    monitor.add_argument("--image_every", type=int, default=None,
+                         help="log the reconstruction image every N epochs and after the last (each is about 70 KB "
+                              "of TensorBoard events); not given: every epoch up to 100 epochs, else every "
+                              "total_epoch // 100, so about 100 images a run")
     monitor.add_argument("--eval_only", type=utils.path_arg, default=None, metavar="CHECKPOINT",
                          help="print a saved MAE's kNN accuracy and test-set reconstruction loss (at --mask_ratio if "
                               "given, else the checkpoint's) and exit")
@@ -67,8 +71,8 @@ def get_args_parser():
 def validate(args):
     utils.check_positive(args, "batch_size", "max_device_batch_size", "base_learning_rate", "total_epoch",
                          "image_size", "patch_size", "emb_dim", "encoder_layer", "encoder_head", "decoder_layer",
-                         "decoder_head", "decoder_emb_dim", "log_interval", "knn_k", "knn_t", "save_every",
-                         "stop_after_epoch", "stop_after_minutes")
+                         "decoder_head", "decoder_emb_dim", "log_interval", "knn_k", "knn_t", "image_every",
+                         "save_every", "stop_after_epoch", "stop_after_minutes")
     if args.weight_decay < 0 or args.warmup_epoch < 0 or args.knn_every < 0 or args.num_workers < 0:
         raise utils.UserError("--weight_decay, --warmup_epoch, --knn_every and --num_workers must not be negative")
     if not 0.0 < args.mask_ratio < 1.0:  # the loss is taken over masked patches only
@@ -97,6 +101,12 @@ def make_param_groups(model, weight_decay):
     """AdamW groups: weight decay on weight matrices only, none on biases, norms, tokens, position embeddings."""
     no_decay = {"encoder.cls_token", "encoder.pos_embed", "decoder.mask_token", "decoder.pos_embed"}
     return param_groups_weight_decay(model, weight_decay, no_weight_decay_list=no_decay)
+
+
+def image_due(args, epoch):
+    """Whether the reconstruction image is logged after `epoch` epochs (1-based): every --image_every, and the last."""
+    every = args.image_every or max(1, args.total_epoch // 100)
+    return epoch % every == 0 or epoch == args.total_epoch
 
 
 def mae_loss(model, images, labels):
@@ -253,10 +263,10 @@ def main(args):
               f"peak lr {peak_lr:.2e}, {rt.describe()}, loader {args.loader}")
         if start_epoch >= args.total_epoch:
             print(f"{args.resume} has finished all {args.total_epoch} epochs: nothing to train")
-        utils.note_idle_gpus(args, rt, "mae_pretrain.py")
+        utils.note_idle_gpus(args, rt, utils.script_command(__file__))
 
     clock = utils.EpochClock(rt.started)
-    with utils.StopRequest() as stop:
+    with utils.StopRequest(announce=rt.is_main) as stop:
         for epoch in range(start_epoch, args.total_epoch):
             metrics, epoch_state = trainer.train_epoch(model, train_loader, epoch_state, epoch=epoch,
                                                        total_epoch=args.total_epoch, log_interval=args.log_interval,
@@ -265,7 +275,7 @@ def main(args):
                 save_checkpoint(args, rt, model, trainer, train_loader, epoch=epoch,
                                 step=epoch * steps_per_epoch + epoch_state.step, epoch_state=epoch_state,
                                 data=data_record)
-                utils.exit_after_signal(args.model_path, "mae_pretrain.py", stop.signum, rt, log)
+                utils.exit_after_signal(args.model_path, utils.script_command(__file__), stop.signum, rt, log)
             epoch_state = None
             record = {"epoch": epoch + 1, "loss": metrics["loss"], "lr": metrics["lr"],
                       "images_per_s": metrics["images_per_s"], "seconds": metrics["seconds"]}
@@ -275,7 +285,7 @@ def main(args):
                 record["knn_acc"] = knn_accuracy(args, model.encoder, knn_loaders, data, rt)
             log.scalars({"mae_loss": record["loss"], "lr": record["lr"], "images_per_s": record["images_per_s"],
                          **({"knn_acc": record["knn_acc"]} if "knn_acc" in record else {})}, epoch + 1)
-            if rt.is_main:
+            if rt.is_main and image_due(args, epoch + 1):
                 log.image("mae_image", reconstruction_grid(model, val_images, rt), epoch + 1)
             log.line(record)
             stopping = utils.stop_reason(args, epoch + 1, clock, rt)
@@ -292,7 +302,7 @@ def main(args):
             if stopping:
                 if rt.is_main:
                     print(f"stopping after epoch {epoch + 1} {stopping}; resume with: "
-                          f"{utils.resume_command('mae_pretrain.py', args.model_path, rt)}")
+                          f"{utils.resume_command(utils.script_command(__file__), args.model_path, rt)}")
                 break
     log.close()
 

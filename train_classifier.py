@@ -133,7 +133,8 @@ def pretraining_note(path, ckpt):
     done, total = ckpt["epoch"], ckpt.get("args", {}).get("total_epoch")
     note = f"encoder from {path}: MAE pretraining after epoch {done}" + (f" of {total}" if total else "")
     if total and done < total:
-        note += f" (an unfinished run: its learning rate had not yet decayed; resume it with mae_pretrain.py " \
+        mae_script = utils.script_command(os.path.join(os.path.dirname(os.path.abspath(__file__)), "mae_pretrain.py"))
+        note += f" (an unfinished run: its learning rate had not yet decayed; resume it with {mae_script} " \
                 f"--resume {shlex.quote(path)})"
     return note
 
@@ -417,7 +418,7 @@ def main(args):
               f"{micro_batch}, peak lr {peak_lr:.2e}, {rt.describe()}; the best epoch is picked on {selected_on}")
         if pretrained is not None:
             print(pretraining_note(args.pretrained_model_path, pretrained))
-        utils.note_idle_gpus(args, rt, "train_classifier.py")
+        utils.note_idle_gpus(args, rt, utils.script_command(__file__))
         note = ema_note(args.ema_decay, args.total_epoch * steps_per_epoch) if ema is not None else None
         if note:
             print(note)
@@ -437,14 +438,14 @@ def main(args):
                                          best_model=best_state, best_epoch=best_epoch, **state), last_path)
 
     clock = utils.EpochClock(rt.started)
-    with utils.StopRequest() as stop:
+    with utils.StopRequest(announce=rt.is_main) as stop:
         for epoch in range(start_epoch, args.total_epoch):
             train, epoch_state = trainer.train_epoch(model, train_loader, epoch_state, epoch=epoch,
                                                      total_epoch=args.total_epoch, log_interval=args.log_interval,
                                                      stop=stop)
             if train is None:  # SIGINT / SIGTERM / SIGHUP: save where we are, exit 128 + signal
                 save_last(epoch, epoch_state)
-                utils.exit_after_signal(last_path, "train_classifier.py", stop.signum, rt, log)
+                utils.exit_after_signal(last_path, utils.script_command(__file__), stop.signum, rt, log)
             epoch_state = None
             val = evaluate(eval_model, val_loader, rt, num_classes)
             last_acc = val["acc"]
@@ -475,7 +476,7 @@ def main(args):
             if stopping:
                 if rt.is_main:
                     print(f"stopping after epoch {epoch + 1} {stopping}; resume with: "
-                          f"{utils.resume_command('train_classifier.py', last_path, rt)}")
+                          f"{utils.resume_command(utils.script_command(__file__), last_path, rt)}")
                 log.close()
                 return {"best_acc": best_acc}
 
@@ -498,7 +499,8 @@ def main(args):
         else:
             print(f"best accuracy {best_acc:.2%} (epoch {best_epoch}){last}")
         print(per_class_table(result, data.classes))
-        log.image("cls/confusion", confusion_image(result["confusion"]), args.total_epoch)
+        if not log.reported:  # a finished run resumed again: TensorBoard has this image at this step already
+            log.image("cls/confusion", confusion_image(result["confusion"]), args.total_epoch)
         log.line({"final": True, "epoch": args.total_epoch, "acc": result["acc"], "acc5": result["acc5"],
                   "best_epoch": best_epoch, "best_acc": best_acc, "selected_on": selected_on,
                   "last_epoch_acc": last_acc, "per_class": dict(zip(data.classes, result["per_class"]))})

@@ -1511,10 +1511,11 @@ def make_optimizer(param_groups, lr, rt, betas=(0.9, 0.999)):
 
 class StopRequest:
     """STOP_SIGNALS ask the run to finish its step, save and exit 128 + the signal's number (SIGINT 130, SIGTERM
-    143, SIGHUP 129); a second SIGINT aborts."""
+    143, SIGHUP 129); a second SIGINT aborts. `announce`: say so on stderr (the main rank; under torchrun every
+    rank gets the signal)."""
 
-    def __init__(self):
-        self.signum = None
+    def __init__(self, announce=True):
+        self.signum, self.announce = None, announce
         self._previous = {}
 
     def __enter__(self):
@@ -1532,8 +1533,9 @@ class StopRequest:
         if self.signum is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.signum = signum
-        print(f"\n{signal.Signals(signum).name} received: finishing this step, then saving a checkpoint "
-              "(press Ctrl-C again to abort without saving)", file=sys.stderr)
+        if self.announce:
+            print(f"\n{signal.Signals(signum).name} received: finishing this step, then saving a checkpoint "
+                  "(press Ctrl-C again to abort without saving)", file=sys.stderr)
 
 
 @dataclass
@@ -2227,13 +2229,15 @@ class MetricsLog:
     """TensorBoard scalars/images plus one JSON line per epoch in log_dir/metrics.jsonl; main rank only.
 
     On resume after epoch k, TensorBoard events and JSON lines past epoch k (and a finished run's closing line)
-    are discarded, so a resumed run's logs read as one run. log_dir/runs.jsonl gets one line per start of the
-    job (run_info: the first start, then each resume), and TensorBoard the same as text. A write that fails
-    (a full disk), of either, is a UserError with exit code 1.
+    are discarded, so a resumed run's logs read as one run; `reported` says whether that closing line was there
+    (TensorBoard keeps what was logged at step k, such as the closing images, so they are not logged again).
+    log_dir/runs.jsonl gets one line per start of the job (run_info: the first start, then each resume), and
+    TensorBoard the same as text. A write that fails (a full disk), of either, is a UserError with exit code 1.
     """
 
     def __init__(self, log_dir, rt, args, completed_epochs=0, resumed=False, data=None):
         self.writer, self.log_dir = None, log_dir
+        self.reported = False  # whether the closing report of this run, up to completed_epochs, was logged
         if not rt.is_main:
             return
         from torch.utils.tensorboard import SummaryWriter
@@ -2244,8 +2248,11 @@ class MetricsLog:
         if completed_epochs and os.path.isfile(self.path):
             # the closing report of a finished run ("final": true) goes too: a resumed run writes its own, and a
             # run resumed after its last epoch (--resume auto once more) reports again rather than twice
-            kept = [json.dumps(record) + "\n" for record in read_json_lines(self.path)
+            records = read_json_lines(self.path)
+            kept = [json.dumps(record) + "\n" for record in records
                     if not record.get("final") and record.get("epoch", 0) <= completed_epochs]
+            self.reported = any(record.get("final") and record.get("epoch") == completed_epochs
+                                for record in records)
         write_log(self.path, "".join(kept), "w")
         with self.writing_events():
             self.writer = SummaryWriter(log_dir, purge_step=completed_epochs + 1)
@@ -2335,6 +2342,17 @@ def format_duration(seconds):
         if count or parts:
             parts.append(f"{count}{unit}")
     return " ".join(parts[:2]) or "0s"
+
+
+def script_command(script_file):
+    """How a command typed in the current folder names a script: its path from here (mae_pretrain.py when run
+    in the repository, as the README does), else its absolute path; shell-quoted."""
+    path = os.path.abspath(script_file)
+    try:
+        relative = os.path.relpath(path)
+    except ValueError:  # another drive, on Windows
+        relative = os.pardir
+    return shlex.quote(path if relative.startswith(os.pardir) else relative)
 
 
 def resume_command(script, path, rt):

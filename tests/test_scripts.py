@@ -136,8 +136,22 @@ def test_pretraining_end_to_end(tmp_path, layout):
     assert {"mae_loss", "lr", "images_per_s", "knn_acc"} <= set(tb.Tags()["scalars"])
     assert [e.step for e in tb.Scalars("mae_loss")] == [1, 2]
     assert tb.Scalars("mae_loss")[-1].value == pytest.approx(lines[-1]["loss"], rel=1e-6)
+    assert [e.step for e in tb.Images("mae_image")] == [1, 2]  # a short run: every epoch
     image = tb.Images("mae_image")[-1]
     assert (image.height, image.width) == (8 * 8, 2 * 3 * 8)  # 8 rows of 2 x (masked | reconstruction | original)
+
+
+def test_reconstruction_images_every_n_epochs_and_the_last(tmp_path, cifar_dir):
+    import mae_pretrain
+    due = lambda total, every=None: [e for e in range(1, total + 1) if mae_pretrain.image_due(
+        argparse.Namespace(total_epoch=total, image_every=every), e)]
+    assert due(3) == [1, 2, 3] and due(100) == list(range(1, 101))
+    assert due(2000) == list(range(20, 2001, 20)) and due(250) == list(range(2, 251, 2))  # about 100 a run
+    assert due(7, 3) == [3, 6, 7] and due(3, 10) == [3]
+    result, _, logs = pretrain(tmp_path, cifar_dir, "--total_epoch", 5, "--image_every", 2)
+    assert result.returncode == 0, result.stderr
+    assert [e.step for e in events(logs).Images("mae_image")] == [2, 4, 5]
+    assert [line["epoch"] for line in metrics(logs)] == [1, 2, 3, 4, 5]
 
 
 def test_pretraining_compiled_on_cpu(tmp_path, cifar_dir):
@@ -602,9 +616,11 @@ def test_pretraining_resume_is_bit_identical(tmp_path, cifar_dir):
 
 def test_resume_on_other_images_says_so_and_on_a_moved_copy_does_not(tmp_path, cifar_dir, capsys, monkeypatch):
     from torchvision.datasets import CIFAR10
+    monkeypatch.chdir(tmp_path)  # a run folder of its own, outside the repository
     result, part, _ = pretrain(tmp_path, cifar_dir, "--total_epoch", 4, "--stop_after_epoch", 1, capsys=capsys)
     assert result.returncode == 0, result.stderr
-    assert f"resume with: python mae_pretrain.py --resume {part}" in result.stdout  # its data comes along
+    script = os.path.join(ROOT, "mae_pretrain.py")  # the command works from here: the script's whole path
+    assert f"resume with: python {script} --resume {part}" in result.stdout  # and its data comes along
     saved = load(part)["data"]  # which data the checkpoint was trained on, as plain values
     assert saved["dir"] == os.path.abspath(cifar_dir) and saved["train_images"] == 100
     # without --data_dir the run's own (not the default, data/ in another working folder: nothing there)
@@ -737,6 +753,7 @@ def test_resume_auto_starts_fresh_then_goes_on_from_the_runs_own_checkpoint(tmp_
     assert f"{tmp_path / 'cls-last.pth'} has finished all 2 epochs: nothing to train" in result.stdout
     assert [(line["epoch"], "final" in line) for line in metrics(logs)] == [(1, False), (2, False), (2, True)]
     assert metrics(logs)[-1] == report  # the same report, the last epoch's accuracy included
+    assert [e.step for e in events(logs).Images("cls/confusion")] == [2]  # and one confusion image, not two
 
 
 def test_a_checkpoint_saved_mid_epoch_resumes_only_on_data_of_its_size(tmp_path, cifar_dir, capsys):

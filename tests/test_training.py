@@ -536,6 +536,19 @@ def test_resume_command_names_the_launcher(monkeypatch):
         """python mae_pretrain.py --resume 'my runs/it'"'"'s.pth'"""
 
 
+def test_script_command_is_the_path_to_type_from_the_working_folder(tmp_path, monkeypatch):
+    script = os.path.join(os.path.dirname(os.path.abspath(utils.__file__)), "mae_pretrain.py")
+    monkeypatch.chdir(os.path.dirname(script))  # in the repository, as the README runs it
+    assert utils.script_command(script) == "mae_pretrain.py"
+    monkeypatch.chdir(os.path.join(os.path.dirname(script), "tests"))  # ../mae_pretrain.py: absolute is plainer
+    assert utils.script_command(script) == script
+    monkeypatch.chdir(tmp_path)  # a run folder elsewhere: `python ~/mae/mae_pretrain.py` from there
+    assert utils.script_command(script) == script
+    os.makedirs(tmp_path / "my code")
+    monkeypatch.chdir(tmp_path / "my code" / "..")
+    assert utils.script_command(str(tmp_path / "my code" / "mae_pretrain.py")) == "'my code/mae_pretrain.py'"
+
+
 def test_stop_request_leaves_sighup_ignored_under_nohup():
     previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)  # what nohup does before it starts the run
     try:
@@ -548,6 +561,16 @@ def test_stop_request_leaves_sighup_ignored_under_nohup():
         assert signal.getsignal(signal.SIGHUP) == signal.SIG_DFL
     finally:
         signal.signal(signal.SIGHUP, previous)
+
+
+def test_stop_request_is_announced_by_the_main_rank_only(capfd):
+    """Under torchrun every rank gets the signal: one line says so, not one per process; each still stops."""
+    for announce in (True, False):
+        with utils.StopRequest(announce=announce) as stop:
+            signal.raise_signal(signal.SIGTERM)
+        assert stop.signum == signal.SIGTERM
+        said = capfd.readouterr().err
+        assert said.count("SIGTERM received: finishing this step") == int(announce), said
 
 
 class _SignalsItself(utils.ArrayDataset):
