@@ -31,7 +31,7 @@ NO_WEIGHT_DECAY = {"cls_token", "pos_embed"}
 def get_args_parser():
     parser = utils.ArgumentParser("ViT classifier", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--seed", type=int, default=2022, help="seeds every RNG (process k of a run takes seed + k)")
-    parser.add_argument("--batch_size", type=int, default=128, help="images per optimizer step (global)")
+    parser.add_argument("-bs", "--batch_size", type=int, default=128, help="images per optimizer step (global)")
     parser.add_argument("--max_device_batch_size", type=int, default=256,
                         help="micro-batch per forward/backward (not given: at most this on a GPU, 64 on the CPU, the "
                              "largest that divides the batch per process)")

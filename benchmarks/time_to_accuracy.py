@@ -66,8 +66,19 @@ def summary_table(out_dirs):
                               "held-out training images with --val_size); last epoch: of the final weights"])
 
 
-def run_phase(module, argv):
-    args = module.get_args_parser().parse_args(argv)
+def phase_args(module, argv, extra, flag):
+    """A phase's parsed and checked flags: a bad flag in --pretrain_args or --finetune_args ends the run before
+    any phase has started (not after an hour of pretraining)."""
+    try:
+        extra = shlex.split(extra)
+    except ValueError as e:
+        raise utils.UserError(f"{flag}: {e} (give the flags as one quoted string)") from None
+    args = module.get_args_parser().parse_args(argv + extra)
+    module.validate(args)
+    return args
+
+
+def run_phase(module, args):
     start = time.perf_counter()
     result = module.main(args)
     return result, time.perf_counter() - start
@@ -86,7 +97,6 @@ def main(args):
     if args.pretrain_epochs < 0:
         raise utils.UserError(f"--pretrain_epochs must not be negative (0: no pretraining), got {args.pretrain_epochs}")
     utils.check_positive(args, "finetune_epochs")
-    os.makedirs(args.out_dir, exist_ok=True)
     report = {"pretrain_epochs": None if args.pretrained_model_path else args.pretrain_epochs,
               "pretrained_model_path": args.pretrained_model_path, "finetune_epochs": args.finetune_epochs,
               "pretrain_args": args.pretrain_args, "finetune_args": args.finetune_args}
@@ -94,15 +104,19 @@ def main(args):
                      "--warmup_epoch", str(max(1, args.finetune_epochs // 20)), "--overwrite",
                      "--output_model_path", os.path.join(args.out_dir, "classifier.pth"),
                      "--log_dir", os.path.join(args.out_dir, "logs", "classifier")]
-    if args.pretrained_model_path:
-        finetune_argv += ["--pretrained_model_path", args.pretrained_model_path]
-    elif args.pretrain_epochs:
-        mae_path = os.path.join(args.out_dir, "mae.pth")
-        log_dir = os.path.join(args.out_dir, "logs", "mae")
+    mae_path, log_dir = os.path.join(args.out_dir, "mae.pth"), os.path.join(args.out_dir, "logs", "mae")
+    pretraining = not args.pretrained_model_path and args.pretrain_epochs
+    if args.pretrained_model_path or pretraining:
+        finetune_argv += ["--pretrained_model_path", args.pretrained_model_path or mae_path]
+    finetune_args = phase_args(train_classifier, finetune_argv, args.finetune_args, "--finetune_args")
+    if pretraining:
         pretrain_argv = ["--data_dir", args.data_dir, "--total_epoch", str(args.pretrain_epochs),
                          "--warmup_epoch", str(max(1, args.pretrain_epochs // 10)), "--model_path", mae_path,
-                         "--log_dir", log_dir, "--overwrite"] + shlex.split(args.pretrain_args)
-        _, report["pretrain_seconds"] = run_phase(mae_pretrain, pretrain_argv)
+                         "--log_dir", log_dir, "--overwrite"]
+        pretrain_args = phase_args(mae_pretrain, pretrain_argv, args.pretrain_args, "--pretrain_args")
+    os.makedirs(args.out_dir, exist_ok=True)
+    if pretraining:
+        _, report["pretrain_seconds"] = run_phase(mae_pretrain, pretrain_args)
         metrics = read_metrics(log_dir)
         report["pretrain_epochs_done"] = metrics[-1]["epoch"]  # fewer when a --stop_after_* flag stopped it
         report["pretrain_final_loss"] = metrics[-1]["loss"]
@@ -111,8 +125,7 @@ def main(args):
         knn = [m["knn_acc"] for m in metrics if "knn_acc" in m]
         if knn:
             report["pretrain_knn_acc"] = knn[-1]
-        finetune_argv += ["--pretrained_model_path", mae_path]
-    result, report["finetune_seconds"] = run_phase(train_classifier, finetune_argv + shlex.split(args.finetune_args))
+    result, report["finetune_seconds"] = run_phase(train_classifier, finetune_args)
     if "final" not in result:
         raise utils.UserError(f"the fine-tuning stopped before its last epoch (a --stop_after_* flag in "
                               f"--finetune_args?), so it has no final accuracy to report; {args.out_dir} holds "

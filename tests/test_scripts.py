@@ -359,6 +359,15 @@ def test_time_to_accuracy_reports_both_phases(tmp_path, cifar_dir):
                  "--pretrain_epochs", -1)
     assert_clean_error(result, 2, "--pretrain_epochs must not be negative")
     assert not (tmp_path / "bad").exists()
+    # a bad fine-tuning flag ends the run before the pretraining, not after it
+    tta = lambda flag, value: run("benchmarks/time_to_accuracy.py", "--data_dir", cifar_dir, "--out_dir",
+                                  tmp_path / "bad", "--pretrain_epochs", 1, flag, value)
+    result = tta("--finetune_args", "--bs 16")
+    assert result.returncode == 2 and "unrecognized arguments: --bs 16" in result.stderr.splitlines()[-1]
+    assert_clean_error(tta("--finetune_args", "--label_smoothing 1"), 2, "--label_smoothing must lie in [0, 1)")
+    assert_clean_error(tta("--finetune_args", "--randaug 'rand-m9"), 2, "--finetune_args: No closing quotation")
+    assert_clean_error(tta("--pretrain_args", "--mask_ratio 1"), 2, "--mask_ratio must lie in (0, 1)")
+    assert not (tmp_path / "bad").exists()
 
 
 def test_gpu_recipe_runs_mae_probe_and_scratch_and_ends_with_their_table(tmp_path, cifar_dir):
