@@ -19,6 +19,13 @@ OUT_DIR=${OUT_DIR:-runs/gpu-throughput}
 STAGES=${STAGES:-"profile autotune graphs randaug crop decoder"}
 PYTHON=${PYTHON:-python3}
 read -r -a EXTRA_ARGS <<< "${EXTRA:-}"
+for stage in $STAGES; do  # a typo in STAGES ends the run before any stage has spent GPU time
+    case $stage in
+        profile|autotune|graphs|randaug|crop|decoder) ;;
+        *) echo "unknown stage '$stage' (profile, autotune, graphs, randaug, crop, decoder)" >&2
+           exit 2 ;;
+    esac
+done
 mkdir -p "$OUT_DIR"
 bench() {  # bench STAGE ARGS...: one throughput.py run, its lines shown and kept
     local stage=$1
@@ -46,7 +53,5 @@ for stage in $STAGES; do
         decoder) for model in decoder_emb_dim=192 decoder_emb_dim=128 decoder_layer=2; do
                      bench decoder --cases pretrain --paths fast --steps 20 --warmup 5 --model "$model"
                  done ;;
-        *) echo "unknown stage '$stage' (profile, autotune, graphs, randaug, crop, decoder)" >&2
-           exit 2 ;;
     esac
 done

@@ -37,6 +37,9 @@ def get_args_parser():
     parser.add_argument("--finetune_epochs", type=int, default=30, help="fine-tuning (or probing) epochs")
     parser.add_argument("--pretrain_args", default="", help="more mae_pretrain.py flags, quoted")
     parser.add_argument("--finetune_args", default="", help="more train_classifier.py flags, quoted")
+    parser.add_argument("--check", action="store_true",
+                        help="parse and check both phases' flags, run nothing (what a script of several runs does "
+                             "first)")
     parser.add_argument("--summarize", type=utils.path_arg, nargs="+", metavar="OUT_DIR", default=None,
                         help="run nothing: print the report.json of these earlier runs as a table")
     return parser
@@ -114,6 +117,8 @@ def main(args):
                          "--warmup_epoch", str(max(1, args.pretrain_epochs // 10)), "--model_path", mae_path,
                          "--log_dir", log_dir, "--overwrite"]
         pretrain_args = phase_args(mae_pretrain, pretrain_argv, args.pretrain_args, "--pretrain_args")
+    if args.check:
+        return None
     os.makedirs(args.out_dir, exist_ok=True)
     if pretraining:
         _, report["pretrain_seconds"] = run_phase(mae_pretrain, pretrain_args)

@@ -360,13 +360,15 @@ def test_time_to_accuracy_reports_both_phases(tmp_path, cifar_dir):
     assert_clean_error(result, 2, "--pretrain_epochs must not be negative")
     assert not (tmp_path / "bad").exists()
     # a bad fine-tuning flag ends the run before the pretraining, not after it
-    tta = lambda flag, value: run("benchmarks/time_to_accuracy.py", "--data_dir", cifar_dir, "--out_dir",
-                                  tmp_path / "bad", "--pretrain_epochs", 1, flag, value)
+    tta = lambda *flags: run("benchmarks/time_to_accuracy.py", "--data_dir", cifar_dir, "--out_dir",
+                             tmp_path / "bad", "--pretrain_epochs", 1, *flags)
     result = tta("--finetune_args", "--bs 16")
     assert result.returncode == 2 and "unrecognized arguments: --bs 16" in result.stderr.splitlines()[-1]
     assert_clean_error(tta("--finetune_args", "--label_smoothing 1"), 2, "--label_smoothing must lie in [0, 1)")
     assert_clean_error(tta("--finetune_args", "--randaug 'rand-m9"), 2, "--finetune_args: No closing quotation")
     assert_clean_error(tta("--pretrain_args", "--mask_ratio 1"), 2, "--mask_ratio must lie in (0, 1)")
+    result = tta("--check")  # good flags: --check runs nothing, says nothing, exits 0
+    assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
     assert not (tmp_path / "bad").exists()
 
 
@@ -388,6 +390,12 @@ def test_gpu_recipe_runs_mae_probe_and_scratch_and_ends_with_their_table(tmp_pat
     assert table[3].startswith("scratch") and "none (scratch)" in table[3]
     result = run("benchmarks/time_to_accuracy.py", "--summarize", tmp_path / "runs" / "nope")
     assert_clean_error(result, 2, "report.json", "is " + str(tmp_path / "runs" / "nope"))
+    # a bad flag of the probe, the second run, ends the script before the first has pretrained
+    result = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "gpu_recipe.sh")], capture_output=True,
+                            text=True, timeout=300, env={**env, "RUNS": str(tmp_path / "typo"),
+                                                         "LP_ARGS": small + " --drop_path 0.1"}, cwd=tmp_path)
+    assert_clean_error(result, 2, "--linear_probe keeps the encoder frozen; --drop_path would have nothing")
+    assert not (tmp_path / "typo").exists()
 
 
 def test_cifar100_batches_train_a_100_class_classifier(tmp_path):
@@ -1437,8 +1445,12 @@ def test_gpu_throughput_script_runs_its_stages_and_refuses_unknown_ones(tmp_path
     assert [(line["case"], line["interpolation"]) for line in crop if "case" in line] == [
         ("data-fast", "bilinear"), ("data-fast", "bicubic")]
     result = subprocess.run(["bash", script], capture_output=True, text=True, timeout=60,
-                            env={**env, "STAGES": "nope"})
+                            env={**env, "STAGES": "nope", "OUT_DIR": str(tmp_path / "typo")})
     assert result.returncode == 2 and "unknown stage 'nope'" in result.stderr
+    result = subprocess.run(["bash", script], capture_output=True, text=True, timeout=60,  # a typo in the last
+                            env={**env, "STAGES": "crop nope", "OUT_DIR": str(tmp_path / "typo")})
+    assert result.returncode == 2 and "unknown stage 'nope'" in result.stderr  # found before crop ran
+    assert result.stdout == "" and not (tmp_path / "typo").exists()
 
 
 def test_throughput_benchmark_profiles_where_the_time_goes(tmp_path):
