@@ -20,6 +20,8 @@ RUN_KEYS = ["seed", "batch_size", "base_learning_rate", "weight_decay", "mask_ra
             "image_size", "patch_size", "emb_dim", "encoder_layer", "encoder_head", "decoder_layer", "decoder_head",
             "decoder_emb_dim", "pos_embed", "norm_pix_loss", "crop_scale", "interpolation", "flip", "model_path",
             "log_dir"]
+# what the run watches: --resume takes these from the checkpoint too, unless given again
+MONITOR_KEYS = ["knn_every", "knn_k", "knn_t", "image_every"]
 # what a saved model is: --eval_only takes these from the checkpoint
 MODEL_KEYS = ["image_size", "patch_size", "emb_dim", "encoder_layer", "encoder_head", "decoder_layer", "decoder_head",
               "decoder_emb_dim", "pos_embed", "norm_pix_loss"]
@@ -220,7 +222,8 @@ def main(args):
     restarting = utils.auto_resume(args, args.model_path)
     if args.resume:
         ckpt = utils.load_checkpoint(args.resume, "mae_pretrain", "--resume")
-        utils.resolve_resume_args(args, parser, ckpt["args"], RUN_KEYS, soft_keys=utils.SOFT_RESUME_KEYS)
+        utils.resolve_resume_args(args, parser, ckpt["args"], RUN_KEYS,
+                                  soft_keys=utils.SOFT_RESUME_KEYS + MONITOR_KEYS)
         utils.check_run_folder(args, ckpt, ckpt["args"]["model_path"])
     validate(args)
     args.log_dir = args.log_dir or utils.default_log_dir(args.data_dir, args.model_path)

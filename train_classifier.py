@@ -335,7 +335,8 @@ def main(args):
         if "optimizer" not in ckpt:
             raise utils.UserError(f"--resume {args.resume} holds only weights; resume from the training state "
                                   f"written beside it ({utils.last_checkpoint_path(args.resume)})")
-        utils.resolve_resume_args(args, parser, ckpt["args"], RUN_KEYS, soft_keys=utils.SOFT_RESUME_KEYS)
+        utils.resolve_resume_args(args, parser, ckpt["args"], RUN_KEYS,
+                                  soft_keys=utils.SOFT_RESUME_KEYS + ["export_timm"])
         utils.check_run_folder(args, ckpt, utils.last_checkpoint_path(ckpt["args"]["output_model_path"]))
     validate(args)
     pretrained, data_note = None, None
@@ -351,7 +352,8 @@ def main(args):
         if data_note:
             print(data_note, file=sys.stderr)
         utils.claim_outputs(args, args.output_model_path, "--output_model_path", restarting, beside=[last_path])
-        utils.check_export_path(args, run_outputs=(args.output_model_path, last_path))
+        utils.check_export_path(args, run_outputs=(args.output_model_path, last_path),
+                                resumed_export=ckpt["args"].get("export_timm") if ckpt is not None else None)
     local_batch, micro_batch = utils.split_batch(args, rt, even=bool(args.mixup or args.cutmix))
     if (args.mixup or args.cutmix) and micro_batch % 2:
         raise utils.UserError(f"mixup/cutmix need an even micro-batch, got {micro_batch}")

@@ -1949,7 +1949,7 @@ def resolve_resume_args(args, parser, saved_args, keys, what="the checkpoint bei
         setattr(args, key, saved)
 
 
-PATH_KEYS = ["data_dir", "log_dir", "model_path", "output_model_path", "pretrained_model_path"]
+PATH_KEYS = ["data_dir", "log_dir", "model_path", "output_model_path", "pretrained_model_path", "export_timm"]
 
 
 def check_run_folder(args, ckpt, own_checkpoint):
@@ -2023,15 +2023,17 @@ def check_new_file(path, flag, overwrite):
     check_writable(path, flag)
 
 
-def check_export_path(args, run_outputs=()):
+def check_export_path(args, run_outputs=(), resumed_export=None):
     """--export_timm names a new file (or --overwrite), and none the run itself writes (run_outputs), which the
-    export at the end would replace."""
+    export at the end would replace. A resumed run's own export (resumed_export: the checkpoint's --export_timm)
+    may be there already: a finished run resumed again writes it again."""
     if args.export_timm is None:
         return
     if os.path.realpath(args.export_timm) in map(os.path.realpath, run_outputs):  # links: as write_atomic
         raise UserError(f"--export_timm {args.export_timm} names this run's own checkpoint; give another file (the "
                         "export is written at the end)")
-    check_new_file(args.export_timm, "--export_timm", args.overwrite)
+    own = resumed_export is not None and os.path.realpath(resumed_export) == os.path.realpath(args.export_timm)
+    check_new_file(args.export_timm, "--export_timm", args.overwrite or own)
 
 
 def last_checkpoint_path(path):

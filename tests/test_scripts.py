@@ -773,6 +773,35 @@ def test_resume_auto_starts_fresh_then_goes_on_from_the_runs_own_checkpoint(tmp_
     assert [e.step for e in events(logs).Images("cls/confusion")] == [2]  # and one confusion image, not two
 
 
+def test_resume_keeps_the_monitors_and_the_export_of_the_run(tmp_path, cifar_dir, capsys):
+    """`--resume PATH` alone, as printed after a stop, goes on watching and exporting as the run began."""
+    result, part, logs = pretrain(tmp_path, cifar_dir, "--total_epoch", 3, "--knn_every", 1, "--knn_k", 5,
+                                  "--image_every", 2, "--stop_after_epoch", 1, capsys=capsys)
+    assert result.returncode == 0, result.stderr
+    result = run_here(capsys, "mae_pretrain.py", "--resume", part)
+    assert result.returncode == 0 and "kNN" in result.stdout.splitlines()[-1], result.stderr
+    assert ["knn_acc" in line for line in metrics(logs)] == [True, True, True]
+    assert [e.step for e in events(logs).Images("mae_image")] == [2, 3]
+    assert {key: load(part)["args"][key] for key in ("knn_every", "knn_k", "image_every")} == {
+        "knn_every": 1, "knn_k": 5, "image_every": 2}
+    # the classifier's --export_timm, written at the end: by the resumed run, and again when the finished run
+    # is resumed again (a re-submitted job with --resume auto), while another existing file is still refused
+    job = ("--export_timm", tmp_path / "timm.pth", *TINY_MODEL)
+    result, _, _ = classify(tmp_path, cifar_dir, *job, "--stop_after_epoch", 1, capsys=capsys)
+    assert result.returncode == 0 and not (tmp_path / "timm.pth").exists(), result.stderr
+    result = run_here(capsys, "train_classifier.py", "--resume", tmp_path / "cls-last.pth")
+    assert result.returncode == 0 and (tmp_path / "timm.pth").exists(), result.stderr
+    (tmp_path / "timm.pth").write_bytes(b"")
+    result, _, _ = classify(tmp_path, cifar_dir, *job, "--resume", "auto", capsys=capsys)
+    assert result.returncode == 0 and "has finished all 2 epochs" in result.stdout, result.stderr
+    assert load(tmp_path / "timm.pth").keys() == load(tmp_path / "cls.pth")["model"].keys()  # written again
+    (tmp_path / "other.pth").write_bytes(b"mine")
+    result = run_here(capsys, "train_classifier.py", "--resume", tmp_path / "cls-last.pth", "--export_timm",
+                      tmp_path / "other.pth")
+    assert_clean_error(result, 2, f"--export_timm {tmp_path / 'other.pth'} already exists; pass --overwrite")
+    assert (tmp_path / "other.pth").read_bytes() == b"mine"
+
+
 def test_a_checkpoint_saved_mid_epoch_resumes_only_on_data_of_its_size(tmp_path, cifar_dir, capsys):
     result, ckpt, _ = pretrain(tmp_path, cifar_dir, "--total_epoch", 1, capsys=capsys)
     assert result.returncode == 0, result.stderr
