@@ -268,6 +268,7 @@ def main(args):
             print(f"{args.resume} has finished all {args.total_epoch} epochs: nothing to train")
         utils.note_idle_gpus(args, rt, utils.script_command(__file__))
 
+    resume = utils.resume_command(utils.script_command(__file__), args.model_path, rt, args.device)
     clock = utils.EpochClock(rt.started)
     with utils.StopRequest(announce=rt.is_main) as stop:
         for epoch in range(start_epoch, args.total_epoch):
@@ -278,7 +279,7 @@ def main(args):
                 save_checkpoint(args, rt, model, trainer, train_loader, epoch=epoch,
                                 step=epoch * steps_per_epoch + epoch_state.step, epoch_state=epoch_state,
                                 data=data_record)
-                utils.exit_after_signal(args.model_path, utils.script_command(__file__), stop.signum, rt, log)
+                utils.exit_after_signal(args.model_path, resume, stop.signum, rt, log)
             epoch_state = None
             record = {"epoch": epoch + 1, "loss": metrics["loss"], "lr": metrics["lr"],
                       "images_per_s": metrics["images_per_s"], "seconds": metrics["seconds"]}
@@ -304,8 +305,7 @@ def main(args):
                       + clock.left(args.total_epoch - epoch - 1))
             if stopping:
                 if rt.is_main:
-                    print(f"stopping after epoch {epoch + 1} {stopping}; resume with: "
-                          f"{utils.resume_command(utils.script_command(__file__), args.model_path, rt)}")
+                    print(f"stopping after epoch {epoch + 1} {stopping}; resume with: {resume}")
                 break
     log.close()
 

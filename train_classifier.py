@@ -439,6 +439,7 @@ def main(args):
             utils.save_atomic(checkpoint(model.state_dict(), config, data.classes, epoch, best_acc=best_acc,
                                          best_model=best_state, best_epoch=best_epoch, **state), last_path)
 
+    resume = utils.resume_command(utils.script_command(__file__), last_path, rt, args.device)
     clock = utils.EpochClock(rt.started)
     with utils.StopRequest(announce=rt.is_main) as stop:
         for epoch in range(start_epoch, args.total_epoch):
@@ -447,7 +448,7 @@ def main(args):
                                                      stop=stop)
             if train is None:  # SIGINT / SIGTERM / SIGHUP: save where we are, exit 128 + signal
                 save_last(epoch, epoch_state)
-                utils.exit_after_signal(last_path, utils.script_command(__file__), stop.signum, rt, log)
+                utils.exit_after_signal(last_path, resume, stop.signum, rt, log)
             epoch_state = None
             val = evaluate(eval_model, val_loader, rt, num_classes)
             last_acc = val["acc"]
@@ -477,8 +478,7 @@ def main(args):
                       f"{utils.format_rate(train['images_per_s'])}" + clock.left(args.total_epoch - epoch - 1))
             if stopping:
                 if rt.is_main:
-                    print(f"stopping after epoch {epoch + 1} {stopping}; resume with: "
-                          f"{utils.resume_command(utils.script_command(__file__), last_path, rt)}")
+                    print(f"stopping after epoch {epoch + 1} {stopping}; resume with: {resume}")
                 log.close()
                 return {"best_acc": best_acc}
 

@@ -2357,23 +2357,25 @@ def script_command(script_file):
     return shlex.quote(path if relative.startswith(os.pardir) else relative)
 
 
-def resume_command(script, path, rt):
-    """The command that goes on with a run from its checkpoint (which holds its settings and --data_dir)."""
-    path = shlex.quote(path)  # to be copied into a shell
+def resume_command(script, path, rt, device=None):
+    """The command that goes on with a run from its checkpoint (which holds its settings and --data_dir). The
+    --device the run was given is not among them (a resume may move to another machine): it is in the command
+    (a sweep of one run per GPU, --device cuda:1, would otherwise resume on cuda:0)."""
+    flags = f"--resume {shlex.quote(path)}" + (f" --device {shlex.quote(device)}" if device else "")
     if not rt.distributed:
-        return f"python {script} --resume {path}"
+        return f"python {script} {flags}"
     per_node = int(os.environ.get("LOCAL_WORLD_SIZE", rt.world_size))
     if per_node == rt.world_size:
-        return f"torchrun --nproc_per_node={per_node} {script} --resume {path}"
-    return f"torchrun {script} --resume {path} on every node, with this run's launch options"
+        return f"torchrun --nproc_per_node={per_node} {script} {flags}"
+    return f"torchrun {script} {flags} on every node, with this run's launch options"
 
 
-def exit_after_signal(path, script, signum, rt, log):
-    """After the checkpoint of an interrupted run is written: say how to resume, exit 128 + signal number."""
+def exit_after_signal(path, command, signum, rt, log):
+    """After the checkpoint of an interrupted run is written: say how to resume (command: resume_command's),
+    exit 128 + signal number."""
     log.close()
     if rt.is_main:
-        print(f"stopped; checkpoint saved to {path}. Resume with: {resume_command(script, path, rt)}",
-              file=sys.stderr)
+        print(f"stopped; checkpoint saved to {path}. Resume with: {command}", file=sys.stderr)
     sys.exit(128 + signum)
 
 

@@ -634,10 +634,11 @@ def test_pretraining_resume_is_bit_identical(tmp_path, cifar_dir):
 def test_resume_on_other_images_says_so_and_on_a_moved_copy_does_not(tmp_path, cifar_dir, capsys, monkeypatch):
     from torchvision.datasets import CIFAR10
     monkeypatch.chdir(tmp_path)  # a run folder of its own, outside the repository
-    result, part, _ = pretrain(tmp_path, cifar_dir, "--total_epoch", 4, "--stop_after_epoch", 1, capsys=capsys)
+    result, part, _ = pretrain(tmp_path, cifar_dir, "--total_epoch", 4, "--stop_after_epoch", 1, "--device", "cpu",
+                               capsys=capsys)
     assert result.returncode == 0, result.stderr
     script = os.path.join(ROOT, "mae_pretrain.py")  # the command works from here: the script's whole path
-    assert f"resume with: python {script} --resume {part}" in result.stdout  # and its data comes along
+    assert f"resume with: python {script} --resume {part} --device cpu\n" in result.stdout  # its data comes along
     saved = load(part)["data"]  # which data the checkpoint was trained on, as plain values
     assert saved["dir"] == os.path.abspath(cifar_dir) and saved["train_images"] == 100
     # without --data_dir the run's own (not the default, data/ in another working folder: nothing there)

@@ -534,6 +534,9 @@ def test_resume_command_names_the_launcher(monkeypatch):
     # a path with a space or a quote is quoted for the shell it is copied into
     assert utils.resume_command("mae_pretrain.py", "my runs/it's.pth", CPU) == \
         """python mae_pretrain.py --resume 'my runs/it'"'"'s.pth'"""
+    # the --device a run was given (one run per GPU), which its checkpoint does not hold, goes along
+    assert utils.resume_command("mae_pretrain.py", "m.pth", CPU, "cuda:1") == \
+        "python mae_pretrain.py --resume m.pth --device cuda:1"
 
 
 def test_script_command_is_the_path_to_type_from_the_working_folder(tmp_path, monkeypatch):
