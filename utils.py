@@ -2351,7 +2351,7 @@ def script_command(script_file):
     in the repository, as the README does), else its absolute path; shell-quoted."""
     path = os.path.abspath(script_file)
     try:
-        relative = os.path.relpath(path)
+        relative = os.path.relpath(os.path.realpath(path))  # as os.getcwd(): a checkout reached by a link counts
     except ValueError:  # another drive, on Windows
         relative = os.pardir
     return shlex.quote(path if relative.startswith(os.pardir) else relative)

@@ -550,6 +550,9 @@ def test_script_command_is_the_path_to_type_from_the_working_folder(tmp_path, mo
     os.makedirs(tmp_path / "my code")
     monkeypatch.chdir(tmp_path / "my code" / "..")
     assert utils.script_command(str(tmp_path / "my code" / "mae_pretrain.py")) == "'my code/mae_pretrain.py'"
+    os.symlink(tmp_path / "my code", tmp_path / "link")  # the script named through a link to the working folder
+    monkeypatch.chdir(tmp_path / "my code")
+    assert utils.script_command(str(tmp_path / "link" / "mae_pretrain.py")) == "mae_pretrain.py"
 
 
 def test_stop_request_leaves_sighup_ignored_under_nohup():
