@@ -508,31 +508,37 @@ def test_the_readmes_python_block_loads_both_checkpoints(tmp_path, cifar_dir, ca
 
 def test_reconstruction_figure_at_several_mask_ratios(tmp_path, cifar_dir, capsys, monkeypatch):
     from PIL import Image
+    import numpy as np
     result, mae_path, _ = pretrain(tmp_path, cifar_dir, "--norm_pix_loss", capsys=capsys)
     assert result.returncode == 0, result.stderr
     out = tmp_path / "fig.png"
     result = run("tools/reconstruct.py", mae_path, "--out", out, "--data_dir", cifar_dir, "--num_images", 4,
                  "--mask_ratios", 0.25, 0.5, 0.75)
     assert result.returncode == 0, result.stderr
-    width, height = Image.open(out).size
-    assert (width, height) == (7 * 9 + 1, 4 * 9 + 1)  # 7 columns x 4 rows of 8-pixel images, 1-pixel padding
+    figure = Image.open(out)
+    # 7 columns x 4 rows of 8-pixel images drawn 4 times as large (the default --scale), 1-pixel padding
+    assert figure.size == (7 * 33 + 1, 4 * 33 + 1)
+    tile = torch.from_numpy(np.asarray(figure.convert("RGB")).copy())[1:33, 1 + 6 * 33:33 + 6 * 33]  # the original
+    assert torch.equal(tile, tile[::4, ::4].repeat_interleave(4, 0).repeat_interleave(4, 1))  # 4 x 4 squares
     here = lambda *args: run_here(capsys, "tools/reconstruct.py", *args)  # the rest in this process
     given = [tmp_path / "a.png", tmp_path / "b.png"]
     for i, path in enumerate(given):
         Image.new("RGB", (20, 20), (40 * i, 100, 200)).save(path)
-    result = here(mae_path, "--out", out, "--images", *given, "--mask_ratios", 0.5)
+    result = here(mae_path, "--out", out, "--images", *given, "--mask_ratios", 0.5, "--scale", 1)
     assert result.returncode == 0, result.stderr
     assert Image.open(out).size == (3 * 9 + 1, 2 * 9 + 1)
     before = out.read_bytes()
     result = here(mae_path, "--out", out, "--data_dir", cifar_dir, "--num_images", 0)
     assert_clean_error(result, 2, "--num_images must be positive, got 0")
+    result = here(mae_path, "--out", out, "--data_dir", cifar_dir, "--scale", 0)
+    assert_clean_error(result, 2, "--scale must be positive, got 0")
     assert out.read_bytes() == before
     # a typo that names the checkpoint is refused before anything is written; a new folder is made
     result = here(mae_path, "--out", mae_path, "--data_dir", cifar_dir)
     assert_clean_error(result, 2, "give a .png or .jpg file name")
     assert load(mae_path)["kind"] == "mae_pretrain"
     result = here(mae_path, "--out", tmp_path / "new" / "fig.jpg", "--data_dir", cifar_dir, "--num_images", 2,
-                  "--mask_ratios", 0.5)
+                  "--mask_ratios", 0.5, "--scale", 1)
     assert result.returncode == 0, result.stderr
     assert Image.open(tmp_path / "new" / "fig.jpg").size == (3 * 9 + 1, 2 * 9 + 1)
     assert Image.open(tmp_path / "new" / "fig.jpg").format == "JPEG"  # the format follows the name

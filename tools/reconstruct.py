@@ -2,6 +2,8 @@
 
     python tools/reconstruct.py vit-t-mae.pth --out reconstructions.png --mask_ratios 0.25 0.5 0.75
 
+Each pixel is drawn as a 4 x 4 square (`--scale`), so 32-pixel images are large enough to see.
+
 Rows are images; for each mask ratio two columns (masked input, reconstruction with the visible patches
 pasted back), then the original.
 """
@@ -33,6 +35,9 @@ def get_args_parser():
                         help="where the test images come from (as the scripts'); not given: the data the checkpoint "
                              "was trained on, where it is still there")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random masks")
+    parser.add_argument("--scale", type=int, default=4,
+                        help="draw each pixel as a SCALE x SCALE square (nearest neighbour), so that 32-pixel "
+                             "images are large enough to see; 1: the images' own size")
     return parser
 
 
@@ -54,7 +59,7 @@ def main(args):
     for ratio in args.mask_ratios:
         if not 0 <= ratio < 1:
             raise utils.UserError(f"--mask_ratios must lie in [0, 1), got {ratio}")
-    utils.check_positive(args, "num_images")
+    utils.check_positive(args, "num_images", "scale")
     if os.path.splitext(args.out)[1].lower() not in (".png", ".jpg", ".jpeg"):
         raise utils.UserError(f"--out {args.out}: give a .png or .jpg file name (the figure is an image)")
     utils.check_writable(args.out, "--out")  # before any data is read
@@ -71,6 +76,7 @@ def main(args):
         data = utils.load_data(args.data_dir, model.config["image_size"])
         images = utils.normalize(data.test_images[:args.num_images])
     grid, per_row = reconstruction_rows(model, images, args.mask_ratios, args.seed)
+    grid = grid.repeat_interleave(args.scale, dim=-2).repeat_interleave(args.scale, dim=-1)
     image_format = "png" if args.out.lower().endswith(".png") else "jpeg"
     utils.write_atomic(args.out, lambda f: save_image(grid, f, format=image_format, nrow=per_row, padding=1,
                                                       pad_value=1.0))
