@@ -266,7 +266,7 @@ def main(args):
               f"peak lr {peak_lr:.2e}, {rt.describe()}, loader {args.loader}")
         if start_epoch >= args.total_epoch:
             print(f"{args.resume} has finished all {args.total_epoch} epochs: nothing to train")
-        utils.note_idle_gpus(args, rt, utils.script_command(__file__))
+        utils.note_devices(args, rt, utils.script_command(__file__))
 
     resume = utils.resume_command(utils.script_command(__file__), args.model_path, rt, args.device)
     clock = utils.EpochClock(rt.started)

@@ -420,7 +420,7 @@ def main(args):
               f"{micro_batch}, peak lr {peak_lr:.2e}, {rt.describe()}; the best epoch is picked on {selected_on}")
         if pretrained is not None:
             print(pretraining_note(args.pretrained_model_path, pretrained))
-        utils.note_idle_gpus(args, rt, utils.script_command(__file__))
+        utils.note_devices(args, rt, utils.script_command(__file__))
         note = ema_note(args.ema_decay, args.total_epoch * steps_per_epoch) if ema is not None else None
         if note:
             print(note)

@@ -332,9 +332,18 @@ def setup_runtime(args):
                    local_rank, started)
 
 
-def note_idle_gpus(args, rt, script):
-    """A one-process run on a machine with more GPUs than it uses: print a note naming the torchrun command that
-    uses them all. Not when --device names one (cuda:1: a GPU picked on purpose, say one run per GPU)."""
+def note_devices(args, rt, script):
+    """Start-up notes on the device a run got without asking for one.
+
+    On the CPU: torch sees no GPU, so a run meant for one (the defaults are) would take days; say why (a torch
+    built without CUDA, or no GPU or driver it can use). On one GPU of several: name the torchrun command that
+    uses them all. Neither when --device names the device (cuda:1: a GPU picked on purpose, say one run per GPU)."""
+    if args.device is None and rt.device.type == "cpu":
+        why = (f"this torch, {torch.__version__}, is built without CUDA" if torch.version.cuda is None else
+               f"this torch, {torch.__version__} for CUDA {torch.version.cuda}, finds no GPU or no driver it can use")
+        print(f"note: no CUDA device ({why}), so this runs on the CPU: fine for small models (README, Recipes: "
+              "'without a GPU'), days for the default ViT-T/2. --device cpu says this is meant and drops this "
+              "note", file=sys.stderr)
     picked = args.device is not None and torch.device(args.device).index is not None
     count = torch.cuda.device_count() if rt.device.type == "cuda" and not rt.distributed and not picked else 0
     if count > 1:

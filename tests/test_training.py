@@ -1087,7 +1087,7 @@ def test_mae_encoder_export_gives_timm_the_same_features(pos_embed):
 
 def test_a_one_process_run_on_a_machine_with_several_gpus_names_the_torchrun_command(monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
-    note = lambda device, rt: utils.note_idle_gpus(argparse.Namespace(device=device), rt, "mae_pretrain.py") or \
+    note = lambda device, rt: utils.note_devices(argparse.Namespace(device=device), rt, "mae_pretrain.py") or \
         capsys.readouterr().out
     one = utils.Runtime(torch.device("cuda", 0))
     assert note(None, one) == note("cuda", one) == (
@@ -1099,6 +1099,22 @@ def test_a_one_process_run_on_a_machine_with_several_gpus_names_the_torchrun_com
     assert note("cpu", utils.Runtime(torch.device("cpu"))) == ""
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     assert note(None, one) == ""
+
+
+def test_a_run_that_falls_back_to_the_cpu_says_why(monkeypatch, capsys):
+    """No --device and no GPU: a note on stderr names the reason (a torch without CUDA, or no usable GPU), since
+    the defaults would take days on a CPU. --device cpu (a CPU run meant as one) prints nothing."""
+    cpu = utils.Runtime(torch.device("cpu"))
+    note = lambda device: utils.note_devices(argparse.Namespace(device=device), cpu, "mae_pretrain.py") or \
+        capsys.readouterr()
+    monkeypatch.setattr(torch.version, "cuda", None)
+    out = note(None)
+    assert out.out == "" and out.err.startswith(
+        f"note: no CUDA device (this torch, {torch.__version__}, is built without CUDA), so this runs on the CPU")
+    assert out.err.count("\n") == 1 and "--device cpu says this is meant" in out.err
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    assert f"(this torch, {torch.__version__} for CUDA 13.0, finds no GPU or no driver it can use)" in note(None).err
+    assert note("cpu") == ("", "")
 
 
 def test_a_cuda_device_index_past_the_visible_ones_is_a_clear_error(monkeypatch):
