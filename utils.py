@@ -337,7 +337,8 @@ def note_devices(args, rt, script):
 
     On the CPU: torch sees no GPU, so a run meant for one (the defaults are) would take days; say why (a torch
     built without CUDA, or no GPU or driver it can use). On one GPU of several: name the torchrun command that
-    uses them all. Neither when --device names the device (cuda:1: a GPU picked on purpose, say one run per GPU)."""
+    uses them all. Not the first with --device cpu; not the second when --device names a GPU's index (cuda:1: a
+    GPU picked on purpose, say one run per GPU)."""
     if args.device is None and rt.device.type == "cpu":
         why = (f"this torch, {torch.__version__}, is built without CUDA" if torch.version.cuda is None else
                f"this torch, {torch.__version__} for CUDA {torch.version.cuda}, finds no GPU or no driver it can use")
