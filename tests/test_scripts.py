@@ -647,18 +647,19 @@ def test_resume_on_other_images_says_so_and_on_a_moved_copy_does_not(tmp_path, c
     assert f"resume with: python {script} --resume {part} --device cpu\n" in result.stdout  # its data comes along
     saved = load(part)["data"]  # which data the checkpoint was trained on, as plain values
     assert saved["dir"] == os.path.abspath(cifar_dir) and saved["train_images"] == 100
-    # without --data_dir the run's own (not the default, data/ in another working folder: nothing there)
+    # without --data_dir the run's own (not the default, data/ in another working folder: nothing there); each
+    # resume below gives --device cpu, as the printed command does (without it, the CPU note would be on stderr)
     monkeypatch.chdir(tmp_path / "logs")
     monkeypatch.setattr(CIFAR10, "url", "http://localhost:9/nowhere.tar.gz")  # a download would fail at once
-    result = run_here(capsys, "mae_pretrain.py", "--resume", part, "--stop_after_epoch", 2)
+    result = run_here(capsys, "mae_pretrain.py", "--resume", part, "--stop_after_epoch", 2, "--device", "cpu")
     assert result.returncode == 0 and "note:" not in result.stderr, result.stderr
     assert load(part)["epoch"] == 2 and load(part)["data"] == saved
     monkeypatch.undo()
     moved = shutil.copytree(cifar_dir, tmp_path / "moved")  # the same images in another folder: no note
-    result = run_here(capsys, "mae_pretrain.py", "--data_dir", moved, "--resume", part, "--stop_after_epoch", 3)
+    result = run_here(capsys, "mae_pretrain.py", "--data_dir", moved, "--resume", part, "--stop_after_epoch", 3, "--device", "cpu")
     assert result.returncode == 0 and "note:" not in result.stderr, result.stderr
     other = write_cifar_batches(str(tmp_path / "other"), seed=7)  # same classes and sizes, other images
-    result = run_here(capsys, "mae_pretrain.py", "--data_dir", other, "--resume", part)
+    result = run_here(capsys, "mae_pretrain.py", "--data_dir", other, "--resume", part, "--device", "cpu")
     assert result.returncode == 0, result.stderr
     assert f"note: {os.path.abspath(other)} holds other data than {part} was trained on" in result.stderr
     assert load(part)["data"]["fingerprint"] != saved["fingerprint"]  # from here on it trained on those
