@@ -656,7 +656,8 @@ def test_resume_on_other_images_says_so_and_on_a_moved_copy_does_not(tmp_path, c
     assert load(part)["epoch"] == 2 and load(part)["data"] == saved
     monkeypatch.undo()
     moved = shutil.copytree(cifar_dir, tmp_path / "moved")  # the same images in another folder: no note
-    result = run_here(capsys, "mae_pretrain.py", "--data_dir", moved, "--resume", part, "--stop_after_epoch", 3, "--device", "cpu")
+    result = run_here(capsys, "mae_pretrain.py", "--data_dir", moved, "--resume", part, "--stop_after_epoch", 3,
+                      "--device", "cpu")
     assert result.returncode == 0 and "note:" not in result.stderr, result.stderr
     other = write_cifar_batches(str(tmp_path / "other"), seed=7)  # same classes and sizes, other images
     result = run_here(capsys, "mae_pretrain.py", "--data_dir", other, "--resume", part, "--device", "cpu")
