@@ -256,6 +256,7 @@ def main(args):
             utils.note_resumed_data(ckpt, data_record, args.resume)
             print(f"resumed {args.resume} after epoch {start_epoch}"
                   + (f" (+{epoch_state.step} steps)" if epoch_state else ""))
+    script = utils.script_command(__file__)  # as the start-up note and the resume command name it
     log = utils.MetricsLog(args.log_dir, rt, args, completed_epochs=start_epoch, resumed=ckpt is not None,
                            data=data_record)
     val_images = utils.normalize(data.test_images[:16]).to(rt.device)
@@ -266,9 +267,9 @@ def main(args):
               f"peak lr {peak_lr:.2e}, {rt.describe()}, loader {args.loader}")
         if start_epoch >= args.total_epoch:
             print(f"{args.resume} has finished all {args.total_epoch} epochs: nothing to train")
-        utils.note_devices(args, rt, utils.script_command(__file__))
+        utils.note_devices(args, rt, script)
 
-    resume = utils.resume_command(utils.script_command(__file__), args.model_path, rt, args.device)
+    resume = utils.resume_command(script, args.model_path, rt, args.device)
     clock = utils.EpochClock(rt.started)
     with utils.StopRequest(announce=rt.is_main) as stop:
         for epoch in range(start_epoch, args.total_epoch):

@@ -408,6 +408,7 @@ def main(args):
             print(f"resumed {args.resume} after epoch {start_epoch}"
                   + (f" (+{epoch_state.step} steps)" if epoch_state else "") + f", best accuracy so far {best_acc:.2%}")
     eval_model = ema.module if ema is not None else model
+    script = utils.script_command(__file__)  # as the start-up note and the resume command name it
     log = utils.MetricsLog(args.log_dir, rt, args, completed_epochs=start_epoch, resumed=ckpt is not None,
                            data=data_record)
     if rt.is_main:
@@ -420,7 +421,7 @@ def main(args):
               f"{micro_batch}, peak lr {peak_lr:.2e}, {rt.describe()}; the best epoch is picked on {selected_on}")
         if pretrained is not None:
             print(pretraining_note(args.pretrained_model_path, pretrained))
-        utils.note_devices(args, rt, utils.script_command(__file__))
+        utils.note_devices(args, rt, script)
         note = ema_note(args.ema_decay, args.total_epoch * steps_per_epoch) if ema is not None else None
         if note:
             print(note)
@@ -439,7 +440,7 @@ def main(args):
             utils.save_atomic(checkpoint(model.state_dict(), config, data.classes, epoch, best_acc=best_acc,
                                          best_model=best_state, best_epoch=best_epoch, **state), last_path)
 
-    resume = utils.resume_command(utils.script_command(__file__), last_path, rt, args.device)
+    resume = utils.resume_command(script, last_path, rt, args.device)
     clock = utils.EpochClock(rt.started)
     with utils.StopRequest(announce=rt.is_main) as stop:
         for epoch in range(start_epoch, args.total_epoch):
