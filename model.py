@@ -300,3 +300,12 @@ class ViT_Classifier(nn.Module):
     def forward(self, imgs):
         """imgs: (B, C, H, W) -> logits (B, num_classes)."""
         return self.head(self.forward_features(imgs))
+
+
+def build_classifier(config, drop_path=0.0):
+    """A ViT_Classifier from a plain config dict, as checkpoints save it."""
+    encoder = MAE_Encoder(config["image_size"], config["patch_size"], config["emb_dim"], config["encoder_layer"],
+                          config["encoder_head"], mask_ratio=0.0, in_chans=config["in_chans"],
+                          pos_embed=config["pos_embed"], drop_path=drop_path)
+    return ViT_Classifier(encoder, config["num_classes"], global_pool=config["global_pool"],
+                          linear_probe=config["linear_probe"])

@@ -32,9 +32,15 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import mae_pretrain  # noqa: E402
-import train_classifier  # noqa: E402
-import utils  # noqa: E402
+
 from model import MAE_ViT, ViT_Classifier  # noqa: E402
+from cifar_mae.classification import ClassificationLoss  # noqa: E402
+from cifar_mae.engine import Trainer  # noqa: E402
+from cifar_mae.errors import UserError, cli_main  # noqa: E402
+from cifar_mae.flags import ArgumentParser, COMPILE_MODES, INTERPOLATIONS, check_positive, path_arg  # noqa: E402
+from cifar_mae.loaders import DeviceLoader, TorchLoader  # noqa: E402
+from cifar_mae.optim import make_optimizer  # noqa: E402
+from cifar_mae.runtime import setup_runtime, synchronize, wrap_model  # noqa: E402
 
 PRESETS = {
     # the project's default ViT-T/2; fine-tuning measured at a GPU-sized batch (the recipe's 128 is launch-bound)
@@ -45,13 +51,13 @@ PRESETS = {
                  decoder_head=2, images=4096, pretrain_batch=256, pretrain_micro=256, finetune_batch=256,
                  finetune_micro=256, steps=5, warmup=2),
 }
-# the model sizes --model may change: mae_pretrain's, less the two that are not numbers
-MODEL_KEYS = [key for key in mae_pretrain.MODEL_KEYS if key not in ("pos_embed", "norm_pix_loss")]
+# the model sizes --model may change (the numbers of mae_pretrain's model config)
+MODEL_KEYS = ["image_size", "patch_size", "emb_dim", "encoder_layer", "encoder_head", "decoder_layer", "decoder_head",
+              "decoder_emb_dim"]
 
 
 def get_args_parser():
-    parser = utils.ArgumentParser("training throughput benchmark",
-                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = ArgumentParser("training throughput benchmark")
     parser.add_argument("--preset", default="vit-t", choices=sorted(PRESETS),
                         help="vit-t: the default ViT-T/2 on 32x32 images; tiny: a small model for a CPU")
     parser.add_argument("--steps", type=int, default=None, help="timed optimizer steps per case")
@@ -68,17 +74,17 @@ def get_args_parser():
                         help="DataLoader workers of the plain path")
     parser.add_argument("--cases", default="data,pretrain,finetune", help="comma-separated subset")
     parser.add_argument("--paths", default="plain,fast", help="comma-separated subset of plain,fast")
-    parser.add_argument("--compile_mode", default="default", choices=utils.COMPILE_MODES,
+    parser.add_argument("--compile_mode", default="default", choices=COMPILE_MODES,
                         help="torch.compile mode of the fast path")
     parser.add_argument("--randaug", default=None,
                         help="a RandAugment policy (e.g. rand-m9-mstd0.5-inc1) for the data and fine-tuning cases: "
                              "timm's on PIL images in the plain path, per sample on the device in the fast path")
-    parser.add_argument("--interpolation", default="bilinear", choices=utils.INTERPOLATIONS,
+    parser.add_argument("--interpolation", default="bilinear", choices=INTERPOLATIONS,
                         help="filter of the random-resized-crop, on both paths")
     parser.add_argument("--profile", type=int, default=0,
                         help="after the timed steps of each training case, profile this many steps and print "
                              "where the device time goes")
-    parser.add_argument("--trace_dir", type=utils.path_arg, default=None,
+    parser.add_argument("--trace_dir", type=path_arg, default=None,
                         help="with --profile: write a Chrome trace per case here")
     parser.add_argument("--model", nargs="+", default=[], metavar="KEY=VALUE",
                         help="change the preset's model, e.g. decoder_emb_dim=128 decoder_layer=2 (keys: "
@@ -92,7 +98,7 @@ def model_overrides(items):
     for item in items:
         key, _, value = item.partition("=")
         if key not in MODEL_KEYS or not value.isdigit() or int(value) <= 0:
-            raise utils.UserError(f"--model takes KEY=VALUE with a positive whole VALUE and KEY one of "
+            raise UserError(f"--model takes KEY=VALUE with a positive whole VALUE and KEY one of "
                                   f"{', '.join(MODEL_KEYS)}, got {item!r}")
         overrides[key] = int(value)
     return overrides
@@ -101,15 +107,15 @@ def model_overrides(items):
 def runtime(device, fast, compile_mode="default"):
     args = argparse.Namespace(device=device, amp=None if fast else "off", compile=None if fast else False, seed=0,
                               compile_mode=compile_mode)
-    return utils.setup_runtime(args)
+    return setup_runtime(args)
 
 
 def make_loader(rt, images, labels, batch, fast, num_workers, aug=None, seed=0):
     """aug: randaug and interpolation, as the loaders take them."""
     common = dict(device=rt.device, train=True, seed=seed, crop_scale=(0.2, 1.0), flip=True, **(aug or {}))
     if fast:
-        return utils.DeviceLoader(images, labels, batch, **common)
-    return utils.TorchLoader(images, labels, batch, num_workers=num_workers, **common)
+        return DeviceLoader(images, labels, batch, **common)
+    return TorchLoader(images, labels, batch, num_workers=num_workers, **common)
 
 
 def endless_batches(loader):
@@ -141,12 +147,12 @@ def time_data(rt, loader, steps, warmup):
     batches = endless_batches(loader)
     for _ in range(warmup):
         images, _ = next(batches)
-    utils.synchronize(rt.device)
+    synchronize(rt.device)
     start, count = time.perf_counter(), 0
     for _ in range(steps):
         images, _ = next(batches)
         count += images.shape[0]
-    utils.synchronize(rt.device)
+    synchronize(rt.device)
     return count / (time.perf_counter() - start)
 
 
@@ -154,13 +160,13 @@ def build(case, cfg, rt):
     try:
         mae = MAE_ViT(**{k: cfg[k] for k in MODEL_KEYS if k in cfg})
     except ValueError as e:  # a --model change that does not fit (a width its heads do not divide)
-        raise utils.UserError(f"--model: {e}") from None
+        raise UserError(f"--model: {e}") from None
     if case == "pretrain":
         model, loss_fn, betas = mae, mae_pretrain.mae_loss, (0.9, 0.95)
         batch, micro = cfg["pretrain_batch"], cfg["pretrain_micro"]
     else:
         model, betas = ViT_Classifier(mae.encoder, 10), (0.9, 0.999)
-        loss_fn = train_classifier.ClassificationLoss(argparse.Namespace(mixup=0, cutmix=0, label_smoothing=0), 10)
+        loss_fn = ClassificationLoss(argparse.Namespace(mixup=0, cutmix=0, label_smoothing=0), 10)
         batch, micro = cfg["finetune_batch"], cfg["finetune_micro"]
     model.to(rt.device)
     return model, loss_fn, betas, batch, micro
@@ -211,7 +217,7 @@ def profile_steps(trainer, batches, rt, steps, first_step, trace_path=None):
     with torch.profiler.profile(activities=activities) as prof:
         for step in range(steps):
             trainer.step(*next(batches), first_step + step)
-        utils.synchronize(rt.device)
+        synchronize(rt.device)
     if trace_path:
         os.makedirs(os.path.dirname(trace_path), exist_ok=True)
         prof.export_chrome_trace(trace_path + ".part")  # a run stopped while writing leaves no torn trace
@@ -224,10 +230,10 @@ def time_training(case, cfg, rt, images, labels, fast, num_workers, aug, profile
     loader = make_loader(rt, images, labels, batch, fast, num_workers, aug)
     x, y = next(loader.batches(loader.order.new_epoch()))
     flops, flop_shares = flops_per_image(model, loss_fn, x[:min(micro, 64)], y[:min(micro, 64)])
-    optimizer = utils.make_optimizer([{"params": list(model.parameters()), "weight_decay": 0.05}], 1e-4, rt, betas)
+    optimizer = make_optimizer([{"params": list(model.parameters()), "weight_decay": 0.05}], 1e-4, rt, betas)
     if not fast and rt.device.type == "cuda":  # the plain path: the optimizer as a user would first write it
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=betas, weight_decay=0.05)
-    trainer = utils.Trainer(utils.wrap_model(model, rt), loss_fn, optimizer, lambda step: 1e-4, rt, micro_batch=micro,
+    trainer = Trainer(wrap_model(model, rt), loss_fn, optimizer, lambda step: 1e-4, rt, micro_batch=micro,
                             num_extra=1 if case == "finetune" else 0)
     batches = endless_batches(loader)
     if rt.device.type == "cuda":
@@ -235,12 +241,12 @@ def time_training(case, cfg, rt, images, labels, fast, num_workers, aug, profile
     start = time.perf_counter()
     for step in range(cfg["warmup"]):
         sums = trainer.step(*next(batches), step)
-    utils.synchronize(rt.device)
+    synchronize(rt.device)
     warmup_seconds = time.perf_counter() - start
     start = time.perf_counter()
     for step in range(cfg["steps"]):
         sums = trainer.step(*next(batches), cfg["warmup"] + step)
-    utils.synchronize(rt.device)
+    synchronize(rt.device)
     seconds = time.perf_counter() - start
     loss = float(sums[0] / sums[1])
     images_per_s = cfg["steps"] * batch / seconds
@@ -258,22 +264,22 @@ def parse_subset(value, flag, allowed):
     chosen = value.split(",")
     unknown = [name for name in chosen if name not in allowed]
     if unknown:
-        raise utils.UserError(f"{flag} takes a comma-separated subset of {','.join(allowed)}, got {value!r}")
+        raise UserError(f"{flag} takes a comma-separated subset of {','.join(allowed)}, got {value!r}")
     return chosen
 
 
-@utils.cli_main
+@cli_main
 def main(args):
     cfg = {**PRESETS[args.preset], **model_overrides(args.model)}
     for key in ("steps", "warmup", "pretrain_micro", "finetune_batch", "finetune_micro"):
         if getattr(args, key) is not None:
             cfg[key] = getattr(args, key)
-    utils.check_positive(argparse.Namespace(**cfg, peak_tflops=args.peak_tflops), "steps", "pretrain_micro",
+    check_positive(argparse.Namespace(**cfg, peak_tflops=args.peak_tflops), "steps", "pretrain_micro",
                          "finetune_batch", "finetune_micro", "peak_tflops")
     if cfg["warmup"] < 0 or args.profile < 0 or args.num_workers < 0:
-        raise utils.UserError("--warmup, --profile and --num_workers must not be negative")
+        raise UserError("--warmup, --profile and --num_workers must not be negative")
     if cfg["finetune_batch"] % cfg["finetune_micro"] or cfg["pretrain_batch"] % cfg["pretrain_micro"]:
-        raise utils.UserError("each batch must be a multiple of its micro-batch (--finetune_batch, --finetune_micro, "
+        raise UserError("each batch must be a multiple of its micro-batch (--finetune_batch, --finetune_micro, "
                               f"--pretrain_micro; the pretraining batch is {cfg['pretrain_batch']})")
     cases = parse_subset(args.cases, "--cases", ["data", "pretrain", "finetune"])
     paths = parse_subset(args.paths, "--paths", ["plain", "fast"])

@@ -23,16 +23,19 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import mae_pretrain  # noqa: E402
 import train_classifier  # noqa: E402
-import utils  # noqa: E402
+from cifar_mae.atomic import write_atomic  # noqa: E402
+from cifar_mae.errors import UserError, cli_main  # noqa: E402
+from cifar_mae.flags import ArgumentParser, check_positive, path_arg  # noqa: E402
+from cifar_mae.metrics import read_json_lines  # noqa: E402
 
 
 def get_args_parser():
-    parser = utils.ArgumentParser("time to accuracy", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--data_dir", type=utils.path_arg, default="data", help="as the scripts' --data_dir")
-    parser.add_argument("--out_dir", type=utils.path_arg, default="runs/time-to-accuracy",
+    parser = ArgumentParser("time to accuracy")
+    parser.add_argument("--data_dir", type=path_arg, default="data", help="as the scripts' --data_dir")
+    parser.add_argument("--out_dir", type=path_arg, default="runs/time-to-accuracy",
                         help="checkpoints and logs of this run")
     parser.add_argument("--pretrain_epochs", type=int, default=100, help="0: fine-tune from scratch")
-    parser.add_argument("--pretrained_model_path", type=utils.path_arg, default=None,
+    parser.add_argument("--pretrained_model_path", type=path_arg, default=None,
                         help="skip pretraining and fine-tune (or probe) this MAE checkpoint")
     parser.add_argument("--finetune_epochs", type=int, default=30, help="fine-tuning (or probing) epochs")
     parser.add_argument("--pretrain_args", default="", help="more mae_pretrain.py flags, quoted")
@@ -40,7 +43,7 @@ def get_args_parser():
     parser.add_argument("--check", action="store_true",
                         help="parse and check both phases' flags, run nothing (what a script of several runs does "
                              "first)")
-    parser.add_argument("--summarize", type=utils.path_arg, nargs="+", metavar="OUT_DIR", default=None,
+    parser.add_argument("--summarize", type=path_arg, nargs="+", metavar="OUT_DIR", default=None,
                         help="run nothing: print the report.json of these earlier runs as a table")
     return parser
 
@@ -54,7 +57,7 @@ def summary_table(out_dirs):
             with open(path) as f:
                 report = json.load(f)
         except (OSError, ValueError) as e:
-            raise utils.UserError(f"--summarize: cannot read {path} ({e.__class__.__name__}); is {out_dir} the "
+            raise UserError(f"--summarize: cannot read {path} ({e.__class__.__name__}); is {out_dir} the "
                                   "--out_dir of a finished run?") from None
         done, asked = report.get("pretrain_epochs_done", report["pretrain_epochs"]), report["pretrain_epochs"]
         pretraining = report["pretrained_model_path"] or (
@@ -75,7 +78,7 @@ def phase_args(module, argv, extra, flag):
     try:
         extra = shlex.split(extra)
     except ValueError as e:
-        raise utils.UserError(f"{flag}: {e} (give the flags as one quoted string)") from None
+        raise UserError(f"{flag}: {e} (give the flags as one quoted string)") from None
     args = module.get_args_parser().parse_args(argv + extra)
     module.validate(args)
     return args
@@ -88,18 +91,18 @@ def run_phase(module, args):
 
 
 def read_metrics(log_dir):
-    return utils.read_json_lines(os.path.join(log_dir, "metrics.jsonl"))
+    return read_json_lines(os.path.join(log_dir, "metrics.jsonl"))
 
 
-@utils.cli_main
+@cli_main
 def main(args):
     if args.summarize:
         table = summary_table(args.summarize)
         print(table)
         return table
     if args.pretrain_epochs < 0:
-        raise utils.UserError(f"--pretrain_epochs must not be negative (0: no pretraining), got {args.pretrain_epochs}")
-    utils.check_positive(args, "finetune_epochs")
+        raise UserError(f"--pretrain_epochs must not be negative (0: no pretraining), got {args.pretrain_epochs}")
+    check_positive(args, "finetune_epochs")
     report = {"pretrain_epochs": None if args.pretrained_model_path else args.pretrain_epochs,
               "pretrained_model_path": args.pretrained_model_path, "finetune_epochs": args.finetune_epochs,
               "pretrain_args": args.pretrain_args, "finetune_args": args.finetune_args}
@@ -132,7 +135,7 @@ def main(args):
             report["pretrain_knn_acc"] = knn[-1]
     result, report["finetune_seconds"] = run_phase(train_classifier, finetune_args)
     if "final" not in result:
-        raise utils.UserError(f"the fine-tuning stopped before its last epoch (a --stop_after_* flag in "
+        raise UserError(f"the fine-tuning stopped before its last epoch (a --stop_after_* flag in "
                               f"--finetune_args?), so it has no final accuracy to report; {args.out_dir} holds "
                               "what it trained")
     metrics = read_metrics(os.path.join(args.out_dir, "logs", "classifier"))
@@ -146,7 +149,7 @@ def main(args):
     report["best_acc5"] = result["final"]["acc5"]
     report["total_seconds"] = report.get("pretrain_seconds", 0) + report["finetune_seconds"]
     line = json.dumps(report) + "\n"
-    utils.write_atomic(os.path.join(args.out_dir, "report.json"), lambda f: f.write(line.encode()))
+    write_atomic(os.path.join(args.out_dir, "report.json"), lambda f: f.write(line.encode()))
     print(json.dumps(report), flush=True)
     return report
 

@@ -6,10 +6,12 @@ import pytest
 import torch
 from PIL import Image
 from timm.data import auto_augment
+from cifar_mae.augment import random_erase
+from cifar_mae.errors import UserError
+from cifar_mae.loaders import DeviceLoader
+from cifar_mae.randaug import DeviceRandAugment, RANDAUG_AFFINE_OPS, RANDAUG_COLOR_OPS, _pil_posterize, affine_coefficients, randaug_policy, warp_affine
 
-import utils
-
-OPS = sorted(utils.RANDAUG_COLOR_OPS) + sorted(utils.RANDAUG_AFFINE_OPS)
+OPS = sorted(RANDAUG_COLOR_OPS) + sorted(RANDAUG_AFFINE_OPS)
 
 
 def smooth_images(n=6, size=16, seed=0):
@@ -24,7 +26,7 @@ def timm_op(name, images, magnitude, sign, monkeypatch, interpolation=Image.BILI
     op = auto_augment.AugmentOp(name, prob=1.0, magnitude=magnitude,
                                 hparams={"img_mean": (128,) * 3, "interpolation": interpolation})
     if name.startswith("Posterize"):
-        op.aug_fn = utils._pil_posterize  # what utils.randaug_policy installs (Pillow refuses 0 bits)
+        op.aug_fn = _pil_posterize  # what randaug_policy installs (Pillow refuses 0 bits)
     monkeypatch.setattr(random, "random", lambda: 0.9 if sign < 0 else 0.1)  # timm negates when > 0.5
     out = [op(Image.fromarray(image.permute(1, 2, 0).numpy())) for image in images]
     return torch.stack([torch.from_numpy(np.array(image)).permute(2, 0, 1) for image in out])
@@ -34,8 +36,8 @@ def affine(height, width, **params):
     """affine_coefficients with the parameters not given at 0."""
     n = len(next(iter(params.values())))
     zero = torch.zeros(n, dtype=torch.float64)
-    full = {slot: params.get(slot, zero) for slot, _ in utils.RANDAUG_AFFINE_OPS.values()}
-    return utils.affine_coefficients(height, width, **full)
+    full = {slot: params.get(slot, zero) for slot, _ in RANDAUG_AFFINE_OPS.values()}
+    return affine_coefficients(height, width, **full)
 
 
 def ours(name, images, magnitude, sign, bicubic=False):
@@ -43,12 +45,12 @@ def ours(name, images, magnitude, sign, bicubic=False):
     level = torch.full((len(images),), magnitude / 10, dtype=torch.float64)
     signs = torch.full((len(images),), sign, dtype=torch.float64)
     x = images.float()
-    if name in utils.RANDAUG_COLOR_OPS:
-        out = utils.RANDAUG_COLOR_OPS[name](x, level, signs)
+    if name in RANDAUG_COLOR_OPS:
+        out = RANDAUG_COLOR_OPS[name](x, level, signs)
     else:
         _, _, height, width = images.shape
-        slot, value = utils.RANDAUG_AFFINE_OPS[name]
-        out = utils.warp_affine(x, affine(height, width, **{slot: value(level, signs, height, width)}),
+        slot, value = RANDAUG_AFFINE_OPS[name]
+        out = warp_affine(x, affine(height, width, **{slot: value(level, signs, height, width)}),
                                 bicubic=torch.full((len(images),), bicubic))
     assert out.dtype == torch.float32 and torch.equal(out, out.round()) and out.min() >= 0 and out.max() <= 255
     return out.to(torch.uint8)
@@ -63,7 +65,7 @@ def test_each_op_matches_timm_on_pil(name, monkeypatch):
             got = ours(name, images, magnitude, sign)
             assert got.dtype == torch.uint8 and got.shape == images.shape
             difference = (got.int() - expected.int()).abs()
-            if name in utils.RANDAUG_COLOR_OPS:  # same integer arithmetic as PIL: exact
+            if name in RANDAUG_COLOR_OPS:  # same integer arithmetic as PIL: exact
                 assert difference.max() == 0, (magnitude, sign)
             else:  # interpolation in float32 vs PIL's float64: within one grey level
                 assert difference.max() <= 1, (magnitude, sign)
@@ -71,7 +73,7 @@ def test_each_op_matches_timm_on_pil(name, monkeypatch):
         assert not torch.equal(ours(name, images, 10, 1.0), ours(name, images, 3, 1.0))
 
 
-@pytest.mark.parametrize("name", sorted(utils.RANDAUG_AFFINE_OPS))
+@pytest.mark.parametrize("name", sorted(RANDAUG_AFFINE_OPS))
 def test_geometric_ops_match_pil_bicubic_too(name, monkeypatch):
     """timm picks bilinear or bicubic at random for these; PIL's bicubic here is its a = -1 cubic convolution."""
     images = smooth_images(size=20)
@@ -90,8 +92,8 @@ def test_geometric_ops_match_pil_bicubic_too(name, monkeypatch):
 def test_posterize_with_zero_bits_is_black_on_both_paths():
     images = smooth_images(2)
     one = torch.ones(2, dtype=torch.float64)
-    assert (utils.RANDAUG_COLOR_OPS["PosterizeIncreasing"](images.float(), one, one) == 0).all()
-    policy = utils.randaug_policy("rand-m10-inc1")  # Pillow alone raises ValueError for this op at m10
+    assert (RANDAUG_COLOR_OPS["PosterizeIncreasing"](images.float(), one, one) == 0).all()
+    policy = randaug_policy("rand-m10-inc1")  # Pillow alone raises ValueError for this op at m10
     op = next(op for op in policy.ops if op.name == "PosterizeIncreasing")
     op.prob = 1.0
     black = op(Image.fromarray(images[0].permute(1, 2, 0).numpy()))
@@ -100,24 +102,24 @@ def test_posterize_with_zero_bits_is_black_on_both_paths():
 
 def test_translate_by_whole_pixels_shifts_and_fills():
     images = smooth_images(1, size=20)
-    right = utils.warp_affine(images.float(), affine(20, 20, translate_x=torch.tensor([-9.0], dtype=torch.float64)))
+    right = warp_affine(images.float(), affine(20, 20, translate_x=torch.tensor([-9.0], dtype=torch.float64)))
     assert torch.equal(right[..., 9:], images[..., :11].float())  # content moves right by 9
     assert (right[..., :9] == 128).all()
 
 
 def test_policy_comes_from_timm_and_bad_ones_are_user_errors():
-    ra = utils.DeviceRandAugment("rand-m7-n3-mstd0.5-inc1")
+    ra = DeviceRandAugment("rand-m7-n3-mstd0.5-inc1")
     assert ra.names == auto_augment._RAND_INCREASING_TRANSFORMS
     assert (ra.num_layers, ra.magnitude, ra.magnitude_std, ra.prob) == (3, 7.0, 0.5, 0.5)
-    assert utils.DeviceRandAugment("rand-m9").names == auto_augment._RAND_TRANSFORMS
-    with pytest.raises(utils.UserError, match="not a timm RandAugment policy"):
-        utils.DeviceRandAugment("augmix-m3")
-    with pytest.raises(utils.UserError, match="GaussianBlur"):
-        utils.DeviceRandAugment("rand-m9-t3a")
+    assert DeviceRandAugment("rand-m9").names == auto_augment._RAND_TRANSFORMS
+    with pytest.raises(UserError, match="not a timm RandAugment policy"):
+        DeviceRandAugment("augmix-m3")
+    with pytest.raises(UserError, match="GaussianBlur"):
+        DeviceRandAugment("rand-m9-t3a")
 
 
 def test_draws_follow_the_policy_per_sample():
-    ra = utils.DeviceRandAugment("rand-m9-mstd0.5-inc1")
+    ra = DeviceRandAugment("rand-m9-mstd0.5-inc1")
     ops, level, sign, bicubic = ra.draw(20000, torch.Generator().manual_seed(0), torch.device("cpu"))
     assert ops.shape == level.shape == sign.shape == bicubic.shape == (20000, 2)
     assert abs(bicubic.double().mean().item() - 0.5) < 0.02  # timm: random.choice((BILINEAR, BICUBIC)) per op
@@ -129,7 +131,7 @@ def test_draws_follow_the_policy_per_sample():
     assert abs(sign.mean().item()) < 0.03 and set(sign.unique().tolist()) == {-1.0, 1.0}
     again = ra.draw(20000, torch.Generator().manual_seed(0), torch.device("cpu"))
     assert all(torch.equal(a, b) for a, b in zip((ops, level, sign, bicubic), again, strict=True))
-    weighted = utils.DeviceRandAugment("rand-m9-n3-tweights")
+    weighted = DeviceRandAugment("rand-m9-n3-tweights")
     ops = weighted.draw(5000, torch.Generator().manual_seed(0), torch.device("cpu"))[0]
     unskipped = ops[(ops >= 0).all(1)]  # timm draws weighted ops without replacement: never twice for one image
     assert len(unskipped) > 400 and (unskipped.sort(1).values.diff(dim=1) != 0).all()
@@ -138,7 +140,7 @@ def test_draws_follow_the_policy_per_sample():
 
 
 def test_layers_apply_the_drawn_ops_in_order_and_skip_the_rest():
-    ra = utils.DeviceRandAugment("rand-m9-inc1")
+    ra = DeviceRandAugment("rand-m9-inc1")
     images = smooth_images(4)
     index = {name: i for i, name in enumerate(ra.names)}
     ops = torch.tensor([[index["Rotate"], index["Invert"]], [-1, -1], [index["SolarizeAdd"], -1],
@@ -156,7 +158,7 @@ def test_layers_apply_the_drawn_ops_in_order_and_skip_the_rest():
 
 
 def test_same_image_gets_different_augmentations_and_seed_repeats_them():
-    ra = utils.DeviceRandAugment("rand-m9-mstd0.5-inc1")
+    ra = DeviceRandAugment("rand-m9-mstd0.5-inc1")
     images = smooth_images(1).expand(64, -1, -1, -1)
     out = ra(images, torch.Generator().manual_seed(0))
     assert out.dtype == torch.float32 and out.shape == images.shape and torch.equal(out, out.round())
@@ -169,7 +171,7 @@ def test_same_image_gets_different_augmentations_and_seed_repeats_them():
 def test_device_loader_applies_randaug_after_crop_and_flip():
     images = torch.randint(0, 256, (16, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(5))
     labels = torch.arange(16) % 10
-    make = lambda **kw: utils.DeviceLoader(images, labels, 16, device=torch.device("cpu"), train=True, seed=0, **kw)
+    make = lambda **kw: DeviceLoader(images, labels, 16, device=torch.device("cpu"), train=True, seed=0, **kw)
     plain, augmented = make(flip=True), make(flip=True, randaug="rand-m9-mstd0.5-inc1")
     order = plain.order.new_epoch()
     assert torch.equal(order, augmented.order.new_epoch())
@@ -197,7 +199,7 @@ def test_device_augmentation_builds_no_tensor_from_host_data():
 
     images = torch.randint(0, 256, (64, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     for policy in ("rand-m9-mstd0.5-inc1", "rand-m9-n3-tweights"):
-        loader = utils.DeviceLoader(images, torch.arange(64) % 10, 16, device=torch.device("cpu"), train=True,
+        loader = DeviceLoader(images, torch.arange(64) % 10, 16, device=torch.device("cpu"), train=True,
                                     crop_scale=(0.2, 1.0), flip=True, randaug=policy, reprob=0.5)
         batches = loader.batches(loader.order.new_epoch())
         with CreatedFromData() as mode:  # the first batch as well: the policy's weights were placed up front
@@ -221,15 +223,15 @@ def erased_boxes(before, after):
 
 def test_random_erasing_one_noise_rectangle_per_erased_image():
     images = torch.zeros(4000, 3, 16, 16)
-    out = utils.random_erase(images, 0.25, torch.Generator().manual_seed(0))
+    out = random_erase(images, 0.25, torch.Generator().manual_seed(0))
     erased, rectangle, area = erased_boxes(images, out)
     assert rectangle and abs(erased.float().mean().item() - 0.25) < 0.02
     assert out[~erased].abs().max() == 0                               # the others are untouched
     noise = out.permute(1, 0, 2, 3)[:, (out != 0).any(1)]
     assert abs(noise.mean().item()) < 0.05 and abs(noise.std().item() - 1) < 0.05  # per-pixel N(0, 1)
     assert area[erased].min() >= 0.01 and area[erased].max() <= 0.4
-    assert torch.equal(out, utils.random_erase(images, 0.25, torch.Generator().manual_seed(0)))
-    assert torch.equal(utils.random_erase(images, 0.0, torch.Generator().manual_seed(0)), images)
+    assert torch.equal(out, random_erase(images, 0.25, torch.Generator().manual_seed(0)))
+    assert torch.equal(random_erase(images, 0.0, torch.Generator().manual_seed(0)), images)
 
 
 def test_random_erasing_draws_like_timm():
@@ -239,7 +241,7 @@ def test_random_erasing_draws_like_timm():
     random.seed(0)
     torch.manual_seed(0)
     theirs = RandomErasing(0.5, mode="pixel", device="cpu")(images.clone())
-    ours = utils.random_erase(images, 0.5, torch.Generator().manual_seed(0))
+    ours = random_erase(images, 0.5, torch.Generator().manual_seed(0))
     stats = []
     for out in (theirs, ours):
         erased, rectangle, area = erased_boxes(images, out)

@@ -15,11 +15,28 @@ import torch
 
 import mae_pretrain
 import train_classifier
-import utils
-from conftest import CLASSES, write_cifar100, write_cifar_batches, write_image_folder
+import torch.distributed as dist
+import time
+from cifar_mae import datasets, image_folders, metrics
+from conftest import ROOT, CLASSES, write_cifar100, write_cifar_batches, write_image_folder
+from cifar_mae.atomic import save_atomic
+from cifar_mae.augment import crop_resize_flip, normalize, sample_crop_boxes
+from cifar_mae.checkpoint import FORMAT, restore_training_state, rng_state, set_rng_state, training_state
+from cifar_mae.console import format_duration, resume_command, script_command
+from cifar_mae.datasets import ImageData, _download_cifar, data_info, dataset_name, default_log_dir, load_data
+from cifar_mae.engine import EpochClock, EpochState, STOP_SIGNALS, StopRequest, Trainer, stop_reason
+from cifar_mae.errors import NonFiniteLoss, UserError, cli_main
+from cifar_mae.flags import ArgumentParser, path_arg, plain_args
+from cifar_mae.image_folders import decode_cache_paths, decode_folder
+from cifar_mae.knn import knn_accuracy, knn_monitor
+from cifar_mae.loaders import ArrayDataset, BatchOrder, DeviceLoader, TorchLoader
+from cifar_mae.metrics import MetricsLog, read_json_lines
+from cifar_mae.optim import lr_at, make_optimizer, set_lr
+from cifar_mae.outputs import check_export_path, lock_output, release_output_locks
+from cifar_mae.runtime import Runtime, cuda_defaults, note_devices, setup_runtime, split_batch, wrap_model
 from model import MAE_Encoder, MAE_ViT, ViT_Classifier
 
-CPU = utils.Runtime(torch.device("cpu"))
+CPU = Runtime(torch.device("cpu"))
 TINY = dict(image_size=8, patch_size=2, emb_dim=16, encoder_layer=2, encoder_head=2, decoder_layer=1, decoder_head=2)
 
 
@@ -37,7 +54,7 @@ def make_trainer(model, micro, loss_fn=ce_loss, sgd=False, **kwargs):
     # SGD makes the update linear in the gradient, so gradient equality shows through the weights; Adam's
     # first step g / (|g| + eps) would magnify rounding in near-zero gradients
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1) if sgd else torch.optim.AdamW(model.parameters(), lr=1e-3)
-    return utils.Trainer(model, loss_fn, optimizer, lambda step: 1e-3, CPU, micro_batch=micro, num_extra=1, **kwargs)
+    return Trainer(model, loss_fn, optimizer, lambda step: 1e-3, CPU, micro_batch=micro, num_extra=1, **kwargs)
 
 
 @pytest.mark.parametrize("k,n", [(4, 2), (2, 3)])
@@ -55,17 +72,16 @@ def test_accumulated_micro_batches_equal_one_big_batch(k, n):
 def test_the_default_micro_batch_fits_the_device_and_divides_the_batch():
     """The GPU default of 1024 took about 24 GB of host memory on the CPU, where the kernel killed the run without
     a word; not given, the micro-batch is at most 64 there, and a divisor of the batch on either device."""
-    def micro(batch, device, given=(), max_device_batch_size=1024, even=False, world_size=1):
-        args = argparse.Namespace(batch_size=batch, max_device_batch_size=max_device_batch_size,
-                                  given_flags=list(given))
-        return utils.split_batch(args, utils.Runtime(torch.device(device), world_size=world_size), even=even)[1]
+    def micro(batch, device, given=None, gpu_default=1024, even=False, world_size=1):
+        args = argparse.Namespace(batch_size=batch, max_device_batch_size=given)
+        return split_batch(args, Runtime(torch.device(device), world_size=world_size), gpu_default, even=even)[1]
     assert [micro(b, "cpu") for b in (4096, 128, 100, 90, 16, 97)] == [64, 64, 50, 45, 16, 1]
-    assert micro(90, "cpu", even=True) == 30 and micro(90, "cpu", max_device_batch_size=256, even=True) == 30
+    assert micro(90, "cpu", even=True) == 30 and micro(90, "cpu", gpu_default=256, even=True) == 30
     assert micro(4096, "cpu", world_size=4) == 64 and micro(96, "cpu", world_size=2) == 48
     assert [micro(b, "cuda") for b in (4096, 3000, 512)] == [1024, 1000, 512]  # no longer a divisibility error
-    assert micro(4096, "cpu", given=["max_device_batch_size"]) == 1024  # given: as it is
-    with pytest.raises(utils.UserError, match="not a multiple of the micro-batch 1024"):
-        micro(3000, "cuda", given=["max_device_batch_size"])
+    assert micro(4096, "cpu", given=1024) == 1024  # given: as it is
+    with pytest.raises(UserError, match="not a multiple of the micro-batch 1024"):
+        micro(3000, "cuda", given=1024)
 
 
 def test_accumulation_for_mae_loss():
@@ -76,7 +92,7 @@ def test_accumulation_for_mae_loss():
     for micro in (8, 2):
         torch.manual_seed(0)
         model = MAE_ViT(**TINY)
-        trainer = utils.Trainer(model, mae_pretrain.mae_loss, torch.optim.SGD(model.parameters(), lr=0.1),
+        trainer = Trainer(model, mae_pretrain.mae_loss, torch.optim.SGD(model.parameters(), lr=0.1),
                                 lambda step: 0.1, CPU, micro_batch=micro)
         torch.manual_seed(1)
         trainer.step(images, torch.zeros(8, dtype=torch.long), 0)
@@ -90,11 +106,11 @@ def test_cuda_graph_modes_keep_gradients_in_own_tensors_and_train_the_same():
     a graph's output: the trainer keeps preallocated gradients, adds into them in place and zeroes them in place.
     Checked here through the trainer's own logic (CPU has no CUDA graphs): same tensors, same training."""
     images, labels = torch.randn(12, 3, 8, 8), torch.arange(12) % 10
-    graphed_rt = utils.Runtime(torch.device("cpu"), compile=True, compile_mode="reduce-overhead")
+    graphed_rt = Runtime(torch.device("cpu"), compile=True, compile_mode="reduce-overhead")
     plain, graphed = tiny_classifier(), tiny_classifier()
     plain_trainer = make_trainer(plain, 4, sgd=True)
     optimizer = torch.optim.SGD(graphed.parameters(), lr=0.1)
-    graphed_trainer = utils.Trainer(graphed, ce_loss, optimizer, lambda step: 1e-3, graphed_rt, micro_batch=4,
+    graphed_trainer = Trainer(graphed, ce_loss, optimizer, lambda step: 1e-3, graphed_rt, micro_batch=4,
                                     num_extra=1)
     assert graphed_trainer.cudagraphs and not plain_trainer.cudagraphs
     grads = [p.grad for p in graphed.parameters()]
@@ -109,13 +125,13 @@ def test_cuda_graph_modes_keep_gradients_in_own_tensors_and_train_the_same():
 
 def test_lr_schedule_points():
     peak, warmup, total = 1e-3, 10, 100
-    assert utils.lr_at(0, peak, warmup, total) == pytest.approx(peak / warmup)
-    assert utils.lr_at(warmup - 1, peak, warmup, total) == pytest.approx(peak)
-    assert utils.lr_at(warmup, peak, warmup, total) == pytest.approx(peak)
-    assert utils.lr_at(55, peak, warmup, total) == pytest.approx(peak * 0.5)
-    assert utils.lr_at(total, peak, warmup, total) == pytest.approx(0.0, abs=1e-15)
-    assert utils.lr_at(0, peak, 0, total) == pytest.approx(peak)
-    values = [utils.lr_at(s, peak, warmup, total) for s in range(total + 1)]
+    assert lr_at(0, peak, warmup, total) == pytest.approx(peak / warmup)
+    assert lr_at(warmup - 1, peak, warmup, total) == pytest.approx(peak)
+    assert lr_at(warmup, peak, warmup, total) == pytest.approx(peak)
+    assert lr_at(55, peak, warmup, total) == pytest.approx(peak * 0.5)
+    assert lr_at(total, peak, warmup, total) == pytest.approx(0.0, abs=1e-15)
+    assert lr_at(0, peak, 0, total) == pytest.approx(peak)
+    values = [lr_at(s, peak, warmup, total) for s in range(total + 1)]
     assert values[:warmup] == sorted(values[:warmup]) and values[warmup:] == sorted(values[warmup:], reverse=True)
 
 
@@ -123,8 +139,8 @@ def test_layer_decay_gives_expected_effective_learning_rates():
     model = tiny_classifier()  # 2 blocks: layer 0 = embeddings, 1-2 = blocks (timm puts the final norm with the
     # last block), 3 = head
     args = argparse.Namespace(layer_decay=0.5, weight_decay=0.05)
-    optimizer = utils.make_optimizer(train_classifier.make_param_groups(model, args), 1.0, CPU)
-    utils.set_lr(optimizer, 0.1)
+    optimizer = make_optimizer(train_classifier.make_param_groups(model, args), 1.0, CPU)
+    set_lr(optimizer, 0.1)
     lr_of = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
     wd_of = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
     named = dict(model.named_parameters())
@@ -136,7 +152,7 @@ def test_layer_decay_gives_expected_effective_learning_rates():
     assert wd_of[id(named["cls_token"])] == 0 and wd_of[id(named["pos_embed"])] == 0
     assert wd_of[id(named["blocks.0.attn.qkv.bias"])] == 0 and wd_of[id(named["head.weight"])] == 0.05
     # and the trainer applies them: one step changes lr in every group by its scale
-    trainer = utils.Trainer(model, ce_loss, optimizer, lambda step: 0.2, CPU, micro_batch=4, num_extra=1)
+    trainer = Trainer(model, ce_loss, optimizer, lambda step: 0.2, CPU, micro_batch=4, num_extra=1)
     trainer.step(torch.randn(4, 3, 8, 8), torch.arange(4), 0)
     for group in optimizer.param_groups:
         assert group["lr"] == pytest.approx(0.2 * group["lr_scale"])
@@ -178,7 +194,7 @@ def test_clip_grad_scales_the_whole_gradient_down_to_the_limit():
     def update(clip):  # one SGD step at lr 1 over two micro-batches: the weights move by minus the gradient
         model = tiny_classifier()
         before = torch.nn.utils.parameters_to_vector(model.parameters()).detach().clone()
-        trainer = utils.Trainer(model, ce_loss, torch.optim.SGD(model.parameters(), lr=1.0), lambda step: 1.0, CPU,
+        trainer = Trainer(model, ce_loss, torch.optim.SGD(model.parameters(), lr=1.0), lambda step: 1.0, CPU,
                                 micro_batch=4, num_extra=1, clip_grad=clip)
         trainer.step(images, labels, 0)
         return before - torch.nn.utils.parameters_to_vector(model.parameters()).detach()
@@ -257,9 +273,9 @@ def test_label_smoothing_without_mixup_spreads_epsilon_over_all_classes():
 def test_ctrl_c_asks_for_a_clean_stop_and_a_second_one_aborts(capsys):
     previous = signal.getsignal(signal.SIGINT)
     with pytest.raises(SystemExit) as exit_info:
-        @utils.cli_main
+        @cli_main
         def run(args):
-            with utils.StopRequest() as stop:
+            with StopRequest() as stop:
                 signal.raise_signal(signal.SIGINT)  # the run finishes its step, saves and exits 130
                 assert stop.signum == signal.SIGINT
                 assert "SIGINT received: finishing this step, then saving" in capsys.readouterr().err
@@ -285,7 +301,7 @@ def test_skip_nonfinite_keeps_weights_and_stops_after_n():
     before = [p.clone() for p in model.parameters()]
     trainer.step(torch.randn(4, 3, 8, 8), torch.arange(4), 0)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
-    with pytest.raises(utils.NonFiniteLoss, match="non-finite loss at optimizer step 2;"):
+    with pytest.raises(NonFiniteLoss, match="non-finite loss at optimizer step 2;"):
         trainer.step(torch.randn(4, 3, 8, 8), torch.arange(4), 1)
 
 
@@ -293,11 +309,11 @@ def test_nonfinite_loss_stops_run_epoch_with_epoch_and_step():
     model = tiny_classifier()
     trainer = make_trainer(model, 4, loss_fn=lambda m, x, y: (ce_loss(m, x, y)[0] * float("inf"),
                                                             torch.zeros(1)))
-    loader = utils.DeviceLoader(torch.zeros(8, 3, 8, 8, dtype=torch.uint8), torch.zeros(8, dtype=torch.long), 4,
+    loader = DeviceLoader(torch.zeros(8, 3, 8, 8, dtype=torch.uint8), torch.zeros(8, dtype=torch.long), 4,
                                 device=torch.device("cpu"), train=True)
-    state = utils.EpochState(loader.order.new_epoch())
-    with pytest.raises(utils.NonFiniteLoss, match="epoch 3 at optimizer step 11"):
-        with utils.StopRequest() as stop:
+    state = EpochState(loader.order.new_epoch())
+    with pytest.raises(NonFiniteLoss, match="epoch 3 at optimizer step 11"):
+        with StopRequest() as stop:
             trainer.run_epoch(loader, state, epoch=3, first_step=10, log_interval=1, stop=stop, desc="", show=False)
 
 
@@ -306,10 +322,10 @@ def test_nonfinite_loss_stops_run_epoch_with_epoch_and_step():
 def test_crop_of_known_image_equals_slice_and_flip_mirrors():
     image = (torch.arange(2 * 3 * 8 * 8) % 256).float().view(2, 3, 8, 8)  # whole numbers 0-255, as pixels
     boxes = torch.tensor([[2.0, 1.0, 4.0, 4.0], [0.0, 4.0, 4.0, 4.0]])
-    out = utils.crop_resize_flip(image, boxes, torch.tensor([False, True]), 4)
+    out = crop_resize_flip(image, boxes, torch.tensor([False, True]), 4)
     torch.testing.assert_close(out[0], image[0, :, 1:5, 2:6])
     torch.testing.assert_close(out[1], image[1, :, 4:8, 0:4].flip(-1))
-    whole = utils.crop_resize_flip(image, torch.tensor([[0.0, 0.0, 8.0, 8.0]] * 2), torch.tensor([True, False]), 8)
+    whole = crop_resize_flip(image, torch.tensor([[0.0, 0.0, 8.0, 8.0]] * 2), torch.tensor([True, False]), 8)
     torch.testing.assert_close(whole[0], image[0].flip(-1))
     torch.testing.assert_close(whole[1], image[1])
 
@@ -326,7 +342,7 @@ def test_crop_is_within_a_grey_level_of_torchvision_on_pil_images(mode):
     w, h = torch.randint(2, 17, (n,), generator=g), torch.randint(2, 17, (n,), generator=g)
     x0, y0 = (torch.rand(n, generator=g) * (17 - w)).floor(), (torch.rand(n, generator=g) * (17 - h)).floor()
     flip = torch.arange(n) % 3 == 0
-    ours = utils.crop_resize_flip(images.float(), torch.stack([x0, y0, w, h], 1).float(), flip, 16, mode)
+    ours = crop_resize_flip(images.float(), torch.stack([x0, y0, w, h], 1).float(), flip, 16, mode)
     theirs = []
     for i in range(n):
         out = TF.resized_crop(Image.fromarray(images[i].permute(1, 2, 0).numpy()), int(y0[i]), int(x0[i]),
@@ -339,7 +355,7 @@ def test_crop_is_within_a_grey_level_of_torchvision_on_pil_images(mode):
         assert diff.max() <= 1 and (diff == 0).float().mean() > 0.999
     # a box of the output's size at integer offsets is the slice itself
     image = torch.arange(3 * 64, dtype=torch.float32).view(1, 3, 8, 8)
-    out = utils.crop_resize_flip(image, torch.tensor([[2.0, 1.0, 4.0, 4.0]]), torch.tensor([False]), 4, mode)
+    out = crop_resize_flip(image, torch.tensor([[2.0, 1.0, 4.0, 4.0]]), torch.tensor([False]), 4, mode)
     assert torch.equal(out[0], image[0, :, 1:5, 2:6])
 
 
@@ -352,7 +368,7 @@ def test_crop_interpolation_reaches_both_loaders():
     assert not torch.equal(a, b) and torch.equal(b, b.round()) and (a - b).abs().mean() < 20
     images = torch.zeros(8, 3, 8, 8, dtype=torch.uint8)
     for mode in ("bilinear", "bicubic"):
-        loader = utils.TorchLoader(images, torch.zeros(8, dtype=torch.long), 4, device=torch.device("cpu"),
+        loader = TorchLoader(images, torch.zeros(8, dtype=torch.long), 4, device=torch.device("cpu"),
                                    train=True, crop_scale=(0.2, 1.0), interpolation=mode)
         assert loader.dataset.transform.transforms[0].interpolation == InterpolationMode(mode)
 
@@ -369,7 +385,7 @@ def test_crop_boxes_are_drawn_as_torchvision_draws_them(size, scale):
     theirs = [RandomResizedCrop.get_params(torch.empty(3, height, width), list(scale), [3 / 4, 4 / 3])
               for _ in range(20000)]
     theirs = torch.tensor([[j, i, w, h] for i, j, h, w in theirs], dtype=torch.float32)
-    draw = lambda **kw: utils.sample_crop_boxes(100000, height, width, kw.pop("scale", scale),
+    draw = lambda **kw: sample_crop_boxes(100000, height, width, kw.pop("scale", scale),
                                                 generator=torch.Generator().manual_seed(0), **kw)
     ours = draw()
     x0, y0, w, h = ours.unbind(1)
@@ -390,7 +406,7 @@ def test_crop_boxes_fall_back_to_torchvisions_centre_crop():
     # 12x20 at 90-100 % of the area: every draw is taller than the image, so all fall back to the centre crop
     # at the widest allowed ratio, 4/3: 16 x 12 pixels at x0 = 2, as RandomResizedCrop.get_params gives
     from torchvision.transforms import RandomResizedCrop
-    boxes = utils.sample_crop_boxes(50, 12, 20, (0.9, 1.0), generator=torch.Generator().manual_seed(0))
+    boxes = sample_crop_boxes(50, 12, 20, (0.9, 1.0), generator=torch.Generator().manual_seed(0))
     i, j, h, w = RandomResizedCrop.get_params(torch.empty(3, 12, 20), [0.9, 1.0], [3 / 4, 4 / 3])
     assert (i, j, h, w) == (0, 2, 12, 16)
     assert torch.equal(boxes, torch.tensor([[2.0, 0.0, 16.0, 12.0]] * 50))
@@ -398,7 +414,7 @@ def test_crop_boxes_fall_back_to_torchvisions_centre_crop():
 
 def make_loader(seed=0, **kwargs):
     images = torch.randint(0, 256, (16, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(5))
-    return utils.DeviceLoader(images, torch.arange(16) % 10, 8, device=torch.device("cpu"), train=True, seed=seed,
+    return DeviceLoader(images, torch.arange(16) % 10, 8, device=torch.device("cpu"), train=True, seed=seed,
                               **kwargs), images
 
 
@@ -411,7 +427,7 @@ def test_device_augmentation_shapes_range_variation_and_determinism():
     # per-sample: the same image 8 times gets 8 different augmentations (32x32: boxes are whole pixels, and an
     # 8x8 image has few enough of them that two of 8 draws could meet)
     image = torch.randint(0, 256, (1, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
-    same = utils.DeviceLoader(image.expand(8, -1, -1, -1), torch.zeros(8, dtype=torch.long), 8,
+    same = DeviceLoader(image.expand(8, -1, -1, -1), torch.zeros(8, dtype=torch.long), 8,
                               device=torch.device("cpu"), train=True, crop_scale=(0.2, 1.0), flip=True)
     batch, _ = next(same.batches(same.order.new_epoch()))
     assert len({tuple(b.flatten().tolist()) for b in batch}) == 8
@@ -426,7 +442,7 @@ def test_flip_only_mirrors_some_images_and_keeps_the_rest():
     loader, images = make_loader(flip=True)
     order = loader.order.new_epoch()
     x, _ = next(loader.batches(order))
-    originals = utils.normalize(images[order[:8]])
+    originals = normalize(images[order[:8]])
     mirrored = [torch.equal(a, b.flip(-1)) for a, b in zip(x, originals)]
     kept = [torch.equal(a, b) for a, b in zip(x, originals)]
     assert all(m or k for m, k in zip(mirrored, kept)) and any(mirrored) and any(kept)
@@ -449,7 +465,7 @@ def test_dataloader_workers_started_without_fork_give_the_same_batches(method):
     images = torch.randint(0, 256, (16, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(5))
     flags = dict(device=torch.device("cpu"), train=True, seed=3, crop_scale=(0.2, 1.0), flip=True,
                  randaug="rand-m9-mstd0.5-inc1", reprob=0.5)
-    loaders = [utils.TorchLoader(images, torch.arange(16) % 10, 8, num_workers=n, **flags) for n in (0, 2)]
+    loaders = [TorchLoader(images, torch.arange(16) % 10, 8, num_workers=n, **flags) for n in (0, 2)]
     order = [loader.order.new_epoch() for loader in loaders][0]
     previous = multiprocessing.get_start_method(allow_none=True)
     multiprocessing.set_start_method(method, force=True)
@@ -467,7 +483,7 @@ def test_dataloader_path_augments_each_sample_from_its_own_seed():
                  randaug="rand-m9-mstd0.5-inc1", reprob=0.5)
 
     def loader(workers):
-        return utils.TorchLoader(images, torch.arange(24) % 10, 8, num_workers=workers, **flags)
+        return TorchLoader(images, torch.arange(24) % 10, 8, num_workers=workers, **flags)
 
     np_state, py_state = np.random.get_state(), random.getstate()
     main = loader(0)
@@ -499,16 +515,16 @@ def test_loader_streams_saved_on_another_kind_of_device_start_afresh(capsys):
     labels = torch.arange(8) % 10
     cuda_state = torch.zeros(16, dtype=torch.uint8)  # what torch.Generator("cuda").get_state() returns
     flags = dict(device=torch.device("cpu"), train=True, seed=0, flip=True)
-    device, torch_loader = utils.DeviceLoader(images, labels, 4, **flags), utils.TorchLoader(images, labels, 4, **flags)
+    device, torch_loader = DeviceLoader(images, labels, 4, **flags), TorchLoader(images, labels, 4, **flags)
     fresh = device.state_dict()
     assert device.load_state_dict({"order": cuda_state, "aug": cuda_state}) == ["order", "augmentation"]
     assert all(torch.equal(fresh[k], v) for k, v in device.state_dict().items())  # as seeded
     assert torch_loader.load_state_dict({"order": cuda_state, "aug": cuda_state}) == ["order"]
-    assert device.load_state_dict(utils.DeviceLoader(images, labels, 4, **{**flags, "seed": 5}).state_dict()) == []
+    assert device.load_state_dict(DeviceLoader(images, labels, 4, **{**flags, "seed": 5}).state_dict()) == []
     assert not torch.equal(device.state_dict()["order"], fresh["order"])  # a state that fits is taken
-    state = utils.rng_state(CPU, device)
+    state = rng_state(CPU, device)
     state[0]["loader"] = {"order": cuda_state, "aug": cuda_state}
-    utils.set_rng_state(state, CPU, device)
+    set_rng_state(state, CPU, device)
     assert "random streams in the checkpoint (order, augmentation) come from a run on another kind of device" \
         in capsys.readouterr().err
 
@@ -523,46 +539,46 @@ def test_per_class_table_keeps_its_column_for_long_class_names():
 
 def test_resume_command_names_the_launcher(monkeypatch):
     """The command printed after a stop: python for one process, torchrun with the processes per node else."""
-    assert utils.resume_command("mae_pretrain.py", "m.pth", CPU) == "python mae_pretrain.py --resume m.pth"
-    rank1 = utils.Runtime(torch.device("cpu"), rank=1, world_size=4, local_rank=1)
+    assert resume_command("mae_pretrain.py", "m.pth", CPU) == "python mae_pretrain.py --resume m.pth"
+    rank1 = Runtime(torch.device("cpu"), rank=1, world_size=4, local_rank=1)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
-    assert utils.resume_command("mae_pretrain.py", "m.pth", rank1) == \
+    assert resume_command("mae_pretrain.py", "m.pth", rank1) == \
         "torchrun --nproc_per_node=4 mae_pretrain.py --resume m.pth"
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two machines of two
-    assert utils.resume_command("train_classifier.py", "c-last.pth", rank1) == \
+    assert resume_command("train_classifier.py", "c-last.pth", rank1) == \
         "torchrun train_classifier.py --resume c-last.pth on every node, with this run's launch options"
     # a path with a space or a quote is quoted for the shell it is copied into
-    assert utils.resume_command("mae_pretrain.py", "my runs/it's.pth", CPU) == \
+    assert resume_command("mae_pretrain.py", "my runs/it's.pth", CPU) == \
         """python mae_pretrain.py --resume 'my runs/it'"'"'s.pth'"""
     # the --device a run was given (one run per GPU), which its checkpoint does not hold, goes along
-    assert utils.resume_command("mae_pretrain.py", "m.pth", CPU, "cuda:1") == \
+    assert resume_command("mae_pretrain.py", "m.pth", CPU, "cuda:1") == \
         "python mae_pretrain.py --resume m.pth --device cuda:1"
 
 
 def test_script_command_is_the_path_to_type_from_the_working_folder(tmp_path, monkeypatch):
-    script = os.path.join(os.path.dirname(os.path.abspath(utils.__file__)), "mae_pretrain.py")
+    script = os.path.join(ROOT, "mae_pretrain.py")
     monkeypatch.chdir(os.path.dirname(script))  # in the repository, as the README runs it
-    assert utils.script_command(script) == "mae_pretrain.py"
+    assert script_command(script) == "mae_pretrain.py"
     monkeypatch.chdir(os.path.join(os.path.dirname(script), "tests"))  # ../mae_pretrain.py: absolute is plainer
-    assert utils.script_command(script) == script
+    assert script_command(script) == script
     monkeypatch.chdir(tmp_path)  # a run folder elsewhere: `python ~/mae/mae_pretrain.py` from there
-    assert utils.script_command(script) == script
+    assert script_command(script) == script
     os.makedirs(tmp_path / "my code")
     monkeypatch.chdir(tmp_path / "my code" / "..")
-    assert utils.script_command(str(tmp_path / "my code" / "mae_pretrain.py")) == "'my code/mae_pretrain.py'"
+    assert script_command(str(tmp_path / "my code" / "mae_pretrain.py")) == "'my code/mae_pretrain.py'"
     os.symlink(tmp_path / "my code", tmp_path / "link")  # the script named through a link to the working folder
     monkeypatch.chdir(tmp_path / "my code")
-    assert utils.script_command(str(tmp_path / "link" / "mae_pretrain.py")) == "mae_pretrain.py"
+    assert script_command(str(tmp_path / "link" / "mae_pretrain.py")) == "mae_pretrain.py"
 
 
 def test_stop_request_leaves_sighup_ignored_under_nohup():
     previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)  # what nohup does before it starts the run
     try:
-        with utils.StopRequest() as stop:
+        with StopRequest() as stop:
             assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
             assert signal.getsignal(signal.SIGTERM) == stop._handle
         signal.signal(signal.SIGHUP, signal.SIG_DFL)  # from a terminal: a hang-up saves and stops the run
-        with utils.StopRequest() as stop:
+        with StopRequest() as stop:
             assert signal.getsignal(signal.SIGHUP) == stop._handle
         assert signal.getsignal(signal.SIGHUP) == signal.SIG_DFL
     finally:
@@ -572,20 +588,20 @@ def test_stop_request_leaves_sighup_ignored_under_nohup():
 def test_stop_request_is_announced_by_the_main_rank_only(capfd):
     """Under torchrun every rank gets the signal: one line says so, not one per process; each still stops."""
     for announce in (True, False):
-        with utils.StopRequest(announce=announce) as stop:
+        with StopRequest(announce=announce) as stop:
             signal.raise_signal(signal.SIGTERM)
         assert stop.signum == signal.SIGTERM
         said = capfd.readouterr().err
         assert said.count("SIGTERM received: finishing this step") == int(announce), said
 
 
-class _SignalsItself(utils.ArrayDataset):
+class _SignalsItself(ArrayDataset):
     """Each worker sends itself SIGINT, SIGTERM and SIGHUP, as a Ctrl-C in a terminal or a scheduler's kill of the
     process group would, before it returns its first sample."""
 
     def __getitem__(self, item):
         assert torch.utils.data.get_worker_info() is not None  # never in the main process
-        for signum in utils.STOP_SIGNALS:
+        for signum in STOP_SIGNALS:
             os.kill(os.getpid(), signum)
         return super().__getitem__(item)
 
@@ -593,10 +609,10 @@ class _SignalsItself(utils.ArrayDataset):
 def test_dataloader_workers_leave_stop_signals_to_the_main_process(capfd):
     """--loader torch: a worker neither runs StopRequest's handler (inherited by fork) nor dies; every batch comes."""
     images = torch.randint(0, 256, (16, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    loader = utils.TorchLoader(images, torch.arange(16) % 10, 4, device=torch.device("cpu"), train=True, seed=0,
+    loader = TorchLoader(images, torch.arange(16) % 10, 4, device=torch.device("cpu"), train=True, seed=0,
                                flip=True, num_workers=2)
     loader.dataset = _SignalsItself(loader.dataset.images, loader.dataset.labels, loader.dataset.transform)
-    with utils.StopRequest() as stop:
+    with StopRequest() as stop:
         batches = [x for x, _ in loader.batches(loader.order.new_epoch())]
     assert len(batches) == 4 and stop.signum is None
     assert "received" not in capfd.readouterr().err
@@ -605,13 +621,13 @@ def test_dataloader_workers_leave_stop_signals_to_the_main_process(capfd):
 def test_batch_order_splits_global_batches_over_ranks():
     g = torch.Generator().manual_seed(0)
     order = torch.randperm(20, generator=g)
-    single = utils.BatchOrder(20, 8, train=True, generator=g)
-    ranks = [utils.BatchOrder(20, 8, train=True, generator=g, rank=r, world_size=2) for r in range(2)]
+    single = BatchOrder(20, 8, train=True, generator=g)
+    ranks = [BatchOrder(20, 8, train=True, generator=g, rank=r, world_size=2) for r in range(2)]
     assert len(single) == 2 and all(len(r) == 2 for r in ranks)  # 4 images dropped each epoch
     for step, whole in enumerate(single.steps(order)):
         parts = [list(r.steps(order))[step] for r in ranks]
         assert torch.equal(torch.cat(parts), whole)
-    evals = [utils.BatchOrder(11, 4, train=False, generator=g, rank=r, world_size=2) for r in range(2)]
+    evals = [BatchOrder(11, 4, train=False, generator=g, rank=r, world_size=2) for r in range(2)]
     seen = torch.cat([i for e in evals for i in e.steps(torch.arange(11))])
     assert sorted(seen.tolist()) == list(range(11))
 
@@ -621,7 +637,7 @@ def test_fast_and_plain_paths_train_the_same_model():
     images = torch.randint(0, 256, (32, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     labels = torch.arange(32) % 10
     losses = []
-    for loader_cls in (utils.DeviceLoader, utils.TorchLoader):
+    for loader_cls in (DeviceLoader, TorchLoader):
         loader = loader_cls(images, labels, 8, device=torch.device("cpu"), train=True, seed=3)
         model = tiny_classifier()
         trainer = make_trainer(model, 4)
@@ -638,13 +654,13 @@ def test_fast_and_plain_paths_train_the_same_model():
 
 def test_each_machine_decodes_once_before_its_other_processes_read(monkeypatch):
     events = []
-    monkeypatch.setattr(utils.dist, "barrier", lambda: events.append("barrier"))
-    monkeypatch.setattr(utils, "_find_and_load", lambda *a, **k: events.append("load"))
+    monkeypatch.setattr(dist, "barrier", lambda: events.append("barrier"))
+    monkeypatch.setattr(datasets, "_find_and_load", lambda *a, **k: events.append("load"))
     # two machines with two processes each: the first of each machine loads, then waits for the others
     for rank, local_rank, expected in ((0, 0, ["load", "barrier"]), (1, 1, ["barrier", "load"]),
                                        (2, 0, ["load", "barrier"]), (3, 1, ["barrier", "load"])):
         events.clear()
-        utils.load_data("data", 32, utils.Runtime(torch.device("cpu"), rank, 4, local_rank=local_rank))
+        load_data("data", 32, Runtime(torch.device("cpu"), rank, 4, local_rank=local_rank))
         assert events == expected, (rank, local_rank)
 
 
@@ -665,20 +681,20 @@ def test_download_moves_into_place_once_and_leaves_nothing_on_failure(tmp_path, 
 
     data = str(tmp_path / "a" / "data")
     fake_cifar()
-    utils._download_cifar(data)
+    _download_cifar(data)
     assert os.listdir(data) == ["cifar-10-batches-py"] and os.listdir(os.path.join(data, "cifar-10-batches-py")) == [
         "ours"]  # no temporary folder left
     data = str(tmp_path / "b")
     fake_cifar(finish_first=True)
-    utils._download_cifar(data)
+    _download_cifar(data)
     assert os.listdir(data) == ["cifar-10-batches-py"] and os.listdir(os.path.join(data, "cifar-10-batches-py")) == [
         "theirs"]  # the first complete copy stays; nothing nested inside it
     fake_cifar(fail=True)
-    with pytest.raises(utils.UserError, match="downloading it failed .no network."):
-        utils._download_cifar(str(tmp_path / "c" / "data"))
+    with pytest.raises(UserError, match="downloading it failed .no network."):
+        _download_cifar(str(tmp_path / "c" / "data"))
     assert not (tmp_path / "c").exists()
-    with pytest.raises(utils.UserError):
-        utils._download_cifar(data)  # a folder that was there before stays, without a temporary folder in it
+    with pytest.raises(UserError):
+        _download_cifar(data)  # a folder that was there before stays, without a temporary folder in it
     assert os.listdir(data) == ["cifar-10-batches-py"]
 
 
@@ -688,18 +704,18 @@ def test_cifar10_and_cifar100_in_one_folder_are_told_apart_by_naming_the_dataset
     CIFAR-100 but moving folders."""
     root = write_cifar100(write_cifar_batches(str(tmp_path / "data")))
     cifar10, cifar100 = os.path.join(root, "cifar-10-batches-py"), os.path.join(root, "cifar-100-python")
-    both = utils.load_data(root, 8)
-    assert len(both.classes) == 10 and utils.dataset_name(root) == "cifar10"
+    both = load_data(root, 8)
+    assert len(both.classes) == 10 and dataset_name(root) == "cifar10"
     assert capsys.readouterr().err.strip() == (f"note: {root} holds CIFAR-10 and CIFAR-100; this is CIFAR-10 (for "
                                                f"CIFAR-100 pass --data_dir {cifar100})")
-    ten, hundred = utils.load_data(cifar10, 8), utils.load_data(cifar100 + os.sep, 8)
+    ten, hundred = load_data(cifar10, 8), load_data(cifar100 + os.sep, 8)
     assert capsys.readouterr().err == ""
     for name in ("train_images", "train_labels", "test_images", "test_labels"):
         assert torch.equal(getattr(ten, name), getattr(both, name)), name
     assert ten.classes == both.classes
     assert len(hundred.classes) == 100 and hundred.train_images.shape == (200, 3, 8, 8)
-    assert utils.dataset_name(cifar100) == "cifar100"
-    assert utils.default_log_dir(cifar100, "vit-t-mae.pth") == os.path.join("logs", "cifar100", "vit-t-mae")
+    assert dataset_name(cifar100) == "cifar100"
+    assert default_log_dir(cifar100, "vit-t-mae.pth") == os.path.join("logs", "cifar100", "vit-t-mae")
     assert sorted(os.listdir(root)) == ["cifar-10-batches-py", "cifar-100-python"]  # nothing downloaded
 
 
@@ -707,9 +723,9 @@ def test_another_machines_download_in_progress_is_not_taken_for_a_dataset_one_fo
     busy = tmp_path / "data"  # a shared disk: another machine's download, not yet renamed into place
     write_cifar_batches(str(busy / ".cifar-download-x"))
     calls = []
-    monkeypatch.setattr(utils, "_download_cifar", lambda data_dir, kind: calls.append(data_dir) or
+    monkeypatch.setattr(datasets, "_download_cifar", lambda data_dir, kind: calls.append(data_dir) or
                         write_cifar_batches(data_dir))  # this machine's own download, into place
-    data = utils.load_data(str(busy), 32)
+    data = load_data(str(busy), 32)
     assert calls == [str(busy)] and len(data.train_images) == 100
 
 
@@ -735,16 +751,16 @@ def test_an_archive_from_the_cifar_site_is_checked_and_extracted_without_a_downl
         tar.add(folder, arcname=cls.base_folder)
     monkeypatch.setattr(cls, "tgz_md5", md5(data / cls.filename))
     name = "cifar10" if dataset == "CIFAR10" else "cifar100"
-    assert utils.dataset_name(str(data)) == name  # the default log dir knows it before extracting
-    loaded = utils.load_data(str(data), 32)
+    assert dataset_name(str(data)) == name  # the default log dir knows it before extracting
+    loaded = load_data(str(data), 32)
     assert sorted(os.listdir(data)) == sorted([cls.base_folder, cls.filename])  # no temporary folder left
-    expected = utils.load_data(str(made), 32)
+    expected = load_data(str(made), 32)
     assert torch.equal(loaded.train_images, expected.train_images) and loaded.classes == expected.classes
     shutil.rmtree(data / cls.base_folder)  # an archive cut short is named, not downloaded over
     with open(data / cls.filename, "r+b") as f:
         f.truncate(100)
-    with pytest.raises(utils.UserError, match=re.escape(cls.filename) + " is not the archive the CIFAR site serves"):
-        utils.load_data(str(data), 32)
+    with pytest.raises(UserError, match=re.escape(cls.filename) + " is not the archive the CIFAR site serves"):
+        load_data(str(data), 32)
 
 
 def test_atomic_checkpoint_roundtrip_weights_only(tmp_path):
@@ -754,9 +770,9 @@ def test_atomic_checkpoint_roundtrip_weights_only(tmp_path):
     loader, _ = make_loader()
     umask = os.umask(0o022)
     try:
-        utils.save_atomic({"format": utils.CHECKPOINT_FORMAT, "kind": "mae_pretrain", "model": model.state_dict(),
-                           "model_config": model.config, "args": utils.plain_args(args),
-                           "rng": utils.rng_state(CPU, loader)}, str(path))
+        save_atomic({"format": FORMAT, "kind": "mae_pretrain", "model": model.state_dict(),
+                           "model_config": model.config, "args": plain_args(args),
+                           "rng": rng_state(CPU, loader)}, str(path))
     finally:
         os.umask(umask)
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pth"]  # no temporary file left
@@ -771,19 +787,19 @@ def test_atomic_checkpoint_roundtrip_weights_only(tmp_path):
 
 def test_a_failed_write_is_one_error_and_leaves_the_previous_file(tmp_path, monkeypatch):
     path = tmp_path / "ckpt.pth"
-    utils.save_atomic({"step": 1}, str(path))
+    save_atomic({"step": 1}, str(path))
 
     def full_disk(obj, f):
         f.write(b"part of a checkpoint")
         raise OSError(28, "No space left on device")
-    monkeypatch.setattr(utils.torch, "save", full_disk)
-    with pytest.raises(utils.UserError, match=r"could not write .*ckpt.pth \(No space left on device\); the file "
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(UserError, match=r"could not write .*ckpt.pth \(No space left on device\); the file "
                                               "that was there is unchanged") as info:
-        utils.save_atomic({"step": 2}, str(path))
+        save_atomic({"step": 2}, str(path))
     assert info.value.code == 1
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pth"] and torch.load(path) == {"step": 1}
-    with pytest.raises(utils.UserError, match="nothing was written"):
-        utils.save_atomic({"step": 2}, str(tmp_path / "new.pth"))
+    with pytest.raises(UserError, match="nothing was written"):
+        save_atomic({"step": 2}, str(tmp_path / "new.pth"))
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pth"]
 
 
@@ -794,8 +810,8 @@ def test_a_checkpoint_that_is_a_symbolic_link_is_written_through(tmp_path):
     big.mkdir()
     link = tmp_path / "ckpt.pth"
     link.symlink_to(big / "ckpt.pth")  # dangling until the first save
-    utils.save_atomic({"step": 1}, str(link))
-    utils.save_atomic({"step": 2}, str(link))
+    save_atomic({"step": 1}, str(link))
+    save_atomic({"step": 2}, str(link))
     assert link.is_symlink() and os.readlink(link) == str(big / "ckpt.pth")
     assert torch.load(big / "ckpt.pth") == {"step": 2} and sorted(p.name for p in big.iterdir()) == ["ckpt.pth"]
 
@@ -805,88 +821,47 @@ def test_an_export_linked_to_the_runs_own_checkpoint_is_refused(tmp_path):
     own = tmp_path / "cls.pth"
     (tmp_path / "export.pth").symlink_to(own)
     args = argparse.Namespace(export_timm=str(tmp_path / "export.pth"), overwrite=True)
-    with pytest.raises(utils.UserError, match="names this run's own checkpoint"):
-        utils.check_export_path(args, run_outputs=[str(own)])
-    utils.check_export_path(argparse.Namespace(export_timm=str(tmp_path / "other.pth"), overwrite=False),
+    with pytest.raises(UserError, match="names this run's own checkpoint"):
+        check_export_path(args, run_outputs=[str(own)])
+    check_export_path(argparse.Namespace(export_timm=str(tmp_path / "other.pth"), overwrite=False),
                             run_outputs=[str(own)])
 
 
-def test_class_names_saved_raw_by_older_checkpoints_match_their_readable_form():
-    """Before readable_name, a class folder whose name is not UTF-8 was saved with Python's lone surrogates."""
-    data = argparse.Namespace(classes=["avi\\xf3n", "bird"])
-    train_classifier.check_classes({"classes": ["avi\udcf3n", "bird"]}, data, "c.pth")  # the same folder
-    with pytest.raises(utils.UserError, match="was trained on the classes"):
-        train_classifier.check_classes({"classes": ["avion", "bird"]}, data, "c.pth")
-
-
 def test_a_log_torn_by_a_crash_resumes_and_a_full_disk_is_one_error(tmp_path, monkeypatch):
-    rt, args = utils.Runtime(torch.device("cpu")), argparse.Namespace(seed=0)
-    log = utils.MetricsLog(str(tmp_path), rt, args)
+    rt, args = Runtime(torch.device("cpu")), argparse.Namespace(seed=0)
+    log = MetricsLog(str(tmp_path), rt, args)
     for epoch in (1, 2, 3):
         log.line({"epoch": epoch, "loss": 1.0 / epoch})
     log.close()
     with open(tmp_path / "metrics.jsonl", "a") as f:
         f.write('{"epoch": 4, "lo')  # a kill -9 or a full disk in the middle of a line's write
-    log = utils.MetricsLog(str(tmp_path), rt, args, completed_epochs=3, resumed=True)  # the checkpoint's epoch
-    assert utils.read_json_lines(tmp_path / "metrics.jsonl") == [{"epoch": e, "loss": 1.0 / e} for e in (1, 2, 3)]
-    assert len(utils.read_json_lines(tmp_path / "runs.jsonl")) == 2
+    log = MetricsLog(str(tmp_path), rt, args, completed_epochs=3, resumed=True)  # the checkpoint's epoch
+    assert read_json_lines(tmp_path / "metrics.jsonl") == [{"epoch": e, "loss": 1.0 / e} for e in (1, 2, 3)]
+    assert len(read_json_lines(tmp_path / "runs.jsonl")) == 2
 
     def full_disk(path, mode="r", *rest):
         if "a" in mode:
             raise OSError(28, "No space left on device")
         return open(path, mode, *rest)
-    monkeypatch.setattr(utils, "open", full_disk, raising=False)
-    with pytest.raises(utils.UserError, match=r"could not write .*metrics.jsonl \(No space left on device\); the "
+    monkeypatch.setattr(metrics, "open", full_disk, raising=False)
+    with pytest.raises(UserError, match=r"could not write .*metrics.jsonl \(No space left on device\); the "
                                               "last checkpoint on disk is as it was") as info:
         log.line({"epoch": 4})
     assert info.value.code == 1
     log.close()
 
 
-def test_a_full_disk_under_tensorboard_is_one_error(tmp_path, monkeypatch):
-    """TensorBoard writes in a thread of its own: its failure comes back at the next call, as one line."""
-    from tensorboard.summary.writer.record_writer import RecordWriter
-    log = utils.MetricsLog(str(tmp_path), utils.Runtime(torch.device("cpu")), argparse.Namespace(seed=0))
-    log.scalars({"loss": 1.0}, 1)
-    log.line({"epoch": 1})
-
-    def full_disk(self, data):
-        raise OSError(28, "No space left on device")
-    monkeypatch.setattr(RecordWriter, "write", full_disk)
-    with pytest.raises(utils.UserError, match=r"could not write the TensorBoard events in .* \(No space left on "
-                                              r"device\); the last checkpoint on disk is as it was") as info:
-        log.scalars({"loss": 0.5}, 2)  # queued: the thread fails on it
-        log.line({"epoch": 2})  # the flush waits for the thread, and raises its error
-    assert info.value.code == 1
-    # the thread's own traceback is left out (threading.excepthook), other threads' failures are not
-    printed = []
-    thread_failure = lambda thread, exc_type: argparse.Namespace(thread=thread, exc_type=exc_type)
-    writer_thread = type("_AsyncWriterThread", (threading.Thread,), {})()
-    utils._quiet_event_writer_failure(thread_failure(writer_thread, OSError), hook=printed.append)
-    assert printed == []
-    for failure in (thread_failure(writer_thread, ValueError), thread_failure(threading.Thread(), OSError)):
-        utils._quiet_event_writer_failure(failure, hook=printed.append)
-    assert len(printed) == 2
-    # installed once, in front of whatever hook was there (pytest's, here), which gets the other failures
-    monkeypatch.setattr(threading, "excepthook", printed.append)
-    for _ in range(2):
-        utils._quiet_event_writer_failures()
-    threading.excepthook(thread_failure(threading.Thread(), OSError))
-    threading.excepthook(thread_failure(writer_thread, OSError))
-    assert len(printed) == 3 and threading.excepthook.keywords["hook"] == printed.append
-
-
 def test_hidden_files_and_folders_of_an_image_tree_are_left_out(tmp_path):
     """Jupyter's .ipynb_checkpoints/ is no class, and macOS's ._NAME.jpg is no image."""
     root = write_image_folder(str(tmp_path / "folder"), train=20, test=10)
-    clean = utils.load_data(root, 8)
+    clean = load_data(root, 8)
     shutil.rmtree(os.path.join(root, ".cache"))
     for junk in ("train/.ipynb_checkpoints/0000.jpg", "train/cat/._0003.jpg", "test/dog/.thumbs/0001.jpg"):
         os.makedirs(os.path.dirname(os.path.join(root, junk)), exist_ok=True)
         with open(os.path.join(root, junk), "wb") as f:
             f.write(b"not a jpeg")
     os.makedirs(os.path.join(root, "test", ".empty"))
-    data = utils.load_data(root, 8)
+    data = load_data(root, 8)
     assert data.classes == clean.classes == sorted(set(CLASSES))
     for name in ("train_images", "train_labels", "test_images", "test_labels"):
         assert torch.equal(getattr(data, name), getattr(clean, name)), name
@@ -903,8 +878,8 @@ def test_a_test_split_without_the_train_class_folders_is_named_before_any_decodi
                 os.replace(os.path.join(root, "val", folder, name), os.path.join(root, "val", "images", folder + name))
             os.rmdir(os.path.join(root, "val", folder))
     train_classes = sorted(os.listdir(os.path.join(root, "train")))
-    with pytest.raises(utils.UserError) as e:
-        utils.load_data(root, 8)
+    with pytest.raises(UserError) as e:
+        load_data(root, 8)
     assert f"({len(train_classes)}) and {os.path.join(root, 'val')} (1) differ: only in val/: images; only in " \
            f"train/: {', '.join(train_classes[:3])}, ..." in str(e.value)
     assert sorted(os.listdir(root)) == ["train", "val"]  # nothing decoded: no .cache/
@@ -912,8 +887,8 @@ def test_a_test_split_without_the_train_class_folders_is_named_before_any_decodi
     for name in os.listdir(os.path.join(root, "val", "images")):
         os.replace(os.path.join(root, "val", "images", name), os.path.join(root, "val", name))
     os.rmdir(os.path.join(root, "val", "images"))
-    with pytest.raises(utils.UserError) as e:
-        utils.load_data(root, 8)
+    with pytest.raises(UserError) as e:
+        load_data(root, 8)
     assert str(e.value).startswith(f"{os.path.join(root, 'val')} holds no class folders")
     assert sorted(os.listdir(root)) == ["train", "val"]
 
@@ -924,13 +899,13 @@ def test_a_cache_that_cannot_go_beside_the_images_goes_to_the_users_cache_folder
     root = write_image_folder(str(tmp_path / "folder"))
     (tmp_path / "folder" / ".cache").write_text("a file where the cache folder would go")  # unwritable, even as root
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "home-cache"))
-    images, labels, classes = utils._decode_folder(os.path.join(root, "train"), 8)
+    images, labels, classes = decode_folder(os.path.join(root, "train"), 8)
     assert images.shape == (40, 3, 8, 8) and len(labels) == 40 and len(classes) == 10
-    home = utils.decode_cache_paths(os.path.join(root, "train"), 8)[1]
+    home = decode_cache_paths(os.path.join(root, "train"), 8)[1]
     assert os.path.dirname(home) == str(tmp_path / "home-cache" / "cifar-mae") and os.path.isfile(home)
     assert f"cached in {home} instead" in capsys.readouterr().err
-    monkeypatch.setattr(utils, "read_image", lambda *a: pytest.fail("decoded again"))
-    cached = utils._decode_folder(os.path.join(root, "train"), 8)
+    monkeypatch.setattr(image_folders, "read_image", lambda *a: pytest.fail("decoded again"))
+    cached = decode_folder(os.path.join(root, "train"), 8)
     assert torch.equal(cached[0], images) and torch.equal(cached[1], labels) and cached[2] == classes
     assert capsys.readouterr().err == ""
 
@@ -941,7 +916,7 @@ def test_an_unwritable_cache_is_a_note_and_the_images_still_load(tmp_path, capsy
     (tmp_path / "folder" / ".cache").write_text("a file where the cache folder would go")
     (tmp_path / "home-cache").write_text("nor can the user's cache folder be made")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "home-cache"))
-    images, labels, classes = utils._decode_folder(os.path.join(root, "train"), 8)
+    images, labels, classes = decode_folder(os.path.join(root, "train"), 8)
     assert images.shape == (40, 3, 8, 8) and len(labels) == 40 and len(classes) == 10
     err = capsys.readouterr().err
     assert "note: could not write" in err and "the next run decodes the images again" in err
@@ -954,16 +929,16 @@ def test_a_mid_epoch_checkpoint_gives_the_epochs_sums_to_rank_0_only(capsys):
     trainer = make_trainer(model, 4)
     loader, _ = make_loader()
     sums = torch.tensor([6.0, 8.0, 3.0], dtype=torch.float64)  # loss * images, images, correct: after 1 step
-    state = utils.training_state(trainer, loader, CPU, argparse.Namespace(),
-                                 utils.EpochState(loader.order.new_epoch(), 1, sums))
+    state = training_state(trainer, loader, CPU, argparse.Namespace(),
+                                 EpochState(loader.order.new_epoch(), 1, sums))
     ckpt = {"model": model.state_dict(), "epoch": 0, **state}
     for rank, expected in ((0, sums), (1, torch.zeros(3, dtype=torch.float64))):
-        rt = utils.Runtime(torch.device("cpu"), rank=rank, world_size=2)  # a resume in two processes
-        epoch, restored = utils.restore_training_state(ckpt, model, trainer, loader, rt)
+        rt = Runtime(torch.device("cpu"), rank=rank, world_size=2)  # a resume in two processes
+        epoch, restored = restore_training_state(ckpt, "c.pth", model, trainer, loader, rt, None)
         assert (epoch, restored.step) == (0, 1) and torch.equal(restored.sums, expected)
     assert "RNG states of 1 processes, this run has 2; the order of the images goes on" in capsys.readouterr().err
     other, _ = make_loader(seed=9)  # the next epochs' order follows the checkpoint's, in any number of processes
-    utils.restore_training_state(ckpt, model, trainer, other, utils.Runtime(torch.device("cpu"), world_size=2))
+    restore_training_state(ckpt, "c.pth", model, trainer, other, Runtime(torch.device("cpu"), world_size=2), None)
     assert torch.equal(other.order.new_epoch(), loader.order.new_epoch())
 
 
@@ -979,39 +954,27 @@ def test_float_flags_refuse_nan_and_inf(script, argv, capsys):
     assert script.get_args_parser().parse_args(argv[:-1] + ["0.5"]) is not None  # a finite value passes
 
 
-def test_the_parser_records_which_flags_were_given_and_keeps_the_defaults():
-    parser = mae_pretrain.get_args_parser()
-    args = parser.parse_args(["-bs", "4096", "--no-flip", "--crop_scale", "1", "1"])
-    assert args.given_flags == ["batch_size", "crop_scale", "flip"]  # 4096 is the default, but it was given
-    assert (args.batch_size, args.flip, args.crop_scale, args.seed, args.mask_ratio) == (4096, False, [1.0, 1.0],
-                                                                                         42, 0.75)
-    assert parser.get_default("batch_size") == 4096  # the defaults are put back after the second parse
-    assert parser.parse_args([]).given_flags == [] and parser.parse_args([]).batch_size == 4096
-    utils.resolve_resume_args(args, parser, {"batch_size": 4096, "seed": 7}, ["batch_size", "seed"])
-    assert (args.batch_size, args.seed) == (4096, 7)  # given and equal: fine; not given: the checkpoint's
-
-
 def test_rng_state_restores_every_stream():
     loader, _ = make_loader(crop_scale=(0.2, 1.0), flip=True)
-    state = utils.rng_state(CPU, loader)
+    state = rng_state(CPU, loader)
     draws = lambda: (torch.rand(3), np.random.rand(3).tolist(), random.random(), loader.order.new_epoch(),
                      next(loader.batches(loader.order.new_epoch()))[0])
     first = draws()
-    utils.set_rng_state(state, CPU, loader)
+    set_rng_state(state, CPU, loader)
     second = draws()
     assert torch.equal(first[0], second[0]) and first[1] == second[1] and first[2] == second[2]
     assert torch.equal(first[3], second[3]) and torch.equal(first[4], second[4])
 
 
-@pytest.mark.parametrize("loader_class", [utils.DeviceLoader, utils.TorchLoader])
+@pytest.mark.parametrize("loader_class", [DeviceLoader, TorchLoader])
 def test_knn_accuracy_and_monitor_leaves_rng_and_mode_alone(loader_class):
     feats = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]])
     labels = torch.tensor([0, 0, 1, 1])
-    assert utils.knn_accuracy(feats, labels, torch.tensor([[1.0, 0.05], [0.0, 1.0]]), torch.tensor([0, 1]), 2,
+    assert knn_accuracy(feats, labels, torch.tensor([[1.0, 0.05], [0.0, 1.0]]), torch.tensor([0, 1]), 2,
                               k=2) == 1.0
     # one near neighbour of class 1 against two farther ones of class 0: the temperature decides
     feats, labels, query = torch.tensor([[1.0, 0.0], [0.8, 0.6], [0.6, 0.8]]), torch.tensor([1, 0, 0]), [[1.0, 0.1]]
-    vote = lambda t: utils.knn_accuracy(feats, labels, torch.tensor(query), torch.tensor([1]), 2, k=3, temperature=t)
+    vote = lambda t: knn_accuracy(feats, labels, torch.tensor(query), torch.tensor([1]), 2, k=3, temperature=t)
     assert (vote(0.07), vote(10.0)) == (1.0, 0.0)  # sharp votes: the nearest wins; flat ones: the majority
     assert vote(1e-6) == 1.0  # exp(sim / T) would be inf for all three, a tie; the limit is 1-NN
     encoder = MAE_ViT(**TINY).encoder.train()
@@ -1022,7 +985,7 @@ def test_knn_accuracy_and_monitor_leaves_rng_and_mode_alone(loader_class):
     expected = torch.rand(1)
     torch.manual_seed(0)
     with torch.enable_grad():
-        acc = utils.knn_monitor(encoder, *loaders, 3, CPU, k=3)
+        acc = knn_monitor(encoder, *loaders, 3, CPU, k=3)
     assert 0 <= acc <= 1 and encoder.training
     assert torch.equal(torch.rand(1), expected)
     assert all(p.grad is None for p in encoder.parameters())
@@ -1062,7 +1025,7 @@ def test_default_output_and_log_paths_follow_the_checkpoint_and_the_dataset(tmp_
     write_cifar_batches(str(tmp_path / "c10"), per_batch=1, test=1)
     write_cifar100(str(tmp_path / "c100"), train=1, test=1)
     write_image_folder(str(tmp_path / "pets"), train=2, test=2)
-    names = {d: utils.default_log_dir(str(tmp_path / d), "runs/vit-t-ft.pth") for d in ("c10", "c100", "pets", "none")}
+    names = {d: default_log_dir(str(tmp_path / d), "runs/vit-t-ft.pth") for d in ("c10", "c100", "pets", "none")}
     assert names == {"c10": os.path.join("logs", "cifar10", "vit-t-ft"),
                      "c100": os.path.join("logs", "cifar100", "vit-t-ft"),
                      "pets": os.path.join("logs", "pets", "vit-t-ft"),
@@ -1087,16 +1050,16 @@ def test_mae_encoder_export_gives_timm_the_same_features(pos_embed):
 
 def test_a_one_process_run_on_a_machine_with_several_gpus_names_the_torchrun_command(monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
-    note = lambda device, rt: utils.note_devices(argparse.Namespace(device=device), rt, "mae_pretrain.py") or \
+    note = lambda device, rt: note_devices(argparse.Namespace(device=device), rt, "mae_pretrain.py") or \
         capsys.readouterr().out
-    one = utils.Runtime(torch.device("cuda", 0))
+    one = Runtime(torch.device("cuda", 0))
     assert note(None, one) == note("cuda", one) == (
         "note: torch sees 4 CUDA devices and this run uses one (cuda:0); torchrun --nproc_per_node=4 "
         "mae_pretrain.py with the same flags trains on all 4, with the same --batch_size split between them "
         "(CUDA_VISIBLE_DEVICES picks which)\n")
-    assert note("cuda:1", utils.Runtime(torch.device("cuda", 1))) == ""  # picked on purpose
-    assert note(None, utils.Runtime(torch.device("cuda", 0), world_size=4)) == ""  # under torchrun
-    assert note("cpu", utils.Runtime(torch.device("cpu"))) == ""
+    assert note("cuda:1", Runtime(torch.device("cuda", 1))) == ""  # picked on purpose
+    assert note(None, Runtime(torch.device("cuda", 0), world_size=4)) == ""  # under torchrun
+    assert note("cpu", Runtime(torch.device("cpu"))) == ""
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     assert note(None, one) == ""
 
@@ -1104,8 +1067,8 @@ def test_a_one_process_run_on_a_machine_with_several_gpus_names_the_torchrun_com
 def test_a_run_that_falls_back_to_the_cpu_says_why(monkeypatch, capsys):
     """No --device and no GPU: a note on stderr names the reason (a torch without CUDA, or no usable GPU), since
     the defaults would take days on a CPU. --device cpu (a CPU run meant as one) prints nothing."""
-    cpu = utils.Runtime(torch.device("cpu"))
-    note = lambda device: utils.note_devices(argparse.Namespace(device=device), cpu, "mae_pretrain.py") or \
+    cpu = Runtime(torch.device("cpu"))
+    note = lambda device: note_devices(argparse.Namespace(device=device), cpu, "mae_pretrain.py") or \
         capsys.readouterr()
     monkeypatch.setattr(torch.version, "cuda", None)
     out = note(None)
@@ -1124,13 +1087,13 @@ def test_a_cuda_device_index_past_the_visible_ones_is_a_clear_error(monkeypatch)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(torch.cuda, "set_device", lambda device: pytest.fail("set_device was reached"))
     args = mae_pretrain.get_args_parser().parse_args(["--device", "cuda:2"])
-    with pytest.raises(utils.UserError, match=r"--device cuda:2: torch sees 2 CUDA device\(s\), cuda:0 to cuda:1"):
-        utils.setup_runtime(args)
+    with pytest.raises(UserError, match=r"--device cuda:2: torch sees 2 CUDA device\(s\), cuda:0 to cuda:1"):
+        setup_runtime(args)
     monkeypatch.setenv("WORLD_SIZE", "4")  # torchrun --nproc_per_node=4 on a machine with 2 GPUs
     monkeypatch.setenv("LOCAL_RANK", "3")
-    with pytest.raises(utils.UserError, match=r"process 3 of this machine takes cuda:3, but torch sees 2 CUDA "
+    with pytest.raises(UserError, match=r"process 3 of this machine takes cuda:3, but torch sees 2 CUDA "
                                               r"device\(s\): start at most 2 processes per machine"):
-        utils.setup_runtime(mae_pretrain.get_args_parser().parse_args([]))
+        setup_runtime(mae_pretrain.get_args_parser().parse_args([]))
     monkeypatch.delenv("WORLD_SIZE")
     monkeypatch.delenv("LOCAL_RANK")
     # and --compile asked for on a GPU too old for Triton (a GTX 1080): refused at the start, not at the first step
@@ -1139,16 +1102,16 @@ def test_a_cuda_device_index_past_the_visible_ones_is_a_clear_error(monkeypatch)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA GeForce GTX 1080")
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)
     args = mae_pretrain.get_args_parser().parse_args(["--device", "cuda:1", "--compile"])
-    with pytest.raises(utils.UserError, match=r"--compile: NVIDIA GeForce GTX 1080 \(compute capability 6.1\) is "
+    with pytest.raises(UserError, match=r"--compile: NVIDIA GeForce GTX 1080 \(compute capability 6.1\) is "
                                               "older than the 7.0"):
-        utils.setup_runtime(args)
+        setup_runtime(args)
     # --amp bf16 on a GPU without it (the original's RTX 2080 Ti): refused, fp16 named
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA GeForce RTX 2080 Ti")
     args = mae_pretrain.get_args_parser().parse_args(["--device", "cuda:0", "--amp", "bf16"])
-    with pytest.raises(utils.UserError, match=r"--amp bf16: NVIDIA GeForce RTX 2080 Ti \(compute capability 7.5\) "
+    with pytest.raises(UserError, match=r"--amp bf16: NVIDIA GeForce RTX 2080 Ti \(compute capability 7.5\) "
                                               "does not compute bf16 natively"):
-        utils.setup_runtime(args)
+        setup_runtime(args)
 
 
 @pytest.mark.parametrize("flag, expected", [("default", None), ("reduce-overhead", "reduce-overhead"),
@@ -1158,16 +1121,16 @@ def test_compile_mode_reaches_torch_compile(monkeypatch, flag, expected):
     monkeypatch.setattr(torch, "compile", lambda model, **kwargs: seen.update(kwargs) or model)
     for script in (mae_pretrain, train_classifier):
         args = script.get_args_parser().parse_args(["--device", "cpu", "--compile", "--compile_mode", flag])
-        rt = utils.setup_runtime(args)
+        rt = setup_runtime(args)
         model = tiny_classifier()
-        assert utils.wrap_model(model, rt) is model and seen == {"mode": expected}
+        assert wrap_model(model, rt) is model and seen == {"mode": expected}
         assert rt.describe() == "amp off, compile True" + (f" ({expected})" if expected else "")
 
 
 def test_time_left_leaves_out_the_compiling_first_epoch_and_reads_in_two_units():
-    assert [utils.format_duration(s) for s in (0, 45, 725, 4440, 4479.6, 277200, 86400)] == \
+    assert [format_duration(s) for s in (0, 45, 725, 4440, 4479.6, 277200, 86400)] == \
         ["0s", "45s", "12m 5s", "1h 14m", "1h 14m", "3d 5h", "1d 0h"]
-    clock = utils.EpochClock()
+    clock = EpochClock()
     assert clock.left(5) == ""
     clock.seconds = [100.0]  # only the first epoch: it is all there is to go by
     assert clock.left(2) == ", about 3m 20s left"
@@ -1177,22 +1140,22 @@ def test_time_left_leaves_out_the_compiling_first_epoch_and_reads_in_two_units()
 
 def test_a_time_limit_stops_after_the_last_epoch_that_fits(monkeypatch):
     now = [1000.0]
-    monkeypatch.setattr(utils.time, "perf_counter", lambda: now[0])
-    rt = utils.Runtime(torch.device("cpu"))
+    monkeypatch.setattr(time, "perf_counter", lambda: now[0])
+    rt = Runtime(torch.device("cpu"))
     args = argparse.Namespace(total_epoch=10, stop_after_epoch=None, stop_after_minutes=2.0)
-    clock = utils.EpochClock(started=990.0)  # 10 s of setup before the first epoch
+    clock = EpochClock(started=990.0)  # 10 s of setup before the first epoch
     for end, epoch in ((1050.0, 1), (1070.0, 2), (1090.0, 3)):
         # epoch 1 (50 s, compiling) ends at 60 s: one more as long would end at 110 s. Epochs 2 and 3 take
         # 20 s: the first no longer counts, and the next would end at 100 s, then at exactly 120 s
         now[0] = end
-        assert utils.stop_reason(args, epoch, clock, rt) is None
+        assert stop_reason(args, epoch, clock, rt) is None
         clock.lap()
     now[0] = 1110.0  # 120 s gone: a fifth epoch would end at 140 s
-    assert utils.stop_reason(args, 4, clock, rt) == \
+    assert stop_reason(args, 4, clock, rt) == \
         "since another epoch (about 20s) would end past --stop_after_minutes 2 (2m 0s gone)"
-    assert utils.stop_reason(args, 10, clock, rt) is None  # the schedule's end is no stop
+    assert stop_reason(args, 10, clock, rt) is None  # the schedule's end is no stop
     args.stop_after_minutes, args.stop_after_epoch = None, 4
-    assert utils.stop_reason(args, 3, clock, rt) is None and utils.stop_reason(args, 4, clock, rt) == "as asked"
+    assert stop_reason(args, 3, clock, rt) is None and stop_reason(args, 4, clock, rt) == "as asked"
 
 
 def test_fine_tuning_points_out_an_unfinished_pretraining():
@@ -1211,11 +1174,11 @@ def test_fine_tuning_points_out_an_unfinished_pretraining():
 def test_cuda_defaults_follow_what_the_gpu_can_do(monkeypatch, capability, bf16, expected):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: bf16 or including_emulation)
-    assert utils.cuda_defaults() == expected
+    assert cuda_defaults() == expected
 
 
 def test_out_of_memory_ends_with_one_line_that_names_the_cure(capsys):
-    @utils.cli_main
+    @cli_main
     def main(args):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity "
                                      "of 10.75 GiB\nOf the allocated memory ...")
@@ -1230,40 +1193,15 @@ def test_out_of_memory_ends_with_one_line_that_names_the_cure(capsys):
 def test_data_fingerprint_follows_the_pixels_labels_and_class_names():
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (6, 3, 4, 4), dtype=torch.uint8, generator=g)
-    make = lambda imgs, labels, classes: utils.ImageData(imgs, labels, imgs[:2], labels[:2], classes)
-    base = utils.data_info("d", make(images, torch.arange(6) % 2, ["a", "b"]))
-    assert base == utils.data_info("d", make(images.clone(), torch.arange(6) % 2, ["a", "b"]))
+    make = lambda imgs, labels, classes: ImageData(imgs, labels, imgs[:2], labels[:2], classes)
+    base = data_info("d", make(images, torch.arange(6) % 2, ["a", "b"]))
+    assert base == data_info("d", make(images.clone(), torch.arange(6) % 2, ["a", "b"]))
     changed = images.clone()
     changed[5, 0, 0, 0] ^= 1  # one bit of one pixel of a training image
     others = [make(changed, torch.arange(6) % 2, ["a", "b"]), make(images, (torch.arange(6) + 1) % 2, ["a", "b"]),
               make(images, torch.arange(6) % 2, ["b", "a"])]
-    assert len({base["fingerprint"]} | {utils.data_info("d", data)["fingerprint"] for data in others}) == 4
+    assert len({base["fingerprint"]} | {data_info("d", data)["fingerprint"] for data in others}) == 4
     assert (base["train_images"], base["test_images"], base["classes"]) == (6, 2, 2)
-
-
-@pytest.mark.skipif(utils.fcntl is None, reason="no flock on Windows")
-def test_an_output_lock_that_cannot_be_made_is_one_line_and_leaves_no_folder(tmp_path, monkeypatch):
-    """A full disk when the lock file is made: exit code 1 with the reason, and the folders made for it go."""
-    real_open = os.open
-
-    def full_disk(path, flags, *mode):
-        if str(path).endswith(".lock"):
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
-        return real_open(path, flags, *mode)
-
-    monkeypatch.setattr(os, "open", full_disk)
-    with pytest.raises(utils.UserError) as e:
-        utils.lock_output(str(tmp_path / "new" / "deeper" / "m.pth"), "--model_path")
-    assert e.value.code == 1 and str(e.value) == (f"--model_path {tmp_path / 'new' / 'deeper' / 'm.pth'}: cannot "
-                                                  "write there (No space left on device)")
-    assert (tmp_path / "new" / "deeper").is_dir()  # until the command ends
-    utils.release_output_locks()
-    assert os.listdir(tmp_path) == []
-    monkeypatch.setattr(os, "open", real_open)
-    utils.lock_output(str(tmp_path / "logs"), "--log_dir", is_dir=True)  # and a lock that works, for contrast
-    assert os.listdir(tmp_path / "logs") == [".lock"]
-    utils.release_output_locks()
-    assert os.listdir(tmp_path) == []
 
 
 def test_a_path_that_starts_with_a_tilde_means_the_home_folder(monkeypatch, tmp_path):
@@ -1274,9 +1212,9 @@ def test_a_path_that_starts_with_a_tilde_means_the_home_folder(monkeypatch, tmp_
                                                           "--randaug", "rand-m9-mstd0.5", "--resume", "auto"])
     assert (args.data_dir, args.output_model_path) == (str(tmp_path / "data"), str(tmp_path / "c.pth"))
     assert (args.randaug, args.resume, args.log_dir) == ("rand-m9-mstd0.5", "auto", None)  # the rest as given
-    assert args.given_flags == ["data_dir", "output_model_path", "randaug", "resume"]
-    parser = utils.ArgumentParser("paths")
-    parser.add_argument("--images", type=utils.path_arg, nargs="+")
+
+    parser = ArgumentParser("paths")
+    parser.add_argument("--images", type=path_arg, nargs="+")
     assert parser.parse_args(["--images", "~/a.png", "b~.png"]).images == [str(tmp_path / "a.png"), "b~.png"]
 
 

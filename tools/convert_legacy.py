@@ -12,15 +12,18 @@ the encoder, which fine-tuning uses, carries over weight for weight. A pickled m
 head counts; a state_dict does not record them, so they are taken as width / 64 (the original's 3 for ViT-T/2)
 unless --encoder_head / --decoder_head give them: the weights fit either way, but compute differently.
 """
-import argparse
 import os
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import utils  # noqa: E402
 from model import check_config  # noqa: E402
+from cifar_mae.atomic import save_atomic  # noqa: E402
+from cifar_mae.checkpoint import checkpoint  # noqa: E402
+from cifar_mae.errors import UserError, cli_main  # noqa: E402
+from cifar_mae.flags import ArgumentParser, path_arg  # noqa: E402
+from cifar_mae.outputs import check_new_file  # noqa: E402
 
 # original name -> ours; pos_embedding tensors are (T, 1, D) there, (1, 1 + T, D) here
 RENAMES = [("patchify.", "patch_embed.proj."), ("transformer.", "blocks."), ("layer_norm.", "norm.")]
@@ -78,11 +81,10 @@ def first_block_heads(part):
 
 
 def get_args_parser():
-    parser = utils.ArgumentParser("convert a legacy whole-model pickle",
-                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("source", type=utils.path_arg,
+    parser = ArgumentParser("convert a legacy whole-model pickle")
+    parser.add_argument("source", type=path_arg,
                         help="the original repository's torch.save(model) file, or a state_dict")
-    parser.add_argument("destination", type=utils.path_arg,
+    parser.add_argument("destination", type=path_arg,
                         help="this project's checkpoint to write (weights_only loadable)")
     parser.add_argument("--execute_pickled_code", action="store_true",
                         help="required for a whole pickled model: loading it runs code stored in it; only for "
@@ -103,27 +105,27 @@ def safe_load(path):
         return None
 
 
-@utils.cli_main
+@cli_main
 def main(args):
     if not os.path.isfile(args.source):
-        raise utils.UserError(f"{args.source} does not exist")
-    utils.check_new_file(args.destination, "destination", args.overwrite)
+        raise UserError(f"{args.source} does not exist")
+    check_new_file(args.destination, "destination", args.overwrite)
     plain = safe_load(args.source)
     if isinstance(plain, dict) and "format" in plain:
-        raise utils.UserError(f"{args.source} is already a {plain.get('kind', '')} checkpoint of this project "
+        raise UserError(f"{args.source} is already a {plain.get('kind', '')} checkpoint of this project "
                               "(it loads with weights_only=True); there is nothing to convert")
     if isinstance(plain, dict) and plain and all(torch.is_tensor(v) for v in plain.values()):
         module = None  # a state_dict: tensors only, no code ran
         state = convert_state_dict(plain)
     elif plain is not None:
-        raise utils.UserError(f"{args.source} holds a {type(plain).__name__}, not a model or a state_dict")
+        raise UserError(f"{args.source} holds a {type(plain).__name__}, not a model or a state_dict")
     elif not args.execute_pickled_code:
-        raise utils.UserError("loading a pickled model runs code stored in the file; pass --execute_pickled_code "
+        raise UserError("loading a pickled model runs code stored in the file; pass --execute_pickled_code "
                               "if you trust it")
     else:
         module = torch.load(args.source, map_location="cpu", weights_only=False)
         if not isinstance(module, torch.nn.Module):
-            raise utils.UserError(f"{args.source} holds a {type(module).__name__}, not a pickled model")
+            raise UserError(f"{args.source} holds a {type(module).__name__}, not a pickled model")
         state = convert_state_dict(module.state_dict())
     heads = [args.encoder_head, args.decoder_head]
     if module is not None:  # a pickled model knows its head counts
@@ -133,7 +135,7 @@ def main(args):
     try:
         config = getattr(module, "config", None) or model_config(state, *heads)  # our own classes carry theirs
     except (KeyError, IndexError):
-        raise utils.UserError(f"{args.source} does not hold the original repository's MAE_ViT or ViT_Classifier "
+        raise UserError(f"{args.source} does not hold the original repository's MAE_ViT or ViT_Classifier "
                               "weights (no cls_token / patchify / pos_embedding found)") from None
     kind = "mae_pretrain" if "encoder.cls_token" in state else "classifier"
     parts = ["encoder", "decoder"] if kind == "mae_pretrain" else ["encoder"]
@@ -142,9 +144,8 @@ def main(args):
                      {part: config["emb_dim" if part == "encoder" else "decoder_emb_dim"] for part in parts},
                      {part: config[f"{part}_head"] for part in parts})
     except ValueError as e:
-        raise utils.UserError(f"{e} (--encoder_head / --decoder_head)") from None
-    utils.save_atomic({"format": utils.CHECKPOINT_FORMAT, "kind": kind, "model": state, "model_config": config,
-                       "epoch": 0, "converted_from": os.path.basename(args.source)}, args.destination)
+        raise UserError(f"{e} (--encoder_head / --decoder_head)") from None
+    save_atomic(checkpoint(kind, state, config, 0, converted_from=os.path.basename(args.source)), args.destination)
     heads_line = ", ".join(f"{config[f'{part}_head']} {part} heads" for part in parts)
     print(f"wrote {args.destination} ({kind} checkpoint, {heads_line}); it loads with weights_only=True")
     if guessed:

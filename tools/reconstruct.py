@@ -7,7 +7,6 @@ Each pixel is drawn as a 4 x 4 square (`--scale`), so 32-pixel images are large 
 Rows are images; for each mask ratio two columns (masked input, reconstruction with the visible patches
 pasted back), then the original.
 """
-import argparse
 import os
 import sys
 
@@ -15,23 +14,29 @@ import torch
 from torchvision.utils import save_image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import utils  # noqa: E402
 from model import MAE_ViT  # noqa: E402
+from cifar_mae.atomic import write_atomic  # noqa: E402
+from cifar_mae.augment import denormalize, normalize  # noqa: E402
+from cifar_mae.checkpoint import load_checkpoint  # noqa: E402
+from cifar_mae.datasets import load_data  # noqa: E402
+from cifar_mae.errors import UserError, cli_main  # noqa: E402
+from cifar_mae.flags import ArgumentParser, check_positive, path_arg  # noqa: E402
+from cifar_mae.image_folders import read_image  # noqa: E402
+from cifar_mae.outputs import check_writable, data_dir_from  # noqa: E402
 
 
 def get_args_parser():
-    parser = utils.ArgumentParser("MAE reconstructions at several mask ratios",
-                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("checkpoint", type=utils.path_arg,
+    parser = ArgumentParser("MAE reconstructions at several mask ratios")
+    parser.add_argument("checkpoint", type=path_arg,
                         help="an MAE pretraining checkpoint (mae_pretrain.py --model_path)")
-    parser.add_argument("--out", type=utils.path_arg, default="reconstructions.png",
+    parser.add_argument("--out", type=path_arg, default="reconstructions.png",
                         help="the figure: a .png or .jpg file")
     parser.add_argument("--mask_ratios", type=float, nargs="+", default=[0.25, 0.5, 0.75],
                         help="one masked input + reconstruction column pair per ratio, each in [0, 1)")
-    parser.add_argument("--images", type=utils.path_arg, nargs="+", default=None, metavar="FILE",
+    parser.add_argument("--images", type=path_arg, nargs="+", default=None, metavar="FILE",
                         help="image files to reconstruct (resized to the model's image size); default: test images")
     parser.add_argument("--num_images", type=int, default=8, help="without --images: the first N test images")
-    parser.add_argument("--data_dir", type=utils.path_arg, default="data",
+    parser.add_argument("--data_dir", type=path_arg, default="data",
                         help="where the test images come from (as the scripts'); not given: the data the checkpoint "
                              "was trained on, where it is still there")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random masks")
@@ -51,34 +56,34 @@ def reconstruction_rows(model, images, mask_ratios, seed=0):
         predicted, mask = model(images, mask_ratio=ratio)
         columns += [images * (1 - mask), model.reconstruct(images, predicted, mask)]
     columns.append(images)
-    return utils.denormalize(torch.stack(columns, dim=1).flatten(0, 1)), len(columns)
+    return denormalize(torch.stack(columns, dim=1).flatten(0, 1)), len(columns)
 
 
-@utils.cli_main
+@cli_main
 def main(args):
     for ratio in args.mask_ratios:
         if not 0 <= ratio < 1:
-            raise utils.UserError(f"--mask_ratios must lie in [0, 1), got {ratio}")
-    utils.check_positive(args, "num_images", "scale")
+            raise UserError(f"--mask_ratios must lie in [0, 1), got {ratio}")
+    check_positive(args, "num_images", "scale")
     if os.path.splitext(args.out)[1].lower() not in (".png", ".jpg", ".jpeg"):
-        raise utils.UserError(f"--out {args.out}: give a .png or .jpg file name (the figure is an image)")
-    utils.check_writable(args.out, "--out")  # before any data is read
-    ckpt = utils.load_checkpoint(args.checkpoint, "mae_pretrain", "checkpoint")
+        raise UserError(f"--out {args.out}: give a .png or .jpg file name (the figure is an image)")
+    check_writable(args.out, "--out")  # before any data is read
+    ckpt = load_checkpoint(args.checkpoint, "mae_pretrain", "checkpoint")
     model = MAE_ViT(**ckpt["model_config"])
     model.load_state_dict(ckpt["model"])
     if args.images:
-        images = utils.normalize(torch.stack([utils.read_image(path, model.config["image_size"])
+        images = normalize(torch.stack([read_image(path, model.config["image_size"])
                                               for path in args.images]))
     else:
-        note = utils.data_dir_from(args, ckpt, args.checkpoint)
+        note = data_dir_from(args, ckpt, args.checkpoint)
         if note:
             print(note, file=sys.stderr)
-        data = utils.load_data(args.data_dir, model.config["image_size"])
-        images = utils.normalize(data.test_images[:args.num_images])
+        data = load_data(args.data_dir, model.config["image_size"])
+        images = normalize(data.test_images[:args.num_images])
     grid, per_row = reconstruction_rows(model, images, args.mask_ratios, args.seed)
     grid = grid.repeat_interleave(args.scale, dim=-2).repeat_interleave(args.scale, dim=-1)
     image_format = "png" if args.out.lower().endswith(".png") else "jpeg"
-    utils.write_atomic(args.out, lambda f: save_image(grid, f, format=image_format, nrow=per_row, padding=1,
+    write_atomic(args.out, lambda f: save_image(grid, f, format=image_format, nrow=per_row, padding=1,
                                                       pad_value=1.0))
     print(f"wrote {args.out}: {len(images)} images x (masked, reconstruction) at mask ratios "
           f"{', '.join(map(str, args.mask_ratios))}, then the original")

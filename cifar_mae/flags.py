@@ -1,0 +1,169 @@
+"""Command-line flags both scripts share, their checks, and settings taken from a checkpoint."""
+import argparse
+import math
+import os
+
+import torch
+
+from cifar_mae.errors import UserError
+
+
+def finite_float(text):
+    """float() for flags: nan and inf pass float() and most range checks (nan < 0 is False), then poison training."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text} is not a finite number")
+    return value
+
+
+def path_arg(text):
+    """argparse type of every flag that names a file or folder. A leading ~ is the home folder: bash leaves
+    `--data_dir=~/data` and a quoted "~/data" as they are, which would make (or download CIFAR-10 into) a folder
+    named ~. An empty value is refused: from a job script's unset variable (`--eval_only "$CKPT"`) it would
+    otherwise read as no flag at all, and start a training run, or train from scratch."""
+    if not text:
+        raise argparse.ArgumentTypeError("empty (an unset variable in a script?)")
+    return os.path.expanduser(text)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a flag's default once: not where the help already names it, nor where it is None."""
+
+    def _get_help_string(self, action):
+        if action.default is None or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose float flags, in argument groups too, take finite numbers only (finite_float)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, formatter_class=HelpFormatter, **kwargs)
+        self.register("type", float, finite_float)  # argparse looks a flag's type up here before calling it
+
+
+def plain_args(args):
+    """argparse values as plain types, safe for weights_only checkpoints."""
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()
+            if v is None or isinstance(v, (bool, int, float, str, list, tuple))}
+
+
+# settings that belong to one start of a job, never taken from a checkpoint
+PER_START = {"resume", "overwrite", "device", "stop_after_epoch", "stop_after_minutes", "eval_only"}
+
+
+def take_saved(args, parser, saved, what, fixed=()):
+    """Take a checkpoint's settings as defaults, as timm's config files set a parser's defaults: a flag left at
+    its default takes the saved value, a flag given with another value wins, except those in `fixed` (the
+    model's sizes, which the saved weights need), which are an error."""
+    plain = lambda v: list(v) if isinstance(v, tuple) else v
+    for key, value in saved.items():
+        if key in PER_START or not hasattr(args, key):
+            continue
+        current = plain(getattr(args, key))
+        if current == plain(parser.get_default(key)) or current == plain(value):
+            setattr(args, key, value)
+        elif key in fixed:
+            raise UserError(f"--{key} {current} conflicts with {what}, which has {value}; drop the flag: the "
+                            "model's sizes come from the checkpoint")
+
+
+def check_positive(args, *names):
+    for name in names:
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
+            raise UserError(f"--{name} must be positive, got {getattr(args, name)}")
+
+
+def check_schedule(args):
+    """A new run whose warmup outlasts it would never reach its peak learning rate nor decay; a kNN monitor
+    (--knn_every) less often than the run is long would never run. Runs resumed keep what they started with."""
+    if args.resume or getattr(args, "eval_only", None):
+        return
+    if args.warmup_epoch > args.total_epoch:
+        raise UserError(f"--warmup_epoch {args.warmup_epoch} is longer than --total_epoch {args.total_epoch}: the "
+                        "learning rate would never reach its peak nor decay; pass a shorter --warmup_epoch (a tenth "
+                        "of the run, say)")
+    if getattr(args, "knn_every", 0) > args.total_epoch:
+        raise UserError(f"--knn_every {args.knn_every} is longer than --total_epoch {args.total_epoch}: the kNN "
+                        "monitor would never run")
+
+
+def check_seed(seed):
+    """torch takes seeds below 2**64; each process seeds its generators with --seed plus a few."""
+    if not 0 <= seed < 2 ** 63:
+        raise UserError(f"--seed must lie in [0, 2**63), got {seed}")
+
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}  # --amp: the autocast dtype
+
+
+DATA_DIR_HELP = ("a folder holding cifar-10-batches-py/, cifar-100-python/, train/ + test/ (or val/) image folders, "
+                 "or the archive cifar-10-python.tar.gz or cifar-100-python.tar.gz; with none of these, CIFAR-10 "
+                 "is downloaded into it. Not given with --resume, --eval_only or --pretrained_model_path: the data "
+                 "that checkpoint's run used (where it is still there)")
+
+
+def add_encoder_args(group):
+    """The encoder's size flags, shared by both scripts (defaults: ViT-T/2 on 32x32 images)."""
+    group.add_argument("--image_size", type=int, default=32, help="images are resized to this square size")
+    group.add_argument("--patch_size", type=int, default=2, help="pixels per side of a patch (token)")
+    group.add_argument("--emb_dim", type=int, default=192, help="encoder width")
+    group.add_argument("--encoder_layer", type=int, default=12, help="encoder blocks")
+    group.add_argument("--encoder_head", type=int, default=3, help="encoder attention heads")
+    group.add_argument("--pos_embed", default="learned", choices=["learned", "sincos"],
+                       help="learned, or fixed 2-D sin-cos position embeddings")
+    return group
+
+
+INTERPOLATIONS = ["bilinear", "bicubic"]
+
+
+def add_augmentation_args(group, crop_scale):
+    group.add_argument("--crop_scale", type=float, nargs=2, default=crop_scale, metavar=("MIN", "MAX"),
+                       help="random-resized-crop area range; 1 1 turns cropping off")
+    group.add_argument("--interpolation", default="bilinear", choices=INTERPOLATIONS,
+                       help="filter of the random-resized-crop (the official MAE recipes use bicubic)")
+    group.add_argument("--flip", default=True, action=argparse.BooleanOptionalAction, help="random horizontal flip")
+    return group
+
+
+COMPILE_MODES = ["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
+
+CUDAGRAPH_MODES = ["reduce-overhead", "max-autotune"]  # the modes in which torch.compile adds CUDA graphs
+
+
+def add_runtime_args(parser):
+    group = parser.add_argument_group("runtime")
+    group.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda when available)")
+    group.add_argument("--amp", default=None, choices=list(AMP_DTYPES),
+                       help="mixed precision (default: bf16 on GPUs that have it natively, from A100 / RTX 30xx "
+                            "on; fp16 on older GPUs; off on CPU)")
+    group.add_argument("--compile", default=None, action=argparse.BooleanOptionalAction,
+                       help="torch.compile the model (default: on for CUDA GPUs of compute capability 7.0 on, "
+                            "off for older ones and CPU)")
+    group.add_argument("--compile_mode", default="default", choices=COMPILE_MODES,
+                       help="torch.compile's mode: reduce-overhead adds CUDA graphs (for small, launch-bound "
+                            "batches); max-autotune tries GEMM configurations at a longer compile")
+    group.add_argument("--loader", default="device", choices=["device", "torch"],
+                       help="device: whole dataset on the device, augmented there (fast, default); "
+                            "torch: torchvision DataLoader with PIL transforms (slow)")
+    group.add_argument("--num_workers", type=int, default=4, help="DataLoader workers (--loader torch only)")
+    group.add_argument("--log_interval", type=int, default=50,
+                       help="optimizer steps between loss read-backs (the only host-device syncs)")
+    group.add_argument("--resume", type=path_arg, default=None,
+                       help="checkpoint to resume from (everything is restored); auto: the run's own checkpoint when "
+                            "it exists, else a fresh start (for jobs that are re-submitted after preemption)")
+    group.add_argument("--overwrite", action="store_true", help="allow starting over an existing output checkpoint")
+    group.add_argument("--save_every", type=int, default=1,
+                       help="write the resumable checkpoint every N epochs (and at the last epoch and on a stop); "
+                            "each write is a full fsync'ed copy, so a larger N saves time on short epochs")
+    group.add_argument("--stop_after_epoch", type=int, default=None,
+                       help="save and stop once this epoch is done (to split a long run; go on with --resume)")
+    group.add_argument("--stop_after_minutes", type=float, default=None,
+                       help="save and stop after the last epoch that ends within this many minutes of the start, "
+                            "judged by the mean epoch so far (for jobs with a time limit; go on with --resume auto)")
+    group.add_argument("--skip_nonfinite", type=int, default=0,
+                       help="skip up to N optimizer steps whose loss is NaN/inf before stopping "
+                            "(checks every step, one sync each, only when N > 0)")
+    return parser

@@ -1,0 +1,40 @@
+"""The optimizer and its learning rate, a pure function of the optimizer step (warmup, then cosine)."""
+import functools
+import math
+
+import torch
+
+
+def lr_at(step, peak_lr, warmup_steps, total_steps, min_lr=0.0):
+    """Learning rate of optimizer step `step` (0-based): linear warmup to peak_lr, then cosine to min_lr.
+
+    Step 0 gets peak_lr / warmup_steps, step warmup_steps - 1 and step warmup_steps get peak_lr,
+    step total_steps gets min_lr.
+    """
+    if step < warmup_steps:
+        return peak_lr * (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_lr + (peak_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def set_lr(optimizer, lr):
+    """Apply lr to every group, times the group's lr_scale (layer-wise decay) where it has one."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
+def make_optimizer(param_groups, lr, rt, betas=(0.9, 0.999)):
+    """AdamW (fused on CUDA) over groups that carry their own weight decay (and lr_scale)."""
+    fused = rt.device.type == "cuda"
+    return torch.optim.AdamW(param_groups, lr=lr, betas=betas, fused=fused)
+
+
+def peak_lr(args):
+    """The linear scaling rule: base learning rate x batch size / 256."""
+    return args.base_learning_rate * args.batch_size / 256
+
+
+def schedule(args, steps_per_epoch):
+    """The learning rate of each optimizer step: warmup and length counted in optimizer steps."""
+    return functools.partial(lr_at, peak_lr=peak_lr(args), warmup_steps=args.warmup_epoch * steps_per_epoch,
+                             total_steps=args.total_epoch * steps_per_epoch)

@@ -1,0 +1,119 @@
+"""What a run writes: outputs that can be written, are not another run's, and are locked while it runs; and
+where a job on a saved model finds its data."""
+import os
+import shlex
+
+from filelock import FileLock, Timeout
+
+from cifar_mae.errors import UserError
+
+_held_locks = []  # released by cli_main when the command ends
+
+
+def check_writable(path, flag, is_dir=False):
+    """Fail before training, not after the first epoch, when an output path cannot be written.
+
+    Creates nothing: the nearest existing folder on the way must be a writable folder.
+    """
+    target = os.path.realpath(path)  # where a symbolic link points: that folder is written (write_atomic)
+    if not is_dir and os.path.isdir(target):
+        raise UserError(f"{flag} {path} is a folder, not a file")
+    if not is_dir and path.endswith(tuple(filter(None, (os.sep, os.altsep)))):  # realpath drops the slash
+        raise UserError(f"{flag} {path} names a folder (it ends with {path[-1]}); give a file name")
+    folder = target if is_dir else os.path.dirname(target)
+    existing = folder
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UserError(f"{flag} {path}: cannot write there, {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {path}: cannot write to {existing} (permission denied)")
+
+
+def check_new_file(path, flag, overwrite):
+    """An output that can be written and does not replace a file by accident (a typo could name a checkpoint)."""
+    if os.path.exists(path) and not overwrite:
+        raise UserError(f"{flag} {path} already exists; pass --overwrite to replace it")
+    check_writable(path, flag)
+
+
+def check_export_path(args, run_outputs=(), resumed_export=None):
+    """--export_timm names a new file (or --overwrite), and none the run itself writes (run_outputs), which the
+    export at the end would replace. A resumed run's own export (resumed_export: the checkpoint's --export_timm)
+    may be there already: a finished run resumed again writes it again."""
+    if args.export_timm is None:
+        return
+    if os.path.realpath(args.export_timm) in map(os.path.realpath, run_outputs):  # links: as write_atomic
+        raise UserError(f"--export_timm {args.export_timm} names this run's own checkpoint; give another file (the "
+                        "export is written at the end)")
+    own = resumed_export is not None and os.path.realpath(resumed_export) == os.path.realpath(args.export_timm)
+    check_new_file(args.export_timm, "--export_timm", args.overwrite or own)
+
+
+def auto_resume(args, path):
+    """--resume auto: resume from `path`, the run's own checkpoint, when it is there; else start afresh.
+    -> True when it starts afresh: logs already in the log dir are then this job's, from an attempt that ended
+    before its first checkpoint (preempted with --save_every N), and may be replaced."""
+    if args.resume != "auto":
+        return False
+    args.resume = path if os.path.isfile(path) else None
+    return args.resume is None
+
+
+def data_dir_from(args, ckpt, path):
+    """A job on a saved model (--resume, --eval_only, --pretrained_model_path, tools/reconstruct.py) given no
+    --data_dir takes the data its run trained on, where it is still there, else `data`. -> a note, or None."""
+    if args.data_dir is not None:
+        return None
+    saved = ckpt.get("args", {}).get("data_dir")
+    args.data_dir = saved if saved and os.path.exists(saved) else "data"
+    if not saved or saved == "data":
+        return None
+    if args.data_dir == saved:
+        return f"note: no --data_dir given: using {saved}, the data {path} was trained on"
+    return f"note: no --data_dir given, and the data {path} was trained on ({saved}) is not there: using data"
+
+
+def lock_output(path, flag):
+    """Hold a lock (.NAME.lock beside the checkpoint) until the command ends, so that a second run given the same
+    checkpoint (a job started twice, a resume of a run still going) stops with one line instead of both writing
+    it. The kernel drops the lock with the process, so a run killed with -9 leaves nothing held."""
+    target = os.path.realpath(path)  # a symbolic link: the file written (write_atomic)
+    lock = FileLock(os.path.join(os.path.dirname(target), f".{os.path.basename(target)}.lock"))
+    try:
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise UserError(f"{flag} {path} is being written by another run; wait for it to end, stop it, or give this "
+                        f"run another {flag}") from None
+    except OSError as e:  # a full disk
+        raise UserError(f"{flag} {path}: cannot write there ({e.strerror or e})", code=1) from None
+    _held_locks.append(lock)
+
+
+def release_output_locks():
+    while _held_locks:
+        _held_locks.pop().release()
+
+
+def claim_outputs(args, path, flag, restarting, resume_path, beside=()):
+    """On the main process, before anything is written: the checkpoint `path` (with the files `beside` it, which
+    the run also writes) and args.log_dir can be written, no other running run writes them, and a new run does
+    not replace another run's; resume_path: the file that resumes it."""
+    check_writable(path, flag)
+    check_writable(args.log_dir, "--log_dir", is_dir=True)
+    lock_output(path, flag)
+    for output in (path, *beside):
+        if os.path.isfile(output) and not args.resume and not args.overwrite:  # a folder: check_writable says so
+            raise UserError(f"{flag} {output} already exists; pass --resume {shlex.quote(resume_path)} to continue "
+                            "that run or --overwrite to start over")
+    check_fresh_log_dir(args.log_dir, args, restarting)
+
+
+def check_fresh_log_dir(log_dir, args, restarting=False):
+    """A new run does not wipe the logs of another: MetricsLog restarts metrics.jsonl and TensorBoard's curves.
+    restarting: --resume auto found no checkpoint, so the logs there are the same job's (auto_resume)."""
+    path = os.path.join(log_dir, "metrics.jsonl")
+    if os.path.isfile(path) and os.path.getsize(path) and not (args.resume or args.overwrite or restarting):
+        raise UserError(f"--log_dir {log_dir} already holds the logs of a run (metrics.jsonl); pass --overwrite to "
+                        "replace them, --resume CHECKPOINT to continue that run, or another --log_dir")
