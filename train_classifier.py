@@ -230,14 +230,47 @@ def make_param_groups(model, args):
     return param_groups_weight_decay(model, args.weight_decay, no_weight_decay_list=NO_WEIGHT_DECAY)
 
 
-def build_model(args, ckpt, pretrained, num_classes):
+def load_pretrained_checkpoint(args):
+    """(--pretrained_model_path's checkpoint, whose sizes the run takes, and a note on its data) or (None, None);
+    read before the data, so a wrong path fails in a second."""
+    if not args.pretrained_model_path:
+        return None, None
+    pretrained = load_checkpoint(args.pretrained_model_path, "mae_pretrain", "--pretrained_model_path")
+    config = pretrained["model_config"]
+    take_saved(args, get_args_parser(), config, f"--pretrained_model_path {args.pretrained_model_path}", fixed=config)
+    return pretrained, data_dir_from(args, pretrained, args.pretrained_model_path)
+
+
+def build_model(args, ckpt, pretrained, data):
     """(classifier, its config): resumed, from a pretrained encoder, or from scratch."""
+    num_classes = len(data.classes)
     if ckpt is not None:
+        check_classes(ckpt, data, f"--resume {args.resume}")
         return new_classifier(ckpt["model_config"], args.drop_path), ckpt["model_config"]
     if pretrained is not None:
         return load_pretrained(args, pretrained, num_classes)
     config = classifier_config(args, num_classes)
     return new_classifier(config, args.drop_path), config
+
+
+def make_trainer(args, rt, model, num_classes, steps_per_epoch, micro_batch):
+    """AdamW (layer-wise decay with --layer_decay), the EMA with --ema, the loss with mixup/cutmix."""
+    optimizer = make_optimizer(make_param_groups(model, args), peak_lr(args), rt)
+    ema = ModelEmaV3(model, decay=args.ema_decay) if args.ema else None
+    return Trainer(wrap_model(model, rt), ClassificationLoss(args, num_classes), optimizer,
+                   schedule(args, steps_per_epoch), rt, micro_batch=micro_batch, clip_grad=args.clip_grad, ema=ema,
+                   skip_nonfinite=args.skip_nonfinite, num_extra=1)
+
+
+def make_loaders(args, rt, data):
+    """(training, selection, test) loaders: the best epoch is picked on the test set, as the original repository
+    did, or with --val_size on that many held-out training images."""
+    train_images, train_labels, val_images, val_labels = selection_split(data, args.val_size)
+    train_loader = make_loader(args, rt, train_images, train_labels, args.batch_size, train=True,
+                               crop_scale=args.crop_scale, flip=args.flip, randaug=args.randaug, reprob=args.reprob)
+    test_loader = make_loader(args, rt, data.test_images, data.test_labels, 1024, train=False)
+    val_loader = make_loader(args, rt, val_images, val_labels, 1024, train=False) if args.val_size else test_loader
+    return train_loader, val_loader, test_loader
 
 
 def start_note(args, rt, model, micro_batch, steps, selected_on, pretrained):
@@ -289,13 +322,7 @@ def main(args):
     restarting = auto_resume(args, last_checkpoint_path(args.output_model_path or ""))
     ckpt = resume_checkpoint(args, get_args_parser(), "classifier")
     validate(args)
-    pretrained, note = None, None
-    if args.pretrained_model_path and ckpt is None:  # before the data: a wrong path fails in a second
-        pretrained = load_checkpoint(args.pretrained_model_path, "mae_pretrain", "--pretrained_model_path")
-        config = pretrained["model_config"]
-        take_saved(args, get_args_parser(), config, f"--pretrained_model_path {args.pretrained_model_path}",
-                   fixed=config)
-        note = data_dir_from(args, pretrained, args.pretrained_model_path)
+    pretrained, note = load_pretrained_checkpoint(args) if ckpt is None else (None, None)
     default_output_path(args)
     args.data_dir = args.data_dir or "data"
     args.log_dir = args.log_dir or default_log_dir(args.data_dir, args.output_model_path)
@@ -310,21 +337,12 @@ def main(args):
     _, micro_batch = split_batch(args, rt, GPU_MICRO_BATCH, even=bool(args.mixup or args.cutmix))
     data = load_data(args.data_dir, args.image_size, rt)
     data_record = data_info(args.data_dir, data) if rt.is_main else None
-    if ckpt is not None:
-        check_classes(ckpt, data, f"--resume {args.resume}")
-    train_images, train_labels, val_images, val_labels = selection_split(data, args.val_size)
-    selected_on = f"{args.val_size} held-out training images" if args.val_size else "the test set"
-    model, config = build_model(args, ckpt, pretrained, len(data.classes))
+    model, config = build_model(args, ckpt, pretrained, data)
     model.to(rt.device)
-    train_loader = make_loader(args, rt, train_images, train_labels, args.batch_size, train=True,
-                               crop_scale=args.crop_scale, flip=args.flip, randaug=args.randaug, reprob=args.reprob)
-    test_loader = make_loader(args, rt, data.test_images, data.test_labels, 1024, train=False)
-    val_loader = make_loader(args, rt, val_images, val_labels, 1024, train=False) if args.val_size else test_loader
-    optimizer = make_optimizer(make_param_groups(model, args), peak_lr(args), rt)
-    ema = ModelEmaV3(model, decay=args.ema_decay) if args.ema else None
-    trainer = Trainer(wrap_model(model, rt), ClassificationLoss(args, len(data.classes)), optimizer,
-                      schedule(args, len(train_loader)), rt, micro_batch=micro_batch, clip_grad=args.clip_grad,
-                      ema=ema, skip_nonfinite=args.skip_nonfinite, num_extra=1)
+    train_loader, val_loader, test_loader = make_loaders(args, rt, data)
+    selected_on = f"{args.val_size} held-out training images" if args.val_size else "the test set"
+    trainer = make_trainer(args, rt, model, len(data.classes), len(train_loader), micro_batch)
+    ema = trainer.ema
     start_epoch, epoch_state = restore_training_state(ckpt, args.resume, model, trainer, train_loader, rt,
                                                       data_record, ema)
     best = {"acc": 0.0, "epoch": None, "model": None, "selected_on": selected_on} if ckpt is None else \

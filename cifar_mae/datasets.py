@@ -174,9 +174,8 @@ def _download_cifar(data_dir, dataset=None):
     except Exception as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         what = f"extracting {archive}" if from_archive else f"{looked}, and downloading it"
-        raise UserError(f"{what} failed ({reason}); pass --data_dir with a folder holding "
-                        "cifar-10-batches-py/, cifar-100-python/ or train/ + test/ image folders (see README, 'Data: "
-                        "local or offline')") from None
+        raise UserError(f"{what} failed ({reason}); pass --data_dir with a folder holding cifar-10-batches-py/, "
+                        "cifar-100-python/ or train/ + test/ image folders (see docs/data.md)") from None
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)

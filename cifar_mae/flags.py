@@ -100,8 +100,8 @@ AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}  # --a
 
 DATA_DIR_HELP = ("a folder holding cifar-10-batches-py/, cifar-100-python/, train/ + test/ (or val/) image folders, "
                  "or the archive cifar-10-python.tar.gz or cifar-100-python.tar.gz; with none of these, CIFAR-10 "
-                 "is downloaded into it. Not given with --resume, --eval_only or --pretrained_model_path: the data "
-                 "that checkpoint's run used (where it is still there)")
+                 "is downloaded into it (default: data; with --resume, --eval_only or --pretrained_model_path: "
+                 "the data that checkpoint's run used, where it is still there)")
 
 
 def add_encoder_args(group):

@@ -114,8 +114,8 @@ def note_devices(args, rt, script):
     if args.device is None and rt.device.type == "cpu":
         why = (f"this torch, {torch.__version__}, is built without CUDA" if torch.version.cuda is None else
                f"this torch, {torch.__version__} for CUDA {torch.version.cuda}, finds no GPU or no driver it can use")
-        print(f"note: no CUDA device ({why}), so this runs on the CPU: fine for small models (README, Recipes: "
-              "'without a GPU'), days for the default ViT-T/2. --device cpu says this is meant and drops this "
+        print(f"note: no CUDA device ({why}), so this runs on the CPU: fine for small models (README: 'Without a "
+              "GPU: the CPU recipe'), days for the default ViT-T/2. --device cpu says this is meant and drops this "
               "note", file=sys.stderr)
     picked = args.device is not None and torch.device(args.device).index is not None
     count = torch.cuda.device_count() if rt.device.type == "cuda" and not rt.distributed and not picked else 0
