@@ -18,7 +18,7 @@ from cifar_mae.atomic import save_atomic
 from cifar_mae.checkpoint import checkpoint, load_checkpoint, restore_training_state, resume_checkpoint, \
     timm_vit_kwargs, training_state, write_timm_state
 from cifar_mae.console import resume_command, script_command
-from cifar_mae.datasets import data_info, default_log_dir, load_data
+from cifar_mae.datasets import data_info, default_log_dir, load_data, spread_test_images
 from cifar_mae.engine import Trainer, fit
 from cifar_mae.errors import UserError, cli_main
 from cifar_mae.flags import ArgumentParser, DATA_DIR_HELP, add_augmentation_args, add_encoder_args, \
@@ -202,13 +202,6 @@ def eval_only(args):
         if args.export_timm:
             write_timm_state(*timm_export(model), args.export_timm)
     return result
-
-
-def spread_test_images(data, count=16):
-    """`count` test images spread over the classes (the i-th of each class in turn), the same in every run."""
-    by_class = [torch.nonzero(data.test_labels == c)[:, 0] for c in range(len(data.classes))]
-    order = torch.stack([ids[i] for i in range(max(map(len, by_class))) for ids in by_class if i < len(ids)])
-    return data.test_images[order[:count]]
 
 
 @cli_main

@@ -90,8 +90,8 @@ def get_args_parser():
 
 def validate(args):
     check_positive(args, "batch_size", "max_device_batch_size", "base_learning_rate", "total_epoch",
-                         "image_size", "patch_size", "emb_dim", "encoder_layer", "encoder_head", "log_interval",
-                         "clip_grad", "save_every", "stop_after_epoch", "stop_after_minutes")
+                   "image_size", "patch_size", "emb_dim", "encoder_layer", "encoder_head", "log_interval",
+                   "clip_grad", "save_every", "stop_after_epoch", "stop_after_minutes")
     for name in ("weight_decay", "warmup_epoch", "mixup", "cutmix", "num_workers", "val_size"):
         if getattr(args, name) < 0:
             raise UserError(f"--{name} must not be negative, got {getattr(args, name)}")
@@ -154,8 +154,8 @@ def load_pretrained(args, ckpt, num_classes):
     expected_unexpected = {"norm.weight", "norm.bias"} if args.global_pool else set()
     if set(missing) != head or set(unexpected) != expected_unexpected:
         raise UserError(f"--pretrained_model_path {args.pretrained_model_path}: encoder weights do not fit "
-                              f"(missing {sorted(set(missing) - head)}, unexpected "
-                              f"{sorted(set(unexpected) - expected_unexpected)})")
+                        f"(missing {sorted(set(missing) - head)}, unexpected "
+                        f"{sorted(set(unexpected) - expected_unexpected)})")
     return model, config
 
 
@@ -342,12 +342,11 @@ def main(args):
     train_loader, val_loader, test_loader = make_loaders(args, rt, data)
     selected_on = f"{args.val_size} held-out training images" if args.val_size else "the test set"
     trainer = make_trainer(args, rt, model, len(data.classes), len(train_loader), micro_batch)
-    ema = trainer.ema
     start_epoch, epoch_state = restore_training_state(ckpt, args.resume, model, trainer, train_loader, rt,
-                                                      data_record, ema)
+                                                      data_record)
     best = {"acc": 0.0, "epoch": None, "model": None, "selected_on": selected_on} if ckpt is None else \
         {"acc": ckpt["best_acc"], "epoch": ckpt["best_epoch"], "model": ckpt["best_model"], "selected_on": selected_on}
-    eval_model, last_acc = (ema.module if ema is not None else model), None
+    eval_model, last_acc = (trainer.ema.module if args.ema else model), None
     script = script_command(__file__)  # as the start-up note and the resume command name it
     log = MetricsLog(args.log_dir, rt, args, completed_epochs=start_epoch, resumed=ckpt is not None,
                      data=data_record)
@@ -378,7 +377,7 @@ def main(args):
                         f"{val['acc']:.2%} (best {best['acc']:.2%})")
 
     def save(epoch, epoch_state):
-        state = training_state(trainer, train_loader, rt, args, epoch_state, ema, data_record)  # a collective
+        state = training_state(trainer, train_loader, rt, args, epoch_state, data_record)  # a collective
         if rt.is_main:  # the best weights too: a resume needs no other file, on any machine
             save_atomic(checkpoint("classifier", model.state_dict(), config, epoch, classes=list(data.classes),
                                    best_acc=best["acc"], best_model=best["model"], best_epoch=best["epoch"], **state),

@@ -4,10 +4,12 @@
     mae = utils.load_model("vit-t-mae.pth")            # MAE_ViT, or ViT_Classifier for a classifier checkpoint
     x = utils.normalize(utils.read_image("cat.jpg", 32)[None])   # float (1, 3, 32, 32) in [-1, 1]
 """
-from cifar_mae.augment import denormalize, normalize  # noqa: F401  (re-exported for Python use)
+from cifar_mae.augment import denormalize, normalize
 from cifar_mae.checkpoint import load_checkpoint
-from cifar_mae.image_folders import read_image  # noqa: F401
+from cifar_mae.image_folders import read_image
 from model import MAE_ViT, build_classifier
+
+__all__ = ["denormalize", "load_model", "normalize", "read_image"]
 
 
 def load_model(path):

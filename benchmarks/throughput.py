@@ -99,7 +99,7 @@ def model_overrides(items):
         key, _, value = item.partition("=")
         if key not in MODEL_KEYS or not value.isdigit() or int(value) <= 0:
             raise UserError(f"--model takes KEY=VALUE with a positive whole VALUE and KEY one of "
-                                  f"{', '.join(MODEL_KEYS)}, got {item!r}")
+                            f"{', '.join(MODEL_KEYS)}, got {item!r}")
         overrides[key] = int(value)
     return overrides
 
@@ -234,7 +234,7 @@ def time_training(case, cfg, rt, images, labels, fast, num_workers, aug, profile
     if not fast and rt.device.type == "cuda":  # the plain path: the optimizer as a user would first write it
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=betas, weight_decay=0.05)
     trainer = Trainer(wrap_model(model, rt), loss_fn, optimizer, lambda step: 1e-4, rt, micro_batch=micro,
-                            num_extra=1 if case == "finetune" else 0)
+                      num_extra=1 if case == "finetune" else 0)
     batches = endless_batches(loader)
     if rt.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(rt.device)
@@ -275,12 +275,12 @@ def main(args):
         if getattr(args, key) is not None:
             cfg[key] = getattr(args, key)
     check_positive(argparse.Namespace(**cfg, peak_tflops=args.peak_tflops), "steps", "pretrain_micro",
-                         "finetune_batch", "finetune_micro", "peak_tflops")
+                   "finetune_batch", "finetune_micro", "peak_tflops")
     if cfg["warmup"] < 0 or args.profile < 0 or args.num_workers < 0:
         raise UserError("--warmup, --profile and --num_workers must not be negative")
     if cfg["finetune_batch"] % cfg["finetune_micro"] or cfg["pretrain_batch"] % cfg["pretrain_micro"]:
         raise UserError("each batch must be a multiple of its micro-batch (--finetune_batch, --finetune_micro, "
-                              f"--pretrain_micro; the pretraining batch is {cfg['pretrain_batch']})")
+                        f"--pretrain_micro; the pretraining batch is {cfg['pretrain_batch']})")
     cases = parse_subset(args.cases, "--cases", ["data", "pretrain", "finetune"])
     paths = parse_subset(args.paths, "--paths", ["plain", "fast"])
     generator = torch.Generator().manual_seed(0)

@@ -13,7 +13,6 @@ also written to OUT_DIR/report.json, and
 
 prints the reports of several runs as one table (what benchmarks/gpu_recipe.sh ends with).
 """
-import argparse
 import json
 import os
 import shlex
@@ -58,7 +57,7 @@ def summary_table(out_dirs):
                 report = json.load(f)
         except (OSError, ValueError) as e:
             raise UserError(f"--summarize: cannot read {path} ({e.__class__.__name__}); is {out_dir} the "
-                                  "--out_dir of a finished run?") from None
+                            "--out_dir of a finished run?") from None
         done, asked = report.get("pretrain_epochs_done", report["pretrain_epochs"]), report["pretrain_epochs"]
         pretraining = report["pretrained_model_path"] or (
             (f"{done} epochs" if done == asked else f"{done} of {asked} epochs") if asked else "none (scratch)")
@@ -136,8 +135,8 @@ def main(args):
     result, report["finetune_seconds"] = run_phase(train_classifier, finetune_args)
     if "final" not in result:
         raise UserError(f"the fine-tuning stopped before its last epoch (a --stop_after_* flag in "
-                              f"--finetune_args?), so it has no final accuracy to report; {args.out_dir} holds "
-                              "what it trained")
+                        f"--finetune_args?), so it has no final accuracy to report; {args.out_dir} holds "
+                        "what it trained")
     metrics = read_metrics(os.path.join(args.out_dir, "logs", "classifier"))
     epochs = [m for m in metrics if "val_acc" in m]
     report["finetune_images_per_s"] = epochs[-1]["images_per_s"]

@@ -43,6 +43,9 @@ def load_checkpoint(path, kind=None, what="checkpoint"):
         raise UserError(f"{what} {path} cannot be read safely: not a checkpoint of this project") from None
     except Exception:
         raise UserError(f"{what} {path} cannot be read: the file is truncated or not a PyTorch checkpoint") from None
+    if isinstance(ckpt, dict) and str(ckpt.get("format")).startswith("cifar-mae/") and ckpt["format"] != FORMAT:
+        raise UserError(f"{what} {path} was written by an older version of this project ({ckpt['format']}, this "
+                        f"one reads {FORMAT}); its run has to be done again with this version")
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise UserError(f"{what} {path} is not a checkpoint of this version of the project (no '{FORMAT}' "
                         "format tag)")
@@ -52,12 +55,12 @@ def load_checkpoint(path, kind=None, what="checkpoint"):
     return ckpt
 
 
-def training_state(trainer, loader, rt, args, epoch_state=None, ema=None, data=None):
+def training_state(trainer, loader, rt, args, epoch_state=None, data=None):
     """What --resume needs beyond the weights, as plain values and tensors (a collective under torchrun);
     data: the data_info of what the run trains on, which a resume compares (note_resumed_data)."""
     return {"data": data, "optimizer": trainer.optimizer.state_dict(),
             "scaler": trainer.scaler.state_dict() if trainer.scaler else None,
-            "ema": ema.module.state_dict() if ema is not None else None,
+            "ema": trainer.ema.module.state_dict() if trainer.ema is not None else None,
             "epoch_state": epoch_state.state_dict(rt) if epoch_state is not None else None,
             "rng": rng_state(rt, loader), "args": plain_args(args), "world_size": rt.world_size}
 
@@ -74,7 +77,7 @@ def resume_checkpoint(args, parser, kind):
     return ckpt
 
 
-def restore_training_state(ckpt, path, model, trainer, loader, rt, data, ema=None):
+def restore_training_state(ckpt, path, model, trainer, loader, rt, data):
     """Load what training_state saved (and the weights). -> (completed epochs, EpochState or None)."""
     if ckpt is None:
         return 0, None
@@ -82,8 +85,8 @@ def restore_training_state(ckpt, path, model, trainer, loader, rt, data, ema=Non
     trainer.optimizer.load_state_dict(ckpt["optimizer"])
     if trainer.scaler is not None and ckpt["scaler"]:
         trainer.scaler.load_state_dict(ckpt["scaler"])
-    if ema is not None:
-        ema.module.load_state_dict(ckpt["ema"])
+    if trainer.ema is not None:
+        trainer.ema.module.load_state_dict(ckpt["ema"])
     set_rng_state(ckpt["rng"], rt, loader)
     if rt.is_main:
         note_resumed_data(ckpt, data, path)

@@ -90,6 +90,6 @@ def selection_split(data, val_size):
         return data.train_images, data.train_labels, data.test_images, data.test_labels
     if val_size >= len(data.train_images):
         raise UserError(f"--val_size {val_size} leaves no images to train on (the training set has "
-                              f"{len(data.train_images)})")
+                        f"{len(data.train_images)})")
     kept, held = holdout_split(len(data.train_images), val_size)
     return data.train_images[kept], data.train_labels[kept], data.train_images[held], data.train_labels[held]

@@ -270,6 +270,13 @@ def holdout_split(num_images, size, seed=0):
     return order[size:].sort().values, order[:size].sort().values
 
 
+def spread_test_images(data, count=16):
+    """`count` test images spread over the classes (the i-th of each class in turn), the same in every run."""
+    by_class = [torch.nonzero(data.test_labels == c)[:, 0] for c in range(len(data.classes))]
+    order = torch.stack([ids[i] for i in range(max(map(len, by_class))) for ids in by_class if i < len(ids)])
+    return data.test_images[order[:count]]
+
+
 def data_info(data_dir, data):
     """Where the data came from, its sizes, and a fingerprint of its decoded pixels, labels and class names:
     equal for equal data whatever the files' format, so two runs can tell whether they trained on the same

@@ -9,7 +9,8 @@ from timm.data import auto_augment
 from cifar_mae.augment import random_erase
 from cifar_mae.errors import UserError
 from cifar_mae.loaders import DeviceLoader
-from cifar_mae.randaug import DeviceRandAugment, RANDAUG_AFFINE_OPS, RANDAUG_COLOR_OPS, _pil_posterize, affine_coefficients, randaug_policy, warp_affine
+from cifar_mae.randaug import DeviceRandAugment, RANDAUG_AFFINE_OPS, RANDAUG_COLOR_OPS, _pil_posterize, \
+    affine_coefficients, randaug_policy, warp_affine
 
 OPS = sorted(RANDAUG_COLOR_OPS) + sorted(RANDAUG_AFFINE_OPS)
 
@@ -51,7 +52,7 @@ def ours(name, images, magnitude, sign, bicubic=False):
         _, _, height, width = images.shape
         slot, value = RANDAUG_AFFINE_OPS[name]
         out = warp_affine(x, affine(height, width, **{slot: value(level, signs, height, width)}),
-                                bicubic=torch.full((len(images),), bicubic))
+                          bicubic=torch.full((len(images),), bicubic))
     assert out.dtype == torch.float32 and torch.equal(out, out.round()) and out.min() >= 0 and out.max() <= 255
     return out.to(torch.uint8)
 
@@ -200,7 +201,7 @@ def test_device_augmentation_builds_no_tensor_from_host_data():
     images = torch.randint(0, 256, (64, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     for policy in ("rand-m9-mstd0.5-inc1", "rand-m9-n3-tweights"):
         loader = DeviceLoader(images, torch.arange(64) % 10, 16, device=torch.device("cpu"), train=True,
-                                    crop_scale=(0.2, 1.0), flip=True, randaug=policy, reprob=0.5)
+                              crop_scale=(0.2, 1.0), flip=True, randaug=policy, reprob=0.5)
         batches = loader.batches(loader.order.new_epoch())
         with CreatedFromData() as mode:  # the first batch as well: the policy's weights were placed up front
             next(batches)

@@ -21,12 +21,11 @@ from cifar_mae.atomic import save_atomic
 from cifar_mae.augment import normalize
 from cifar_mae.console import progress_bar
 from cifar_mae.datasets import holdout_split, load_data
-from cifar_mae.engine import STOP_SIGNALS, StopRequest, Trainer, checkpoint_due
-from cifar_mae.loaders import make_loader
-from cifar_mae.outputs import data_dir_from, lock_output
-from cifar_mae.runtime import setup_runtime
-from cifar_mae.flags import take_saved
+from cifar_mae.engine import Trainer, checkpoint_due
 from cifar_mae import engine
+from cifar_mae.flags import take_saved
+from cifar_mae.loaders import make_loader
+from cifar_mae.runtime import setup_runtime
 
 SHARED_CIFAR = os.path.join(ROOT, "..", "shared", "data", "cifar10-jpeg.tar.gz")
 OFFLINE = {"http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9",
@@ -972,6 +971,10 @@ def trained(tmp_path_factory):
 MAE_OUT = lambda w, t: ["--model_path", t / "new.pth", "--log_dir", t / "logs"]
 CLS_OUT = lambda w, t: ["--output_model_path", t / "new-cls.pth", "--log_dir", t / "logs"]
 BAD_INPUTS = {  # name: (script, argv from (world, tmp_path), what the error line must say)
+    "checkpoint of an older format": ("mae", lambda w, t: (torch.save({"format": "cifar-mae/1"}, t / "old.pth"),
+                                                           ["--eval_only", t / "old.pth"])[1],
+                                      lambda w: "written by an older version of this project (cifar-mae/1, this one "
+                                                "reads cifar-mae/2)"),
     "corrupt dataset file": ("mae", lambda w, t: ["--data_dir", w["corrupt"], *TINY_MAE, *MAE_OUT(w, t)],
                              lambda w: "data_batch_3"),
     "corrupt image": ("mae", lambda w, t: ["--data_dir", w["broken_image"], *TINY_MAE, *MAE_OUT(w, t)],
@@ -1393,7 +1396,8 @@ def test_save_every_writes_fewer_checkpoints(tmp_path, cifar_dir, monkeypatch):
     import mae_pretrain
     written = []
     save = save_atomic
-    monkeypatch.setattr(mae_pretrain, "save_atomic", lambda obj, path: (written.append(obj.get("epoch")), save(obj, path)))
+    monkeypatch.setattr(mae_pretrain, "save_atomic",
+                        lambda obj, path: (written.append(obj.get("epoch")), save(obj, path)))
     args = mae_pretrain.get_args_parser().parse_args([str(a) for a in (
         "--data_dir", cifar_dir, *TINY_MAE, "-bs", 16, "--total_epoch", 5, "--warmup_epoch", 1, "--save_every", 2,
         "--model_path", tmp_path / "m.pth", "--log_dir", tmp_path / "logs")])

@@ -1,13 +1,11 @@
 """Training machinery: accumulation, schedule, optimizer groups, EMA, mixup, augmentation, loaders, checkpoints."""
 import argparse
-import errno
 import math
 import os
 import random
 import re
 import shutil
 import signal
-import threading
 
 import numpy as np
 import pytest
@@ -32,7 +30,7 @@ from cifar_mae.knn import knn_accuracy, knn_monitor
 from cifar_mae.loaders import ArrayDataset, BatchOrder, DeviceLoader, TorchLoader
 from cifar_mae.metrics import MetricsLog, read_json_lines
 from cifar_mae.optim import lr_at, make_optimizer, set_lr
-from cifar_mae.outputs import check_export_path, lock_output, release_output_locks
+from cifar_mae.outputs import check_export_path
 from cifar_mae.runtime import Runtime, cuda_defaults, note_devices, setup_runtime, split_batch, wrap_model
 from model import MAE_Encoder, MAE_ViT, ViT_Classifier
 
@@ -93,7 +91,7 @@ def test_accumulation_for_mae_loss():
         torch.manual_seed(0)
         model = MAE_ViT(**TINY)
         trainer = Trainer(model, mae_pretrain.mae_loss, torch.optim.SGD(model.parameters(), lr=0.1),
-                                lambda step: 0.1, CPU, micro_batch=micro)
+                          lambda step: 0.1, CPU, micro_batch=micro)
         torch.manual_seed(1)
         trainer.step(images, torch.zeros(8, dtype=torch.long), 0)
         models.append(model)
@@ -111,7 +109,7 @@ def test_cuda_graph_modes_keep_gradients_in_own_tensors_and_train_the_same():
     plain_trainer = make_trainer(plain, 4, sgd=True)
     optimizer = torch.optim.SGD(graphed.parameters(), lr=0.1)
     graphed_trainer = Trainer(graphed, ce_loss, optimizer, lambda step: 1e-3, graphed_rt, micro_batch=4,
-                                    num_extra=1)
+                              num_extra=1)
     assert graphed_trainer.cudagraphs and not plain_trainer.cudagraphs
     grads = [p.grad for p in graphed.parameters()]
     assert all(g is not None and not g.any() for g in grads)
@@ -195,7 +193,7 @@ def test_clip_grad_scales_the_whole_gradient_down_to_the_limit():
         model = tiny_classifier()
         before = torch.nn.utils.parameters_to_vector(model.parameters()).detach().clone()
         trainer = Trainer(model, ce_loss, torch.optim.SGD(model.parameters(), lr=1.0), lambda step: 1.0, CPU,
-                                micro_batch=4, num_extra=1, clip_grad=clip)
+                          micro_batch=4, num_extra=1, clip_grad=clip)
         trainer.step(images, labels, 0)
         return before - torch.nn.utils.parameters_to_vector(model.parameters()).detach()
 
@@ -310,7 +308,7 @@ def test_nonfinite_loss_stops_run_epoch_with_epoch_and_step():
     trainer = make_trainer(model, 4, loss_fn=lambda m, x, y: (ce_loss(m, x, y)[0] * float("inf"),
                                                             torch.zeros(1)))
     loader = DeviceLoader(torch.zeros(8, 3, 8, 8, dtype=torch.uint8), torch.zeros(8, dtype=torch.long), 4,
-                                device=torch.device("cpu"), train=True)
+                          device=torch.device("cpu"), train=True)
     state = EpochState(loader.order.new_epoch())
     with pytest.raises(NonFiniteLoss, match="epoch 3 at optimizer step 11"):
         with StopRequest() as stop:
@@ -369,7 +367,7 @@ def test_crop_interpolation_reaches_both_loaders():
     images = torch.zeros(8, 3, 8, 8, dtype=torch.uint8)
     for mode in ("bilinear", "bicubic"):
         loader = TorchLoader(images, torch.zeros(8, dtype=torch.long), 4, device=torch.device("cpu"),
-                                   train=True, crop_scale=(0.2, 1.0), interpolation=mode)
+                             train=True, crop_scale=(0.2, 1.0), interpolation=mode)
         assert loader.dataset.transform.transforms[0].interpolation == InterpolationMode(mode)
 
 
@@ -386,7 +384,7 @@ def test_crop_boxes_are_drawn_as_torchvision_draws_them(size, scale):
               for _ in range(20000)]
     theirs = torch.tensor([[j, i, w, h] for i, j, h, w in theirs], dtype=torch.float32)
     draw = lambda **kw: sample_crop_boxes(100000, height, width, kw.pop("scale", scale),
-                                                generator=torch.Generator().manual_seed(0), **kw)
+                                          generator=torch.Generator().manual_seed(0), **kw)
     ours = draw()
     x0, y0, w, h = ours.unbind(1)
     assert torch.equal(ours, ours.round()) and (w >= 1).all() and (h >= 1).all()
@@ -415,7 +413,7 @@ def test_crop_boxes_fall_back_to_torchvisions_centre_crop():
 def make_loader(seed=0, **kwargs):
     images = torch.randint(0, 256, (16, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(5))
     return DeviceLoader(images, torch.arange(16) % 10, 8, device=torch.device("cpu"), train=True, seed=seed,
-                              **kwargs), images
+                        **kwargs), images
 
 
 def test_device_augmentation_shapes_range_variation_and_determinism():
@@ -428,7 +426,7 @@ def test_device_augmentation_shapes_range_variation_and_determinism():
     # 8x8 image has few enough of them that two of 8 draws could meet)
     image = torch.randint(0, 256, (1, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
     same = DeviceLoader(image.expand(8, -1, -1, -1), torch.zeros(8, dtype=torch.long), 8,
-                              device=torch.device("cpu"), train=True, crop_scale=(0.2, 1.0), flip=True)
+                        device=torch.device("cpu"), train=True, crop_scale=(0.2, 1.0), flip=True)
     batch, _ = next(same.batches(same.order.new_epoch()))
     assert len({tuple(b.flatten().tolist()) for b in batch}) == 8
     again, _ = make_loader(crop_scale=(0.2, 1.0), flip=True)
@@ -610,7 +608,7 @@ def test_dataloader_workers_leave_stop_signals_to_the_main_process(capfd):
     """--loader torch: a worker neither runs StopRequest's handler (inherited by fork) nor dies; every batch comes."""
     images = torch.randint(0, 256, (16, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     loader = TorchLoader(images, torch.arange(16) % 10, 4, device=torch.device("cpu"), train=True, seed=0,
-                               flip=True, num_workers=2)
+                         flip=True, num_workers=2)
     loader.dataset = _SignalsItself(loader.dataset.images, loader.dataset.labels, loader.dataset.transform)
     with StopRequest() as stop:
         batches = [x for x, _ in loader.batches(loader.order.new_epoch())]
@@ -771,8 +769,8 @@ def test_atomic_checkpoint_roundtrip_weights_only(tmp_path):
     umask = os.umask(0o022)
     try:
         save_atomic({"format": FORMAT, "kind": "mae_pretrain", "model": model.state_dict(),
-                           "model_config": model.config, "args": plain_args(args),
-                           "rng": rng_state(CPU, loader)}, str(path))
+                     "model_config": model.config, "args": plain_args(args),
+                     "rng": rng_state(CPU, loader)}, str(path))
     finally:
         os.umask(umask)
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pth"]  # no temporary file left
@@ -824,7 +822,7 @@ def test_an_export_linked_to_the_runs_own_checkpoint_is_refused(tmp_path):
     with pytest.raises(UserError, match="names this run's own checkpoint"):
         check_export_path(args, run_outputs=[str(own)])
     check_export_path(argparse.Namespace(export_timm=str(tmp_path / "other.pth"), overwrite=False),
-                            run_outputs=[str(own)])
+                      run_outputs=[str(own)])
 
 
 def test_a_log_torn_by_a_crash_resumes_and_a_full_disk_is_one_error(tmp_path, monkeypatch):
@@ -930,7 +928,7 @@ def test_a_mid_epoch_checkpoint_gives_the_epochs_sums_to_rank_0_only(capsys):
     loader, _ = make_loader()
     sums = torch.tensor([6.0, 8.0, 3.0], dtype=torch.float64)  # loss * images, images, correct: after 1 step
     state = training_state(trainer, loader, CPU, argparse.Namespace(),
-                                 EpochState(loader.order.new_epoch(), 1, sums))
+                           EpochState(loader.order.new_epoch(), 1, sums))
     ckpt = {"model": model.state_dict(), "epoch": 0, **state}
     for rank, expected in ((0, sums), (1, torch.zeros(3, dtype=torch.float64))):
         rt = Runtime(torch.device("cpu"), rank=rank, world_size=2)  # a resume in two processes
@@ -971,7 +969,7 @@ def test_knn_accuracy_and_monitor_leaves_rng_and_mode_alone(loader_class):
     feats = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]])
     labels = torch.tensor([0, 0, 1, 1])
     assert knn_accuracy(feats, labels, torch.tensor([[1.0, 0.05], [0.0, 1.0]]), torch.tensor([0, 1]), 2,
-                              k=2) == 1.0
+                        k=2) == 1.0
     # one near neighbour of class 1 against two farther ones of class 0: the temperature decides
     feats, labels, query = torch.tensor([[1.0, 0.0], [0.8, 0.6], [0.6, 0.8]]), torch.tensor([1, 0, 0]), [[1.0, 0.1]]
     vote = lambda t: knn_accuracy(feats, labels, torch.tensor(query), torch.tensor([1]), 2, k=3, temperature=t)

@@ -113,7 +113,7 @@ def main(args):
     plain = safe_load(args.source)
     if isinstance(plain, dict) and "format" in plain:
         raise UserError(f"{args.source} is already a {plain.get('kind', '')} checkpoint of this project "
-                              "(it loads with weights_only=True); there is nothing to convert")
+                        "(it loads with weights_only=True); there is nothing to convert")
     if isinstance(plain, dict) and plain and all(torch.is_tensor(v) for v in plain.values()):
         module = None  # a state_dict: tensors only, no code ran
         state = convert_state_dict(plain)
@@ -121,7 +121,7 @@ def main(args):
         raise UserError(f"{args.source} holds a {type(plain).__name__}, not a model or a state_dict")
     elif not args.execute_pickled_code:
         raise UserError("loading a pickled model runs code stored in the file; pass --execute_pickled_code "
-                              "if you trust it")
+                        "if you trust it")
     else:
         module = torch.load(args.source, map_location="cpu", weights_only=False)
         if not isinstance(module, torch.nn.Module):
@@ -136,7 +136,7 @@ def main(args):
         config = getattr(module, "config", None) or model_config(state, *heads)  # our own classes carry theirs
     except (KeyError, IndexError):
         raise UserError(f"{args.source} does not hold the original repository's MAE_ViT or ViT_Classifier "
-                              "weights (no cls_token / patchify / pos_embedding found)") from None
+                        "weights (no cls_token / patchify / pos_embedding found)") from None
     kind = "mae_pretrain" if "encoder.cls_token" in state else "classifier"
     parts = ["encoder", "decoder"] if kind == "mae_pretrain" else ["encoder"]
     try:

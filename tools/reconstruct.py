@@ -18,7 +18,7 @@ from model import MAE_ViT  # noqa: E402
 from cifar_mae.atomic import write_atomic  # noqa: E402
 from cifar_mae.augment import denormalize, normalize  # noqa: E402
 from cifar_mae.checkpoint import load_checkpoint  # noqa: E402
-from cifar_mae.datasets import load_data  # noqa: E402
+from cifar_mae.datasets import load_data, spread_test_images  # noqa: E402
 from cifar_mae.errors import UserError, cli_main  # noqa: E402
 from cifar_mae.flags import ArgumentParser, check_positive, path_arg  # noqa: E402
 from cifar_mae.image_folders import read_image  # noqa: E402
@@ -35,8 +35,9 @@ def get_args_parser():
                         help="one masked input + reconstruction column pair per ratio, each in [0, 1)")
     parser.add_argument("--images", type=path_arg, nargs="+", default=None, metavar="FILE",
                         help="image files to reconstruct (resized to the model's image size); default: test images")
-    parser.add_argument("--num_images", type=int, default=8, help="without --images: the first N test images")
-    parser.add_argument("--data_dir", type=path_arg, default="data",
+    parser.add_argument("--num_images", type=int, default=8,
+                        help="without --images: N test images spread over the classes")
+    parser.add_argument("--data_dir", type=path_arg, default=None,
                         help="where the test images come from (as the scripts'); not given: the data the checkpoint "
                              "was trained on, where it is still there")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random masks")
@@ -73,18 +74,18 @@ def main(args):
     model.load_state_dict(ckpt["model"])
     if args.images:
         images = normalize(torch.stack([read_image(path, model.config["image_size"])
-                                              for path in args.images]))
+                                        for path in args.images]))
     else:
         note = data_dir_from(args, ckpt, args.checkpoint)
         if note:
             print(note, file=sys.stderr)
         data = load_data(args.data_dir, model.config["image_size"])
-        images = normalize(data.test_images[:args.num_images])
+        images = normalize(spread_test_images(data, args.num_images))
     grid, per_row = reconstruction_rows(model, images, args.mask_ratios, args.seed)
     grid = grid.repeat_interleave(args.scale, dim=-2).repeat_interleave(args.scale, dim=-1)
     image_format = "png" if args.out.lower().endswith(".png") else "jpeg"
     write_atomic(args.out, lambda f: save_image(grid, f, format=image_format, nrow=per_row, padding=1,
-                                                      pad_value=1.0))
+                                                pad_value=1.0))
     print(f"wrote {args.out}: {len(images)} images x (masked, reconstruction) at mask ratios "
           f"{', '.join(map(str, args.mask_ratios))}, then the original")
 
