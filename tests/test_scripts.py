@@ -19,6 +19,7 @@ import torch
 from conftest import ROOT, TINY_MAE, TINY_MODEL, write_cifar100, write_cifar_batches, write_image_folder
 from cifar_mae.atomic import save_atomic
 from cifar_mae.augment import normalize
+from cifar_mae.classification import evaluate
 from cifar_mae.console import progress_bar
 from cifar_mae.datasets import holdout_split, load_data
 from cifar_mae.engine import Trainer, checkpoint_due
@@ -337,7 +338,7 @@ def test_val_size_picks_the_best_epoch_on_held_out_training_images(tmp_path, cif
 
     def accuracy(images, labels):
         loader = make_loader(args, rt, images, labels, 1024, train=False)
-        return train_classifier.evaluate(model, loader, rt, 10)["acc"]
+        return evaluate(model, loader, rt, 10)["acc"]
     assert accuracy(data.train_images[held], data.train_labels[held]) == best["acc"]
     assert accuracy(data.test_images, data.test_labels) == final["acc"]
     assert f"on the test set: those weights {final['acc']:.2%}, last epoch {final['last_epoch_acc']:.2%}" \
@@ -478,7 +479,8 @@ def test_recipe_flags_and_timm_export(tmp_path, cifar_dir):
     reference.load_state_dict(load(tmp_path / "timm.pth"), strict=True)
     reference.eval()
     x = torch.randn(3, 3, 8, 8)
-    torch.testing.assert_close(reference(x), model(x), rtol=1e-4, atol=1e-5)
+    logits = model(x)  # of about 1e-4 with a fresh head: a tolerance relative to them, not an absolute 1e-5
+    torch.testing.assert_close(reference(x), logits, rtol=1e-4, atol=1e-4 * logits.abs().max().item())
     last = load(tmp_path / "cls-last.pth")  # EMA weights saved apart from the live ones, and they differ
     assert not torch.equal(last["ema"]["head.weight"], last["model"]["head.weight"])
 
@@ -619,7 +621,8 @@ def test_short_run_on_real_cifar_images(tmp_path):
     final = metrics(logs)[-1]
     assert final["final"] and list(final["per_class"]) == ["airplane", "automobile", "bird", "cat", "deer", "dog",
                                                            "frog", "horse", "ship", "truck"]
-    assert 0 <= final["acc"] <= final["acc5"] <= 1 and final["acc"] * 100 == pytest.approx(round(final["acc"] * 100))
+    assert final["acc"] == pytest.approx(sum(final["per_class"].values()) / 10)  # 10 test images per class
+    assert final["acc"] <= final["acc5"] and final["acc"] * 100 == pytest.approx(round(final["acc"] * 100))
 
 
 # ------------------------------------------------------------------------------------------- resume and faults
@@ -1240,7 +1243,8 @@ def one_and_two_processes(tmp_path, script, flags, out_flag):
 
 
 def test_two_processes_match_one_with_the_same_global_batch(tmp_path, cifar_dir):
-    flags = ["--data_dir", cifar_dir, *TINY_MODEL, "--batch_size", 16, "--max_device_batch_size", 8,
+    # 4-image micro-batches: two per process, accumulated under DDP's no_sync, four in the one process
+    flags = ["--data_dir", cifar_dir, *TINY_MODEL, "--batch_size", 16, "--max_device_batch_size", 4,
              "--total_epoch", 2, "--warmup_epoch", 1, "--crop_scale", 1, 1, "--no-flip", "--device", "cpu",
              "--stop_after_minutes", 1000]  # a time limit far off: the ranks take rank 0's clock, and go on
     one_and_two_processes(tmp_path, "train_classifier.py", flags, "--output_model_path")
