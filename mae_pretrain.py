@@ -16,26 +16,28 @@ from timm.optim import param_groups_weight_decay
 from cifar_mae.augment import denormalize, normalize
 from cifar_mae.atomic import save_atomic
 from cifar_mae.checkpoint import checkpoint, load_checkpoint, restore_training_state, resume_checkpoint, \
-    timm_vit_kwargs, training_state, write_timm_state
+    training_state
 from cifar_mae.console import resume_command, script_command
 from cifar_mae.datasets import data_info, default_log_dir, load_data, spread_test_images
 from cifar_mae.engine import Trainer, fit
 from cifar_mae.errors import UserError, cli_main
-from cifar_mae.flags import ArgumentParser, DATA_DIR_HELP, add_augmentation_args, add_encoder_args, \
-    add_runtime_args, check_positive, check_schedule, path_arg, take_saved
+from cifar_mae.flags import ArgumentParser, DATA_DIR_HELP, add_augmentation_args, add_config_arg, add_encoder_args, \
+    add_runtime_args, check_positive, check_schedule, path_arg, resolve_model, take_saved
 from cifar_mae.knn import knn_monitor
 from cifar_mae.loaders import eval_batches, make_loader
 from cifar_mae.metrics import MetricsLog
 from cifar_mae.optim import make_optimizer, peak_lr, schedule
 from cifar_mae.outputs import auto_resume, check_export_path, claim_outputs, data_dir_from
+from cifar_mae.timm_export import encoder_export, write_timm_state
 from cifar_mae.runtime import all_reduce_sum, note_devices, setup_runtime, split_batch, unwrap, wrap_model
-from model import MAE_ViT
+from model import MAE_ViT, output_stem
 
 GPU_MICRO_BATCH = 1024  # the micro-batch ceiling on a GPU when --max_device_batch_size is not given
 
 
 def get_args_parser():
     parser = ArgumentParser("MAE pretraining")
+    add_config_arg(parser)
     parser.add_argument("--seed", type=int, default=42, help="seeds every RNG (process k of a run takes seed + k)")
     parser.add_argument("-bs", "--batch_size", type=int, default=4096, help="images per optimizer step (global)")
     parser.add_argument("--max_device_batch_size", type=int, default=None,
@@ -47,14 +49,15 @@ def get_args_parser():
     parser.add_argument("--mask_ratio", type=float, default=0.75, help="fraction of patches hidden from the encoder")
     parser.add_argument("--total_epoch", type=int, default=2000, help="epochs; the cosine schedule ends with the last")
     parser.add_argument("--warmup_epoch", type=int, default=200, help="epochs of linear lr warmup")
-    parser.add_argument("--model_path", type=path_arg, default="vit-t-mae.pth",
-                        help="checkpoint written after every epoch")
+    parser.add_argument("--model_path", type=path_arg, default=None,
+                        help="checkpoint written after every epoch (default: vit-t-mae.pth for the default model, "
+                             "else MODEL-mae.pth)")
     parser.add_argument("--data_dir", type=path_arg, default=None, help=DATA_DIR_HELP)
     parser.add_argument("--log_dir", type=path_arg, default=None,
                         help="TensorBoard events and metrics.jsonl (default: logs/<dataset>/<--model_path's name>)")
     model = add_encoder_args(parser.add_argument_group("model"))
-    model.add_argument("--decoder_layer", type=int, default=4, help="decoder blocks")
-    model.add_argument("--decoder_head", type=int, default=3, help="decoder attention heads")
+    model.add_argument("--decoder_layer", type=int, default=None, help="decoder blocks")
+    model.add_argument("--decoder_head", type=int, default=None, help="decoder attention heads")
     model.add_argument("--decoder_emb_dim", type=int, default=None, help="decoder width (default: emb_dim)")
     model.add_argument("--norm_pix_loss", action="store_true", help="regress per-patch normalised pixels")
     add_augmentation_args(parser.add_argument_group("augmentation (per sample)"), [0.2, 1.0])
@@ -160,12 +163,6 @@ def reconstruction_loss(model, loader, rt, mask_ratio):
     return total / count
 
 
-def timm_export(model):
-    """(state_dict, create_model kwargs) of the encoder as timm's VisionTransformer without a head."""
-    state = {k: v.detach().clone() for k, v in model.encoder.state_dict().items()}
-    return state, timm_vit_kwargs(model.config, 0, "token")
-
-
 def plain_loaders(args, rt, data):
     """The training and test sets without augmentation, for the kNN monitor and evaluation."""
     return [make_loader(args, rt, x, y, 1024, train=False)
@@ -182,6 +179,7 @@ def eval_only(args):
     config = ckpt["model_config"]
     sizes = {k: v for k, v in config.items() if k != "mask_ratio"}  # evaluated at --mask_ratio when given
     take_saved(args, get_args_parser(), config, f"--eval_only {args.eval_only}", fixed=sizes)
+    resolve_model(args)
     validate(args)
     note = data_dir_from(args, ckpt, args.eval_only)
     rt = setup_runtime(args)
@@ -200,7 +198,7 @@ def eval_only(args):
               f"T {args.knn_t}, cls feature, training set as memory), test reconstruction loss "
               f"{result['test_loss']:.4f} at mask ratio {args.mask_ratio}")
         if args.export_timm:
-            write_timm_state(*timm_export(model), args.export_timm)
+            write_timm_state(*encoder_export(model), args.export_timm)
     return result
 
 
@@ -210,9 +208,12 @@ def main(args):
         return eval_only(args)
     if args.export_timm:
         raise UserError("--export_timm writes a saved MAE's encoder: give the checkpoint with --eval_only")
-    restarting = auto_resume(args, args.model_path)
+    default_path = f"{output_stem(args.model)}-mae.pth"
+    restarting = auto_resume(args, args.model_path or default_path)
     ckpt = resume_checkpoint(args, get_args_parser(), "mae_pretrain")
+    resolve_model(args)
     validate(args)
+    args.model_path = args.model_path or default_path
     args.data_dir = args.data_dir or "data"
     args.log_dir = args.log_dir or default_log_dir(args.data_dir, args.model_path)
     rt = setup_runtime(args)  # seeds every RNG, so the model's initial weights repeat

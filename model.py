@@ -15,6 +15,22 @@ from timm.models.vision_transformer import Block
 
 LayerNorm = partial(nn.LayerNorm, eps=1e-6)  # the eps of timm's VisionTransformer, so exports match exactly
 
+# named sizes, as timm names its ViTs (--model NAME); a size flag given overrides one value
+MODELS = {
+    "vit_tiny_patch2": dict(image_size=32, patch_size=2, emb_dim=192, encoder_layer=12, encoder_head=3,
+                            decoder_layer=4, decoder_head=3),  # the original repository's ViT-T/2
+    "vit_mini_patch4": dict(image_size=32, patch_size=4, emb_dim=64, encoder_layer=4, encoder_head=2,
+                            decoder_layer=2, decoder_head=2),  # the CPU recipe's
+    "vit_small_patch4": dict(image_size=32, patch_size=4, emb_dim=384, encoder_layer=12, encoder_head=6,
+                             decoder_layer=4, decoder_head=6),
+}
+DEFAULT_MODEL = "vit_tiny_patch2"
+
+
+def output_stem(name):
+    """The file-name stem of a model's checkpoints: vit-t for ViT-T/2, as the original repository named it."""
+    return "vit-t" if name == DEFAULT_MODEL else name.replace("_", "-")
+
 
 def num_visible_patches(num_patches, mask_ratio):
     """How many patches stay visible: int(T * (1 - mask_ratio))."""

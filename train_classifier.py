@@ -13,22 +13,23 @@ from timm.utils import ModelEmaV3
 
 from cifar_mae.atomic import save_atomic
 from cifar_mae.checkpoint import checkpoint, last_checkpoint_path, load_checkpoint, restore_training_state, \
-    resume_checkpoint, timm_vit_kwargs, training_state, write_timm_state
-from cifar_mae.classification import ClassificationLoss, confusion_image, ema_note, evaluate, per_class_table, \
-    selection_split
+    resume_checkpoint, training_state
+from cifar_mae.classification import ClassificationLoss, confusion_image, confusion_table, ema_note, evaluate, \
+    per_class_table, selection_split
 from cifar_mae.console import resume_command, script_command
 from cifar_mae.datasets import data_info, default_log_dir, load_data
 from cifar_mae.engine import Trainer, fit
 from cifar_mae.errors import UserError, cli_main
-from cifar_mae.flags import ArgumentParser, DATA_DIR_HELP, add_augmentation_args, add_encoder_args, \
-    add_runtime_args, check_positive, check_schedule, path_arg, plain_args, take_saved
+from cifar_mae.flags import ArgumentParser, DATA_DIR_HELP, add_augmentation_args, add_config_arg, add_encoder_args, \
+    add_runtime_args, check_positive, check_schedule, path_arg, plain_args, resolve_model, take_saved
 from cifar_mae.loaders import make_loader
 from cifar_mae.metrics import MetricsLog
 from cifar_mae.optim import make_optimizer, peak_lr, schedule
 from cifar_mae.outputs import auto_resume, check_export_path, claim_outputs, data_dir_from
 from cifar_mae.randaug import DeviceRandAugment, randaug_policy
+from cifar_mae.timm_export import classifier_export, write_timm_state
 from cifar_mae.runtime import note_devices, setup_runtime, split_batch, wrap_model
-from model import build_classifier, check_config
+from model import build_classifier, check_config, output_stem
 
 GPU_MICRO_BATCH = 256  # the micro-batch ceiling on a GPU when --max_device_batch_size is not given
 NO_WEIGHT_DECAY = {"cls_token", "pos_embed"}
@@ -36,6 +37,7 @@ NO_WEIGHT_DECAY = {"cls_token", "pos_embed"}
 
 def get_args_parser():
     parser = ArgumentParser("ViT classifier")
+    add_config_arg(parser)
     parser.add_argument("--seed", type=int, default=2022, help="seeds every RNG (process k of a run takes seed + k)")
     parser.add_argument("-bs", "--batch_size", type=int, default=128, help="images per optimizer step (global)")
     parser.add_argument("--max_device_batch_size", type=int, default=None,
@@ -50,7 +52,8 @@ def get_args_parser():
                         help="MAE checkpoint whose encoder to fine-tune; none: train from scratch")
     parser.add_argument("--output_model_path", type=path_arg, default=None,
                         help="best-accuracy weights; the full training state goes to NAME-last.pth beside it "
-                             "(default: vit-t-classifier-from_pretrained.pth or vit-t-classifier-from_scratch.pth)")
+                             "(default: vit-t-classifier-from_pretrained.pth or vit-t-classifier-from_scratch.pth for "
+                             "the default model, else MODEL-classifier-...)")
     parser.add_argument("--data_dir", type=path_arg, default=None,
                         help=DATA_DIR_HELP)
     parser.add_argument("--log_dir", type=path_arg, default=None,
@@ -73,6 +76,12 @@ def get_args_parser():
                         help="random erasing probability (timm's RandomErasing, mode pixel; per sample on the device)")
     recipe.add_argument("--mixup", type=float, default=0.0, help="mixup alpha (0: off)")
     recipe.add_argument("--cutmix", type=float, default=0.0, help="cutmix alpha (0: off)")
+    recipe.add_argument("--mix_prob", type=float, default=1.0,
+                        help="share of batches mixed when --mixup or --cutmix is on (timm Mixup's prob)")
+    recipe.add_argument("--mix_switch_prob", type=float, default=0.5,
+                        help="with both on: share of the mixed batches that take cutmix rather than mixup")
+    recipe.add_argument("--tta", default="none", choices=["none", "flip"],
+                        help="flip: also report the top-1 of each image's and its mirror image's mean logits")
     recipe.add_argument("--label_smoothing", type=float, default=0.0, help="of the (mixed) targets")
     recipe.add_argument("--layer_decay", type=float, default=None, help="layer-wise lr decay, e.g. 0.75")
     recipe.add_argument("--clip_grad", type=float, default=None, help="clip the gradient norm to this")
@@ -98,8 +107,9 @@ def validate(args):
     for name in ("label_smoothing", "drop_path"):
         if not 0 <= getattr(args, name) < 1:
             raise UserError(f"--{name} must lie in [0, 1), got {getattr(args, name)}")
-    if not 0 <= args.reprob <= 1:
-        raise UserError(f"--reprob must lie in [0, 1], got {args.reprob}")
+    for name in ("reprob", "mix_prob", "mix_switch_prob"):
+        if not 0 <= getattr(args, name) <= 1:
+            raise UserError(f"--{name} must lie in [0, 1], got {getattr(args, name)}")
     if args.layer_decay is not None and not 0 < args.layer_decay <= 1:
         raise UserError(f"--layer_decay must lie in (0, 1], got {args.layer_decay}")
     if not 0 < args.ema_decay < 1:
@@ -166,24 +176,10 @@ def classifier_config(args, num_classes, in_chans=3):
                 linear_probe=args.linear_probe)
 
 
-def timm_export(model, config):
-    """(state_dict, create_model kwargs) for timm's VisionTransformer; a linear-probe BatchNorm is folded."""
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    if config["linear_probe"]:  # head = BN(no affine) then Linear: fold (x - mean) / std into the linear layer
-        bn = model.head[0]
-        scale = (state.pop("head.0.running_var") + bn.eps).rsqrt()
-        mean = state.pop("head.0.running_mean")
-        state.pop("head.0.num_batches_tracked")
-        weight, bias = state.pop("head.1.weight"), state.pop("head.1.bias")
-        state["head.weight"] = weight * scale
-        state["head.bias"] = bias - (weight * scale) @ mean
-    return state, timm_vit_kwargs(config, config["num_classes"], "avg" if config["global_pool"] else "token")
-
-
 def default_output_path(args):
     """Where a run writes its weights when not told: a name that says whether the encoder started pretrained."""
     args.output_model_path = args.output_model_path or \
-        f"vit-t-classifier-from_{'pretrained' if args.pretrained_model_path else 'scratch'}.pth"
+        f"{output_stem(args.model)}-classifier-from_{'pretrained' if args.pretrained_model_path else 'scratch'}.pth"
 
 
 def check_classes(ckpt, data, what):
@@ -198,6 +194,7 @@ def eval_only(args):
     ckpt = load_checkpoint(args.eval_only, "classifier", "--eval_only")
     config = ckpt["model_config"]
     take_saved(args, get_args_parser(), config, f"--eval_only {args.eval_only}", fixed=config)
+    resolve_model(args)
     data_note = data_dir_from(args, ckpt, args.eval_only)
     rt = setup_runtime(args)
     if rt.is_main and data_note:
@@ -215,11 +212,11 @@ def eval_only(args):
     data = load_data(args.data_dir, config["image_size"], rt)
     check_classes(ckpt, data, f"--eval_only {args.eval_only}")
     loader = make_loader(args, rt, data.test_images, data.test_labels, 1024, train=False)
-    result = evaluate(model, loader, rt, config["num_classes"])
+    result = evaluate(model, loader, rt, config["num_classes"], args.tta)
     if rt.is_main:
         print(per_class_table(result, data.classes))
         if args.export_timm:
-            write_timm_state(*timm_export(model, config), args.export_timm)
+            write_timm_state(*classifier_export(model, config), args.export_timm)
     return result
 
 
@@ -237,7 +234,8 @@ def load_pretrained_checkpoint(args):
         return None, None
     pretrained = load_checkpoint(args.pretrained_model_path, "mae_pretrain", "--pretrained_model_path")
     config = pretrained["model_config"]
-    take_saved(args, get_args_parser(), config, f"--pretrained_model_path {args.pretrained_model_path}", fixed=config)
+    saved = {**config, "model": pretrained.get("args", {}).get("model", args.model)}  # its name, for file names
+    take_saved(args, get_args_parser(), saved, f"--pretrained_model_path {args.pretrained_model_path}", fixed=config)
     return pretrained, data_dir_from(args, pretrained, args.pretrained_model_path)
 
 
@@ -293,7 +291,7 @@ def final_report(args, rt, log, eval_model, best, last_acc, test_loader, data, c
     if args.val_size or last_acc is None:  # with --val_size no choice has looked at the test set
         last_acc = evaluate(eval_model, test_loader, rt, config["num_classes"])["acc"]
     eval_model.load_state_dict(best["model"])  # every rank kept a copy: no shared disk needed
-    result = evaluate(eval_model, test_loader, rt, config["num_classes"])
+    result = evaluate(eval_model, test_loader, rt, config["num_classes"], args.tta)
     if rt.is_main:
         # without --val_size the best epoch is picked on the test set, as the original repository did, so the
         # last epoch's accuracy is printed beside it: it is the unbiased one
@@ -304,12 +302,14 @@ def final_report(args, rt, log, eval_model, best, last_acc, test_loader, data, c
             print(f"best accuracy {best['acc']:.2%} (epoch {best['epoch']}), last epoch {last_acc:.2%}")
         print(per_class_table(result, data.classes))
         if not log.reported:  # a finished run resumed again: TensorBoard has this image at this step already
-            log.image("cls/confusion", confusion_image(result["confusion"]), args.total_epoch)
+            log.image("cls/confusion", confusion_image(result["confusion"], data.classes), args.total_epoch)
+            log.text("cls/confusion", confusion_table(result["confusion"], data.classes), args.total_epoch)
         log.line({"final": True, "epoch": args.total_epoch, "acc": result["acc"], "acc5": result["acc5"],
                   "best_epoch": best["epoch"], "best_acc": best["acc"], "selected_on": best["selected_on"],
-                  "last_epoch_acc": last_acc, "per_class": dict(zip(data.classes, result["per_class"]))})
+                  "last_epoch_acc": last_acc, "per_class": dict(zip(data.classes, result["per_class"])),
+                  **({"acc_flip": result["acc_flip"]} if "acc_flip" in result else {})})
         if args.export_timm:
-            write_timm_state(*timm_export(eval_model, config), args.export_timm)
+            write_timm_state(*classifier_export(eval_model, config), args.export_timm)
     return {"best_acc": best["acc"], "best_epoch": best["epoch"], "last_epoch_acc": last_acc, "final": result}
 
 
@@ -321,8 +321,9 @@ def main(args):
         default_output_path(args)
     restarting = auto_resume(args, last_checkpoint_path(args.output_model_path or ""))
     ckpt = resume_checkpoint(args, get_args_parser(), "classifier")
-    validate(args)
     pretrained, note = load_pretrained_checkpoint(args) if ckpt is None else (None, None)
+    resolve_model(args)
+    validate(args)
     default_output_path(args)
     args.data_dir = args.data_dir or "data"
     args.log_dir = args.log_dir or default_log_dir(args.data_dir, args.output_model_path)
@@ -344,15 +345,14 @@ def main(args):
     trainer = make_trainer(args, rt, model, len(data.classes), len(train_loader), micro_batch)
     start_epoch, epoch_state = restore_training_state(ckpt, args.resume, model, trainer, train_loader, rt,
                                                       data_record)
-    best = {"acc": 0.0, "epoch": None, "model": None, "selected_on": selected_on} if ckpt is None else \
-        {"acc": ckpt["best_acc"], "epoch": ckpt["best_epoch"], "model": ckpt["best_model"], "selected_on": selected_on}
+    best = {"acc": 0.0, "epoch": None, "model": None} if ckpt is None else \
+        {"acc": ckpt["best_acc"], "epoch": ckpt["best_epoch"], "model": ckpt["best_model"]}
     eval_model, last_acc = (trainer.ema.module if args.ema else model), None
-    script = script_command(__file__)  # as the start-up note and the resume command name it
     log = MetricsLog(args.log_dir, rt, args, completed_epochs=start_epoch, resumed=ckpt is not None,
                      data=data_record)
     if rt.is_main:
         start_note(args, rt, model, micro_batch, len(train_loader), selected_on, pretrained)
-        note_devices(args, rt, script)
+        note_devices(args, rt, script_command(__file__))
 
     def save_best():
         save_atomic(checkpoint("classifier", best["model"], config, best["epoch"], classes=list(data.classes),
@@ -361,10 +361,11 @@ def main(args):
 
     def after_epoch(epoch, train):
         nonlocal last_acc
-        val = evaluate(eval_model, val_loader, rt, len(data.classes))
+        val = evaluate(eval_model, val_loader, rt, len(data.classes), args.tta)
         last_acc, train_acc = val["acc"], train["extra_sums"][0] / max(train["images"], 1)
         log.scalars({"cls/loss/train": train["loss"], "cls/loss/val": val["loss"], "cls/acc/train": train_acc,
-                     "cls/acc/val": val["acc"], "cls/acc5/val": val["acc5"], "lr": train["lr"],
+                     "cls/acc/val": val["acc"], "cls/acc5/val": val["acc5"], "cls/acc_flip/val": val.get("acc_flip"),
+                     "lr": train["lr"],
                      "images_per_s": train["images_per_s"]}, epoch)
         if val["acc"] > best["acc"] or best["model"] is None:
             best.update(acc=val["acc"], epoch=epoch,
@@ -372,7 +373,8 @@ def main(args):
             if rt.is_main:
                 save_best()
         record = {"train_loss": train["loss"], "train_acc": train_acc, "val_loss": val["loss"],
-                  "val_acc": val["acc"], "val_acc5": val["acc5"], "best_acc": best["acc"]}
+                  "val_acc": val["acc"], "val_acc5": val["acc5"], "best_acc": best["acc"],
+                  **({"val_acc_flip": val["acc_flip"]} if "acc_flip" in val else {})}
         return record, (f"train loss {train['loss']:.4f} acc {train_acc:.2%}, val loss {val['loss']:.4f} acc "
                         f"{val['acc']:.2%} (best {best['acc']:.2%})")
 
@@ -384,12 +386,12 @@ def main(args):
                         last_path)
 
     done = fit(args, rt, trainer, model, train_loader, log, start_epoch=start_epoch, epoch_state=epoch_state,
-               after_epoch=after_epoch, save=save, resume=(last_path, resume_command(script, last_path, rt,
-                                                                                     args.device)))
+               after_epoch=after_epoch, save=save,
+               resume=(last_path, resume_command(script_command(__file__), last_path, rt, args.device)))
     if done and rt.is_main and not os.path.isfile(args.output_model_path):  # gone since an earlier start
         save_best()
-    result = final_report(args, rt, log, eval_model, best, last_acc, test_loader, data, config) if done else \
-        {"best_acc": best["acc"]}
+    result = final_report(args, rt, log, eval_model, dict(best, selected_on=selected_on), last_acc, test_loader,
+                          data, config) if done else {"best_acc": best["acc"]}
     log.close()
     return result
 

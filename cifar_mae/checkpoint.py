@@ -9,7 +9,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from cifar_mae.atomic import save_atomic
 from cifar_mae.engine import EpochState
 from cifar_mae.errors import UserError
 from cifar_mae.flags import plain_args, take_saved
@@ -156,21 +155,6 @@ def note_missed_streams(missed, rt):
         print(f"warning: the data loader's random streams in the checkpoint ({', '.join(missed)}) come from a run "
               f"on another kind of device; they start afresh on {rt.device.type}, so from here on the order and "
               "augmentation of the images differ from an uninterrupted run's", file=sys.stderr)
-
-
-def timm_vit_kwargs(config, num_classes, global_pool):
-    """timm.create_model keyword arguments of the VisionTransformer that a model config describes."""
-    return dict(img_size=config["image_size"], patch_size=config["patch_size"], in_chans=config["in_chans"],
-                embed_dim=config["emb_dim"], depth=config["encoder_layer"], num_heads=config["encoder_head"],
-                num_classes=num_classes, global_pool=global_pool)
-
-
-def write_timm_state(state, kwargs, path):
-    """Save a state_dict for timm's VisionTransformer and print the create_model call that loads it."""
-    save_atomic(state, path)
-    call = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
-    print(f"wrote {path}; load it with:\n  model = timm.create_model('vit_tiny_patch16_224', pretrained=False, "
-          f"{call})\n  model.load_state_dict(torch.load({path!r}, weights_only=True))")
 
 
 def last_checkpoint_path(path):

@@ -2,9 +2,11 @@
 picked on."""
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from timm.data import Mixup
+from PIL import Image, ImageDraw, ImageFont
 from timm.loss import SoftTargetCrossEntropy
 
 from cifar_mae.datasets import holdout_split
@@ -19,7 +21,8 @@ class ClassificationLoss:
     def __init__(self, args, num_classes):
         self.mixup = None
         if args.mixup > 0 or args.cutmix > 0:
-            self.mixup = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, label_smoothing=args.label_smoothing,
+            self.mixup = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, prob=args.mix_prob,
+                               switch_prob=args.mix_switch_prob, label_smoothing=args.label_smoothing,
                                num_classes=num_classes)
             self.criterion = SoftTargetCrossEntropy()
         else:
@@ -35,11 +38,12 @@ class ClassificationLoss:
 
 
 @torch.no_grad()
-def evaluate(model, loader, rt, num_classes):
-    """Test-set loss, top-1, top-5 and confusion matrix, summed per image over all ranks."""
+def evaluate(model, loader, rt, num_classes, tta=None):
+    """Test-set loss, top-1, top-5 and confusion matrix, summed per image over all ranks; with tta "flip" also
+    the top-1 of the mean logits of each image and its mirror image (acc_flip)."""
     was_training = model.training
     model.eval()
-    sums = torch.zeros(4, dtype=torch.float64, device=rt.device)  # loss, images, top-1, top-5
+    sums = torch.zeros(5, dtype=torch.float64, device=rt.device)  # loss, images, top-1, top-5, top-1 with flip
     confusion = torch.zeros(num_classes * num_classes, dtype=torch.float64, device=rt.device)
     for images, labels in eval_batches(loader, rt, "evaluating"):
         with rt.autocast():
@@ -50,26 +54,69 @@ def evaluate(model, loader, rt, num_classes):
         sums[2] += (top[:, 0] == labels).sum().double()
         sums[3] += (top == labels[:, None]).any(1).sum().double()
         confusion += torch.bincount(labels * num_classes + top[:, 0], minlength=num_classes ** 2).double()
+        if tta == "flip":
+            with rt.autocast():
+                mean_logits = (logits + model(images.flip(-1)).float()) / 2
+            sums[4] += (mean_logits.argmax(dim=1) == labels).sum().double()
     model.train(was_training)
-    loss, count, top1, top5 = all_reduce_sum(sums, rt).tolist()
+    loss, count, top1, top5, top1_flip = all_reduce_sum(sums, rt).tolist()
     confusion = all_reduce_sum(confusion, rt).view(num_classes, num_classes).cpu()
     per_class = (confusion.diag() / confusion.sum(1).clamp(min=1)).tolist()
-    return {"loss": loss / count, "acc": top1 / count, "acc5": top5 / count, "per_class": per_class,
-            "confusion": confusion}
+    result = {"loss": loss / count, "acc": top1 / count, "acc5": top5 / count, "per_class": per_class,
+              "confusion": confusion}
+    if tta == "flip":
+        result["acc_flip"] = top1_flip / count
+    return result
 
 
 def per_class_table(result, classes):
     width = max([12] + [len(name) for name in classes]) + 2  # an ImageFolder's class names may be long
-    lines = [f"top-1 {result['acc']:.2%}  top-5 {result['acc5']:.2%}  (loss {result['loss']:.4f})",
+    flip = f"  top-1 with flip TTA {result['acc_flip']:.2%}" if "acc_flip" in result else ""
+    lines = [f"top-1 {result['acc']:.2%}  top-5 {result['acc5']:.2%}{flip}  (loss {result['loss']:.4f})",
              f"{'class':<{width}}accuracy"]
     lines += [f"{name:<{width}}{acc:.2%}" for name, acc in zip(classes, result["per_class"])]
     return "\n".join(lines)
 
 
-def confusion_image(confusion, cell=16):
-    """Row-normalised confusion matrix as a (1, K*cell, K*cell) grey image, true class per row."""
+def confusion_table(confusion, classes):
+    """The confusion matrix as a Markdown table of counts (TensorBoard's Text tab): true class per row."""
+    lines = ["| true \\ predicted | " + " | ".join(classes) + " |", "|---" * (len(classes) + 1) + "|"]
+    lines += [f"| {name} | " + " | ".join(str(int(n)) for n in row) + " |" for name, row in zip(classes, confusion)]
+    return "\n".join(lines)
+
+
+def confusion_image(confusion, classes):
+    """The confusion matrix as a figure, float (3, H, W) in [0, 1]: a row per true class, a column per predicted
+    one, each cell shaded by its share of the row and holding its count (up to 20 classes), names on both axes."""
+    k = len(classes)
+    cell = 34 if k <= 20 else 12
+    font = ImageFont.load_default()
+    text_width = lambda text: int(ImageDraw.Draw(Image.new("L", (1, 1))).textlength(text, font=font))
+    margin = max(map(text_width, classes)) + 24  # names, and the axis title beside them
+    image = Image.new("RGB", (margin + k * cell + 1, margin + k * cell + 1), "white")
+    draw = ImageDraw.Draw(image)
     rows = confusion / confusion.sum(1, keepdim=True).clamp(min=1)
-    return rows.repeat_interleave(cell, 0).repeat_interleave(cell, 1)[None].float()
+    for i in range(k):
+        for j in range(k):
+            shade = int(255 * (1 - float(rows[i, j])))
+            box = (margin + j * cell, margin + i * cell, margin + (j + 1) * cell, margin + (i + 1) * cell)
+            draw.rectangle(box, fill=(shade, shade, 255), outline=(200, 200, 200))
+            if k <= 20:
+                count = str(int(confusion[i, j]))
+                draw.text((box[0] + (cell - text_width(count)) / 2, box[1] + cell / 2 - 5), count, font=font,
+                          fill="white" if shade < 128 else "black")
+        draw.text((margin - 4 - text_width(classes[i]), margin + i * cell + cell / 2 - 5), classes[i], font=font,
+                  fill="black")
+    top = Image.new("RGB", (margin, k * cell), "white")  # the predicted classes' names, written upwards
+    top_draw = ImageDraw.Draw(top)
+    for j, name in enumerate(classes):
+        top_draw.text((4, j * cell + cell / 2 - 5), name, font=font, fill="black")
+    image.paste(top.rotate(90, expand=True), (margin, 0))  # read upwards, each above its column
+    draw.text((margin, 2), "predicted class", font=font, fill="black")
+    side = Image.new("RGB", (text_width("true class") + 2, 12), "white")
+    ImageDraw.Draw(side).text((0, 0), "true class", font=font, fill="black")
+    image.paste(side.rotate(90, expand=True), (2, margin))
+    return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float() / 255
 
 
 def ema_note(decay, steps):

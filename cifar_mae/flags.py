@@ -2,10 +2,13 @@
 import argparse
 import math
 import os
+import sys
 
 import torch
+import yaml
 
 from cifar_mae.errors import UserError
+from model import DEFAULT_MODEL, MODELS
 
 
 def finite_float(text):
@@ -36,11 +39,71 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse whose float flags, in argument groups too, take finite numbers only (finite_float)."""
+    """argparse whose float flags, in argument groups too, take finite numbers only (finite_float), and which
+    reads a recipe file given with -c (add_config_arg) into its defaults first, as timm's train.py does."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, formatter_class=HelpFormatter, **kwargs)
         self.register("type", float, finite_float)  # argparse looks a flag's type up here before calling it
+
+    def parse_known_args(self, args=None, namespace=None):
+        args = sys.argv[1:] if args is None else [str(a) for a in args]
+        if any(action.dest == "config" for action in self._actions):
+            first = argparse.ArgumentParser(add_help=False)
+            first.add_argument("-c", "--config", type=path_arg, default=None)
+            config = first.parse_known_args(args)[0].config
+            if config:
+                self.set_defaults(**self.read_config(config))
+        return super().parse_known_args(args, namespace)
+
+    def read_config(self, path):
+        """A YAML mapping of flag names to values -> parser defaults, each value checked as its flag would be."""
+        try:
+            with open(path) as f:
+                values = yaml.safe_load(f)
+        except OSError as e:
+            self.exit(2, f"error: -c {path}: {e.strerror}\n")
+        except yaml.YAMLError as e:
+            self.exit(2, f"error: -c {path} is not YAML: {str(e).splitlines()[0]}\n")
+        if not isinstance(values, dict):
+            self.exit(2, f"error: -c {path} holds a {type(values).__name__}, not a mapping of flag names to values\n")
+        actions = {action.dest: action for action in self._actions if action.dest not in ("help", "config")}
+        defaults = {}
+        for key, value in values.items():
+            action = actions.get(str(key).replace("-", "_"))
+            if action is None:
+                self.exit(2, f"error: -c {path}: {key!r} is not a flag of this script (see --help)\n")
+            try:
+                defaults[action.dest] = config_value(action, value)
+            except (TypeError, ValueError, argparse.ArgumentTypeError) as e:
+                self.exit(2, f"error: -c {path}: {key}: {e}\n")
+        return defaults
+
+
+def config_value(action, value):
+    """A recipe file's value for `action`'s flag, converted and checked as the command line would be."""
+    if value is None:
+        return None
+    if action.nargs == 0 or isinstance(action, argparse.BooleanOptionalAction):  # a switch
+        if not isinstance(value, bool):
+            raise TypeError(f"takes true or false, not {value!r}")
+        return value
+    if isinstance(action.nargs, int):
+        if not isinstance(value, list) or len(value) != action.nargs:
+            raise TypeError(f"takes a list of {action.nargs} values, not {value!r}")
+        return [config_value(argparse.Action([], action.dest, type=action.type), v) for v in value]
+    if isinstance(value, (bool, list, dict)):
+        raise TypeError(f"takes one value, not {value!r}")
+    value = action.type(str(value)) if action.type else value
+    if action.choices is not None and value not in action.choices:
+        raise ValueError(f"{value!r} is not one of {', '.join(map(str, action.choices))}")
+    return value
+
+
+def add_config_arg(parser):
+    parser.add_argument("-c", "--config", type=path_arg, default=None, metavar="FILE.yaml",
+                        help="a recipe (configs/): flag names and values that become this run's defaults; flags "
+                             "given on the command line win")
 
 
 def plain_args(args):
@@ -105,15 +168,24 @@ DATA_DIR_HELP = ("a folder holding cifar-10-batches-py/, cifar-100-python/, trai
 
 
 def add_encoder_args(group):
-    """The encoder's size flags, shared by both scripts (defaults: ViT-T/2 on 32x32 images)."""
-    group.add_argument("--image_size", type=int, default=32, help="images are resized to this square size")
-    group.add_argument("--patch_size", type=int, default=2, help="pixels per side of a patch (token)")
-    group.add_argument("--emb_dim", type=int, default=192, help="encoder width")
-    group.add_argument("--encoder_layer", type=int, default=12, help="encoder blocks")
-    group.add_argument("--encoder_head", type=int, default=3, help="encoder attention heads")
+    """--model and the encoder's size flags, shared by both scripts (not given: --model's value)."""
+    group.add_argument("--model", default=DEFAULT_MODEL, choices=list(MODELS),
+                       help="a named size (model.py's MODELS); the size flags below override single values")
+    group.add_argument("--image_size", type=int, default=None, help="images are resized to this square size")
+    group.add_argument("--patch_size", type=int, default=None, help="pixels per side of a patch (token)")
+    group.add_argument("--emb_dim", type=int, default=None, help="encoder width")
+    group.add_argument("--encoder_layer", type=int, default=None, help="encoder blocks")
+    group.add_argument("--encoder_head", type=int, default=None, help="encoder attention heads")
     group.add_argument("--pos_embed", default="learned", choices=["learned", "sincos"],
                        help="learned, or fixed 2-D sin-cos position embeddings")
     return group
+
+
+def resolve_model(args):
+    """Each size flag not given (None) takes --model's value; the decoder's only where the script has them."""
+    for key, value in MODELS[args.model].items():
+        if hasattr(args, key) and getattr(args, key) is None:
+            setattr(args, key, value)
 
 
 INTERPOLATIONS = ["bilinear", "bicubic"]

@@ -120,6 +120,11 @@ class MetricsLog:
             with self.writing_events():
                 self.writer.add_image(tag, image, global_step=epoch)
 
+    def text(self, tag, text, epoch):
+        if self.writer:
+            with self.writing_events():
+                self.writer.add_text(tag, text, global_step=epoch)
+
     def line(self, record):
         if self.writer:
             write_log(self.path, json.dumps(record) + "\n")

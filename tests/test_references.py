@@ -12,7 +12,7 @@ from PIL import Image
 
 import mae_pretrain
 import train_classifier
-from cifar_mae.checkpoint import timm_vit_kwargs
+from cifar_mae.timm_export import classifier_export, timm_vit_kwargs
 from cifar_mae.classification import ClassificationLoss
 from cifar_mae.datasets import load_data
 from cifar_mae.engine import Trainer
@@ -180,7 +180,7 @@ def test_the_timm_export_gives_the_same_features_and_logits(global_pool):
     with torch.no_grad():
         for param in model.parameters():  # real weights everywhere, the head and the position embedding too
             param.normal_(0, 0.5)
-    state, kwargs = train_classifier.timm_export(model, config)
+    state, kwargs = classifier_export(model, config)
     reference = timm.create_model("vit_tiny_patch16_224", pretrained=False, **kwargs).eval()
     reference.load_state_dict(state, strict=True)
     x = torch.randn(4, 3, 8, 8)

@@ -26,6 +26,7 @@ from cifar_mae.engine import Trainer, checkpoint_due
 from cifar_mae import engine
 from cifar_mae.flags import take_saved
 from cifar_mae.loaders import make_loader
+from cifar_mae.timm_export import classifier_export, encoder_export
 from cifar_mae.runtime import setup_runtime
 
 SHARED_CIFAR = os.path.join(ROOT, "..", "shared", "data", "cifar10-jpeg.tar.gz")
@@ -226,7 +227,7 @@ def test_mae_eval_only_gives_the_knn_accuracy_of_training_and_the_test_loss(tmp_
     assert f"test reconstruction loss {out['test_loss']:.4f} at mask ratio 0.75" in result.stdout
     # the encoder as a timm backbone, loaded with the printed call
     import timm
-    _, kwargs = mae_pretrain.timm_export(model)
+    _, kwargs = encoder_export(model)
     call = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
     assert f"timm.create_model('vit_tiny_patch16_224', pretrained=False, {call})" in result.stdout
     backbone = timm.create_model("vit_tiny_patch16_224", pretrained=False, **kwargs)
@@ -474,7 +475,7 @@ def test_recipe_flags_and_timm_export(tmp_path, cifar_dir):
     model = train_classifier.build_classifier(best["model_config"])
     model.load_state_dict(best["model"])
     model.eval()
-    _, kwargs = train_classifier.timm_export(model, best["model_config"])
+    _, kwargs = classifier_export(model, best["model_config"])
     reference = timm.create_model("vit_tiny_patch16_224", pretrained=False, **kwargs)
     reference.load_state_dict(load(tmp_path / "timm.pth"), strict=True)
     reference.eval()
@@ -538,9 +539,12 @@ def test_reconstruction_figure_at_several_mask_ratios(tmp_path, cifar_dir, capsy
                  "--mask_ratios", 0.25, 0.5, 0.75)
     assert result.returncode == 0, result.stderr
     figure = Image.open(out)
-    # 7 columns x 4 rows of 8-pixel images drawn 4 times as large (the default --scale), 1-pixel padding
-    assert figure.size == (7 * 33 + 1, 4 * 33 + 1)
-    tile = torch.from_numpy(np.asarray(figure.convert("RGB")).copy())[1:33, 1 + 6 * 33:33 + 6 * 33]  # the original
+    # 7 columns x 4 rows of 8-pixel images drawn 4 times as large (the default --scale), 1-pixel padding, under a
+    # 14-pixel row of column labels
+    assert figure.size == (7 * 33 + 1, 14 + 4 * 33 + 1)
+    pixels = torch.from_numpy(np.asarray(figure.convert("RGB")).copy())
+    assert (pixels[:14, 6 * 33:] < 128).any()  # the last column's label, "original", in dark text
+    tile = pixels[15:47, 1 + 6 * 33:33 + 6 * 33]  # the original
     assert torch.equal(tile, tile[::4, ::4].repeat_interleave(4, 0).repeat_interleave(4, 1))  # 4 x 4 squares
     here = lambda *args: run_here(capsys, "tools/reconstruct.py", *args)  # the rest in this process
     given = [tmp_path / "a.png", tmp_path / "b.png"]
@@ -548,7 +552,7 @@ def test_reconstruction_figure_at_several_mask_ratios(tmp_path, cifar_dir, capsy
         Image.new("RGB", (20, 20), (40 * i, 100, 200)).save(path)
     result = here(mae_path, "--out", out, "--images", *given, "--mask_ratios", 0.5, "--scale", 1)
     assert result.returncode == 0, result.stderr
-    assert Image.open(out).size == (3 * 9 + 1, 2 * 9 + 1)
+    assert Image.open(out).size == (3 * 9 + 1, 14 + 2 * 9 + 1)
     before = out.read_bytes()
     result = here(mae_path, "--out", out, "--data_dir", cifar_dir, "--num_images", 0)
     assert_clean_error(result, 2, "--num_images must be positive, got 0")
@@ -562,7 +566,7 @@ def test_reconstruction_figure_at_several_mask_ratios(tmp_path, cifar_dir, capsy
     result = here(mae_path, "--out", tmp_path / "new" / "fig.jpg", "--data_dir", cifar_dir, "--num_images", 2,
                   "--mask_ratios", 0.5, "--scale", 1)
     assert result.returncode == 0, result.stderr
-    assert Image.open(tmp_path / "new" / "fig.jpg").size == (3 * 9 + 1, 2 * 9 + 1)
+    assert Image.open(tmp_path / "new" / "fig.jpg").size == (3 * 9 + 1, 14 + 2 * 9 + 1)
     assert Image.open(tmp_path / "new" / "fig.jpg").format == "JPEG"  # the format follows the name
     # a full disk: one line, and the figure that was there stays whole (written to a temporary file first)
     def full_disk(image, fp, filename):
@@ -1021,7 +1025,10 @@ BAD_INPUTS = {  # name: (script, argv from (world, tmp_path), what the error lin
     "resume with conflicting flag": ("mae", lambda w, t: ["--data_dir", w["data"], "--resume", w["mae"],
                                                           "--emb_dim", 32], lambda w: "conflicts with"),
     "existing checkpoint": ("mae", lambda w, t: ["--data_dir", w["data"], *TINY_MAE, "--model_path", w["mae"]],
-                            lambda w: "already exists"),
+                            lambda w: f"already exists; pass --resume {w['mae']} to continue"),
+    "existing classifier": ("cls", lambda w, t: ["--data_dir", w["data"], *TINY_MODEL, "--output_model_path", w["cls"],
+                                                 "--log_dir", t / "logs"],
+                            lambda w: f"already exists; pass --resume {w['tmp'] / 'cls-last.pth'} to continue"),
     "model path is a folder": ("mae", lambda w, t: ["--data_dir", w["data"], *TINY_MAE, "--model_path", w["tmp"],
                                                     "--log_dir", t / "logs"], lambda w: "is a folder, not a file"),
     "model path ending in a slash": ("cls", lambda w, t: ["--data_dir", w["data"], *TINY_MODEL, "--output_model_path",

@@ -31,6 +31,7 @@ from cifar_mae.loaders import ArrayDataset, BatchOrder, DeviceLoader, TorchLoade
 from cifar_mae.metrics import MetricsLog, read_json_lines
 from cifar_mae.optim import lr_at, make_optimizer, set_lr
 from cifar_mae.outputs import check_export_path
+from cifar_mae.timm_export import classifier_export, encoder_export
 from cifar_mae.runtime import Runtime, cuda_defaults, note_devices, setup_runtime, split_batch, wrap_model
 from model import MAE_Encoder, MAE_ViT, ViT_Classifier
 
@@ -221,7 +222,7 @@ def test_drop_path_rises_linearly_over_blocks_and_acts_in_training_only():
 
 
 def test_mixup_mixes_images_and_targets_with_the_weight_timm_draws():
-    args = argparse.Namespace(mixup=0.8, cutmix=0.0, label_smoothing=0.1)
+    args = train_classifier.get_args_parser().parse_args(["--mixup", "0.8", "--label_smoothing", "0.1"])
     loss = ClassificationLoss(args, 10)
     seen = {}
 
@@ -244,7 +245,7 @@ def test_mixup_mixes_images_and_targets_with_the_weight_timm_draws():
 
 
 def test_cutmix_pastes_one_box_of_the_flipped_batch_and_mixes_the_targets_by_its_area():
-    loss = ClassificationLoss(argparse.Namespace(mixup=0.0, cutmix=1.0, label_smoothing=0.0), 10)
+    loss = ClassificationLoss(train_classifier.get_args_parser().parse_args(["--cutmix", "1"]), 10)
     np.random.seed(0)  # timm's Mixup draws from numpy
     images, labels = torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 3])
     mixed, targets = loss.mixup(images.clone(), labels)
@@ -1005,7 +1006,7 @@ def test_timm_export_gives_same_logits(global_pool, linear_probe):
     model.eval()
     config = dict(image_size=8, patch_size=2, emb_dim=16, encoder_layer=2, encoder_head=2, in_chans=3,
                   pos_embed="learned", num_classes=10, global_pool=global_pool, linear_probe=linear_probe)
-    state, kwargs = train_classifier.timm_export(model, config)
+    state, kwargs = classifier_export(model, config)
     reference = timm.create_model("vit_tiny_patch16_224", pretrained=False, **kwargs)
     reference.load_state_dict(state, strict=True)
     reference.eval()
@@ -1042,7 +1043,7 @@ def test_mae_encoder_export_gives_timm_the_same_features(pos_embed):
     import timm
     torch.manual_seed(0)
     mae = MAE_ViT(**TINY, pos_embed=pos_embed).eval()
-    state, kwargs = mae_pretrain.timm_export(mae)
+    state, kwargs = encoder_export(mae)
     assert kwargs["num_classes"] == 0 and kwargs["global_pool"] == "token"
     backbone = timm.create_model("vit_tiny_patch16_224", pretrained=False, **kwargs)
     backbone.load_state_dict(state, strict=True)

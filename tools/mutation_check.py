@@ -46,7 +46,7 @@ MUTANTS = {
                                                         'group["lr"] = lr * group.get("lr_scale", 1.0)',
                                                         'group["lr"] = lr'),
     "export scales the position embedding": (
-        "train_classifier.py", "state = {k: v.detach().clone() for k, v in model.state_dict().items()}",
+        "cifar_mae/timm_export.py", "state = {k: v.detach().clone() for k, v in model.state_dict().items()}",
         'state = {k: (v * 0.8 if k == "pos_embed" else v).detach().clone() for k, v in model.state_dict().items()}'),
     "--clip_grad dropped": ("train_classifier.py", "clip_grad=args.clip_grad, ema=ema", "clip_grad=None, ema=ema"),
     "--mixup and --cutmix swapped": ("cifar_mae/classification.py",

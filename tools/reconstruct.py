@@ -11,7 +11,8 @@ import os
 import sys
 
 import torch
-from torchvision.utils import save_image
+from PIL import Image, ImageDraw
+from torchvision.utils import make_grid
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from model import MAE_ViT  # noqa: E402
@@ -60,6 +61,17 @@ def reconstruction_rows(model, images, mask_ratios, seed=0):
     return denormalize(torch.stack(columns, dim=1).flatten(0, 1)), len(columns)
 
 
+def labelled(grid, labels, height=14):
+    """A grid image (C, H, W) in [0, 1] as a PIL image with a row of column labels above it."""
+    body = Image.fromarray(grid.mul(255).round().byte().permute(1, 2, 0).numpy())
+    figure = Image.new("RGB", (body.width, body.height + height), "white")
+    figure.paste(body, (0, height))
+    draw, column = ImageDraw.Draw(figure), body.width / len(labels)
+    for i, label in enumerate(labels):
+        draw.text((i * column + (column - draw.textlength(label)) / 2, 1), label, fill="black")
+    return figure
+
+
 @cli_main
 def main(args):
     for ratio in args.mask_ratios:
@@ -83,9 +95,10 @@ def main(args):
         images = normalize(spread_test_images(data, args.num_images))
     grid, per_row = reconstruction_rows(model, images, args.mask_ratios, args.seed)
     grid = grid.repeat_interleave(args.scale, dim=-2).repeat_interleave(args.scale, dim=-1)
+    labels = [f"{kind} {ratio:g}" for ratio in args.mask_ratios for kind in ("masked", "recon")] + ["original"]
+    figure = labelled(make_grid(grid, nrow=per_row, padding=1, pad_value=1.0), labels)
     image_format = "png" if args.out.lower().endswith(".png") else "jpeg"
-    write_atomic(args.out, lambda f: save_image(grid, f, format=image_format, nrow=per_row, padding=1,
-                                                pad_value=1.0))
+    write_atomic(args.out, lambda f: figure.save(f, format=image_format))
     print(f"wrote {args.out}: {len(images)} images x (masked, reconstruction) at mask ratios "
           f"{', '.join(map(str, args.mask_ratios))}, then the original")
 

@@ -1,0 +1,38 @@
+"""Our models as timm's VisionTransformer: the state_dict and the create_model call that loads it (the parameter
+names already follow timm's, so this is a copy; a linear probe's BatchNorm is folded into the head)."""
+from cifar_mae.atomic import save_atomic
+
+
+def timm_vit_kwargs(config, num_classes, global_pool):
+    """timm.create_model keyword arguments of the VisionTransformer that a model config describes."""
+    return dict(img_size=config["image_size"], patch_size=config["patch_size"], in_chans=config["in_chans"],
+                embed_dim=config["emb_dim"], depth=config["encoder_layer"], num_heads=config["encoder_head"],
+                num_classes=num_classes, global_pool=global_pool)
+
+
+def encoder_export(model):
+    """(state_dict, create_model kwargs) of the encoder as timm's VisionTransformer without a head."""
+    state = {k: v.detach().clone() for k, v in model.encoder.state_dict().items()}
+    return state, timm_vit_kwargs(model.config, 0, "token")
+
+
+def classifier_export(model, config):
+    """(state_dict, create_model kwargs) for timm's VisionTransformer; a linear-probe BatchNorm is folded."""
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    if config["linear_probe"]:  # head = BN(no affine) then Linear: fold (x - mean) / std into the linear layer
+        bn = model.head[0]
+        scale = (state.pop("head.0.running_var") + bn.eps).rsqrt()
+        mean = state.pop("head.0.running_mean")
+        state.pop("head.0.num_batches_tracked")
+        weight, bias = state.pop("head.1.weight"), state.pop("head.1.bias")
+        state["head.weight"] = weight * scale
+        state["head.bias"] = bias - (weight * scale) @ mean
+    return state, timm_vit_kwargs(config, config["num_classes"], "avg" if config["global_pool"] else "token")
+
+
+def write_timm_state(state, kwargs, path):
+    """Save a state_dict for timm's VisionTransformer and print the create_model call that loads it."""
+    save_atomic(state, path)
+    call = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+    print(f"wrote {path}; load it with:\n  model = timm.create_model('vit_tiny_patch16_224', pretrained=False, "
+          f"{call})\n  model.load_state_dict(torch.load({path!r}, weights_only=True))")

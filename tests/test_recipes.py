@@ -1,0 +1,143 @@
+"""Recipe files (-c), named model sizes, the recipe knobs (--mix_prob, --tta) and the figures people read."""
+import os
+import re
+import shlex
+
+import numpy as np
+import pytest
+import torch
+
+import mae_pretrain
+import train_classifier
+from cifar_mae.classification import ClassificationLoss, confusion_image, confusion_table, evaluate
+from cifar_mae.datasets import ImageData, spread_test_images
+from cifar_mae.loaders import DeviceLoader
+from cifar_mae.runtime import Runtime
+from conftest import CLASSES, ROOT, TINY_MAE, TINY_MODEL, write_cifar_batches
+from model import MODELS, build_classifier
+
+CPU = Runtime(torch.device("cpu"))
+
+
+def parse(script, *argv):
+    return script.get_args_parser().parse_args(list(map(str, argv)))
+
+
+def test_a_recipe_file_sets_defaults_and_flags_given_win(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("total_epoch: 30\nbase_learning_rate: 1e-3\ncrop_scale: [0.5, 1]\nflip: false\n"
+                      "model: vit_mini_patch4\n")
+    args = parse(mae_pretrain, "-c", recipe, "--total_epoch", 5)
+    assert (args.total_epoch, args.base_learning_rate, args.crop_scale, args.flip, args.model) == \
+        (5, 1e-3, [0.5, 1.0], False, "vit_mini_patch4")
+    assert args.config == str(recipe) and parse(mae_pretrain).total_epoch == 2000  # a new parser: no leftovers
+
+
+@pytest.mark.parametrize("text,message", [
+    ("total_epoch: abc", "total_epoch: invalid literal for int()"),
+    ("no_such_flag: 1", "'no_such_flag' is not a flag of this script"),
+    ("- 1\n- 2", "holds a list, not a mapping of flag names to values"),
+    ("flip: 3", "flip: takes true or false, not 3"),
+    ("crop_scale: 0.5", "crop_scale: takes a list of 2 values"),
+    ("model: vit_huge", "model: 'vit_huge' is not one of vit_tiny_patch2"),
+    ("a: [b", "is not YAML"),
+])
+def test_a_bad_recipe_file_is_refused_in_one_line(tmp_path, capsys, text, message):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(text)
+    with pytest.raises(SystemExit) as exit_info:
+        parse(train_classifier, "-c", recipe)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1 and err[0].startswith(f"error: -c {recipe}") \
+        and message in err[0], err
+    with pytest.raises(SystemExit):
+        parse(train_classifier, "-c", tmp_path / "missing.yaml")
+    assert capsys.readouterr().err.strip() == f"error: -c {tmp_path / 'missing.yaml'}: No such file or directory"
+
+
+def test_named_sizes_and_a_size_flag_that_overrides_one_value(tmp_path, monkeypatch):
+    data = write_cifar_batches(str(tmp_path / "data"), per_batch=4, test=10)
+    monkeypatch.chdir(tmp_path)
+    seen = {}
+    monkeypatch.setattr(mae_pretrain, "fit", lambda args, rt, trainer, model, *a, **k: seen.update(model=model))
+    mae_pretrain.main(parse(mae_pretrain, "--data_dir", data, "--model", "vit_mini_patch4", "--encoder_layer", 1,
+                            "-bs", 16, "--total_epoch", 1, "--warmup_epoch", 0, "--device", "cpu"))
+    expected = dict(MODELS["vit_mini_patch4"], encoder_layer=1)
+    assert {key: seen["model"].config[key] for key in expected} == expected
+    assert os.listdir(tmp_path / "logs" / "cifar10") == ["vit-mini-patch4-mae"]  # names follow the model
+    default = parse(train_classifier)
+    train_classifier.default_output_path(default)
+    assert default.output_model_path == "vit-t-classifier-from_scratch.pth"  # the original's names for ViT-T/2
+
+
+def test_the_confusion_figure_has_counts_and_class_names(tmp_path):
+    confusion = torch.tensor([[8.0, 2.0, 0.0], [1.0, 9.0, 0.0], [0.0, 3.0, 7.0]])
+    image = confusion_image(confusion, ["airplane", "automobile", "bird"])
+    assert image.shape[0] == 3 and min(image.shape[1:]) > 3 * 30  # far larger than one pixel per cell
+    assert not torch.equal(image, confusion_image(confusion, ["a", "b", "c"]))  # the names are drawn
+    table = confusion_table(confusion, ["airplane", "automobile", "bird"]).splitlines()
+    assert table[3] == "| automobile | 1 | 9 | 0 |"
+
+
+def test_the_reconstruction_images_come_from_every_class_of_a_sorted_tree():
+    labels = torch.arange(10).repeat_interleave(5)  # an ImageFolder tree: sorted by class
+    data = ImageData(torch.zeros(50, 3, 4, 4), labels, torch.arange(50).view(50, 1, 1, 1).expand(50, 3, 4, 4),
+                     labels, CLASSES)
+    chosen = spread_test_images(data, 16)[:, 0, 0, 0]
+    assert labels[chosen].tolist() == list(range(10)) + list(range(6))
+
+
+def test_mix_prob_zero_leaves_targets_one_hot():
+    args = parse(train_classifier, "--mixup", 0.8, "--cutmix", 1.0, "--mix_prob", 0)
+    images, labels = torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 3])
+    np.random.seed(0)
+    mixed, targets = ClassificationLoss(args, 10).mixup(images.clone(), labels)
+    assert torch.equal(mixed, images) and torch.equal(targets, torch.nn.functional.one_hot(labels, 10).float())
+    half = ClassificationLoss(parse(train_classifier, "--mixup", 0.8, "--mix_prob", 0.5), 10).mixup
+    assert (half.mix_prob, half.switch_prob) == (0.5, 0.5)
+
+
+def test_flip_tta_on_mirror_symmetric_images_equals_plain_evaluation():
+    torch.manual_seed(0)
+    model = build_classifier(dict(image_size=8, patch_size=2, emb_dim=16, encoder_layer=2, encoder_head=2,
+                                  in_chans=3, pos_embed="learned", num_classes=10, global_pool=False,
+                                  linear_probe=False))
+    half = torch.randint(0, 256, (40, 3, 8, 4), dtype=torch.uint8)
+    symmetric = torch.cat([half, half.flip(-1)], dim=-1)
+    loader = DeviceLoader(symmetric, torch.arange(40) % 10, 16, device=torch.device("cpu"), train=False)
+    plain, tta = evaluate(model, loader, CPU, 10), evaluate(model, loader, CPU, 10, "flip")
+    assert tta["acc_flip"] == plain["acc"] == tta["acc"]
+    images, labels = torch.cat([half, half], dim=-1), torch.arange(40) % 10  # not mirror images of themselves
+    tta = evaluate(model, DeviceLoader(images, labels, 16, device=torch.device("cpu"), train=False), CPU, 10, "flip")
+    x = images.float() / 127.5 - 1
+    with torch.no_grad():
+        expected = ((model(x) + model(x.flip(-1))).argmax(1) == labels).float().mean().item()
+    assert tta["acc_flip"] == pytest.approx(expected)
+
+
+def readme_recipe_lines():
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        return [shlex.split(line.strip()) for line in f if re.match(r"\s+python \S+ -c configs/", line)]
+
+
+def test_the_readmes_recipes_run_as_pasted(tmp_path, monkeypatch, capsys):
+    """Every `-c configs/...` command of the README, in its order, with a tiny model and one epoch on tiny data."""
+    lines = readme_recipe_lines()
+    assert len(lines) >= 7
+    data = write_cifar_batches(str(tmp_path / "data"), per_batch=4, test=10)
+    monkeypatch.chdir(tmp_path)
+    for argv in lines:
+        script = mae_pretrain if argv[1] == "mae_pretrain.py" else train_classifier
+        argv = argv[2:]
+        argv[argv.index("--data_dir") + 1] = data
+        argv[argv.index("-c") + 1] = os.path.join(ROOT, argv[argv.index("-c") + 1])  # the recipe, from here
+        tiny = ["-bs", 16, "--max_device_batch_size", 8, "--total_epoch", 1, "--warmup_epoch", 0, "--device", "cpu"]
+        tiny += [*TINY_MAE, "--knn_every", 0] if script is mae_pretrain else TINY_MODEL
+        args = parse(script, *argv, *tiny)
+        script.main(args)
+        assert os.path.isfile(args.model_path if script is mae_pretrain else args.output_model_path)
+        if script is mae_pretrain:  # it ends by naming its checkpoint and the command that fine-tunes it
+            assert capsys.readouterr().out.splitlines()[-1] == (
+                f"pretrained {args.model_path}; fine-tune it with: python {os.path.join(ROOT, 'train_classifier.py')} "
+                f"--pretrained_model_path {args.model_path}")
+    assert {"vit-mini-patch4-mae.pth", "vit-t-mae-250.pth", "vit-t-ft-1000.pth"} <= set(os.listdir(tmp_path))
