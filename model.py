@@ -23,6 +23,11 @@ MODELS = {
                             decoder_layer=2, decoder_head=2),  # the CPU recipe's
     "vit_small_patch4": dict(image_size=32, patch_size=4, emb_dim=384, encoder_layer=12, encoder_head=6,
                              decoder_layer=4, decoder_head=6),
+    # ViT-T/2 with a smaller decoder, which moves fewer bytes per step; not the default until an accuracy run
+    "vit_tiny_patch2_dec2": dict(image_size=32, patch_size=2, emb_dim=192, encoder_layer=12, encoder_head=3,
+                                 decoder_layer=2, decoder_head=3),
+    "vit_tiny_patch2_dec2x128": dict(image_size=32, patch_size=2, emb_dim=192, encoder_layer=12, encoder_head=3,
+                                     decoder_layer=2, decoder_head=4, decoder_emb_dim=128),
 }
 DEFAULT_MODEL = "vit_tiny_patch2"
 
@@ -95,6 +100,19 @@ def make_blocks(dim, heads, depth, drop_path=0.0):
         for rate in rates])
 
 
+def embed(patch_embed, pos_embed, imgs):
+    """imgs: (B, C, H, W) -> patch tokens with position (B, T, D), in the patch projection's dtype: under autocast
+    the residual stream stays bf16 rather than being promoted to fp32 by the fp32 position embedding."""
+    tokens = patch_embed(imgs)
+    return tokens + pos_embed[:, 1:].to(tokens.dtype)
+
+
+def prepend_cls(cls_token, pos_embed, tokens):
+    """tokens: (B, N, D) -> (B, 1 + N, D) with the cls token (and its position) in front, in the tokens' dtype."""
+    cls = (cls_token + pos_embed[:, :1]).to(tokens.dtype).expand(tokens.shape[0], -1, -1)
+    return torch.cat([cls, tokens], dim=1)
+
+
 class PatchShuffle(nn.Module):
     """Per-sample random masking: keeps exactly int(T * (1 - ratio)) patches of each sample."""
 
@@ -142,12 +160,11 @@ class MAE_Encoder(nn.Module):
 
     def embed(self, imgs):
         """imgs: (B, C, H, W) -> patch tokens with position (B, T, D)."""
-        return self.patch_embed(imgs) + self.pos_embed[:, 1:]
+        return embed(self.patch_embed, self.pos_embed, imgs)
 
     def prepend_cls(self, tokens):
         """tokens: (B, N, D) -> (B, 1 + N, D) with the cls token (and its position) in front."""
-        cls = (self.cls_token + self.pos_embed[:, :1]).expand(tokens.shape[0], -1, -1)
-        return torch.cat([cls, tokens], dim=1)
+        return prepend_cls(self.cls_token, self.pos_embed, tokens)
 
     def forward(self, imgs, mask_ratio=None):
         """imgs: (B, C, H, W) -> features (B, 1 + V, D), ids_restore (B, T)."""
@@ -187,10 +204,10 @@ class MAE_Decoder(nn.Module):
         """features: (B, 1 + V, D), ids_restore: (B, T) -> predicted patches (B, T, C*p*p)."""
         x = self.decoder_embed(features)
         batch, num_patches = ids_restore.shape
-        mask_tokens = self.mask_token.expand(batch, num_patches + 1 - x.shape[1], -1)
+        mask_tokens = self.mask_token.to(x.dtype).expand(batch, num_patches + 1 - x.shape[1], -1)  # the stream's dtype
         shuffled = torch.cat([x[:, 1:], mask_tokens], dim=1)  # (B, T, Dd) in shuffled order
         patches = shuffled.gather(1, ids_restore[..., None].expand(-1, -1, x.shape[2]))
-        x = torch.cat([x[:, :1], patches], dim=1) + self.pos_embed
+        x = torch.cat([x[:, :1], patches], dim=1) + self.pos_embed.to(x.dtype)
         for block in self.blocks:
             x = block(x)
         return self.head(self.norm(x)[:, 1:])
@@ -304,9 +321,7 @@ class ViT_Classifier(nn.Module):
 
     def forward_features(self, imgs):
         """imgs: (B, C, H, W) -> pooled features (B, D)."""
-        x = self.patch_embed(imgs) + self.pos_embed[:, 1:]
-        cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
-        x = torch.cat([cls, x], dim=1)
+        x = prepend_cls(self.cls_token, self.pos_embed, embed(self.patch_embed, self.pos_embed, imgs))
         for block in self.blocks:
             x = block(x)
         if self.global_pool:

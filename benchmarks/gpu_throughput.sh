@@ -50,8 +50,9 @@ for stage in $STAGES; do
         crop) for filter in bilinear bicubic; do
                   bench crop --cases data --paths fast --steps 50 --warmup 5 --interpolation "$filter"
               done ;;
-        decoder) for model in decoder_emb_dim=192 decoder_emb_dim=128 decoder_layer=2; do
-                     bench decoder --cases pretrain --paths fast --steps 20 --warmup 5 --model "$model"
+        decoder) for model in decoder_emb_dim=192 "decoder_emb_dim=128 decoder_head=4" decoder_layer=2; do
+                     read -r -a sizes <<< "$model"  # 128 wide needs a head count that divides it: 4, not 3
+                     bench decoder --cases pretrain --paths fast --steps 20 --warmup 5 --model "${sizes[@]}"
                  done ;;
     esac
 done

@@ -21,8 +21,10 @@ top operators. Under CUDA graphs (--compile_mode reduce-overhead) the profiler s
 """
 import argparse
 import collections
+import contextlib
 import json
 import os
+import statistics
 import sys
 import time
 
@@ -33,7 +35,9 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import mae_pretrain  # noqa: E402
 
-from model import MAE_ViT, ViT_Classifier  # noqa: E402
+import model as model_module  # noqa: E402
+from benchmarks.step_bytes import SIZE_KEYS, build as build_cpu, bytes_per_image  # noqa: E402
+from model import MAE_Decoder, MAE_ViT, ViT_Classifier  # noqa: E402
 from cifar_mae.classification import ClassificationLoss  # noqa: E402
 from cifar_mae.engine import Trainer  # noqa: E402
 from cifar_mae.errors import UserError, cli_main  # noqa: E402
@@ -86,6 +90,16 @@ def get_args_parser():
                              "where the device time goes")
     parser.add_argument("--trace_dir", type=path_arg, default=None,
                         help="with --profile: write a Chrome trace per case here")
+    parser.add_argument("--bytes", action="store_true",
+                        help="also count the compiled step's bytes per image with inductor (benchmarks/step_bytes.py, "
+                             "on the CPU, about a minute per case) and, on a GPU, the TB/s that makes")
+    parser.add_argument("--peak_tbps", type=float, default=None,
+                        help="the device's memory bandwidth for --bytes' share of peak (default: 3.35 for an H100 "
+                             "SXM, 4.8 for an H200, from NVIDIA's data sheets)")
+    parser.add_argument("--fp32_stream", action="store_true",
+                        help="the residual stream as before the bf16 stream: promoted to fp32 by the fp32 tokens "
+                             "and position embeddings (to compare against)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed loops per case: median and spread")
     parser.add_argument("--model", nargs="+", default=[], metavar="KEY=VALUE",
                         help="change the preset's model, e.g. decoder_emb_dim=128 decoder_layer=2 (keys: "
                              f"{', '.join(MODEL_KEYS)})")
@@ -225,7 +239,37 @@ def profile_steps(trainer, batches, rt, steps, first_step, trace_path=None):
     return profile_summary(prof, steps, rt.device.type)
 
 
-def time_training(case, cfg, rt, images, labels, fast, num_workers, aug, profile=0, trace_path=None):
+PEAK_TBPS = {"H100": 3.35, "H200": 4.8}  # HBM bandwidth of the SXM parts, NVIDIA's data sheets
+
+
+def legacy_decoder_forward(self, features, ids_restore):
+    """MAE_Decoder.forward before the bf16 stream: the fp32 mask token and position embedding promote it."""
+    x = self.decoder_embed(features)
+    batch, num_patches = ids_restore.shape
+    shuffled = torch.cat([x[:, 1:], self.mask_token.expand(batch, num_patches + 1 - x.shape[1], -1)], dim=1)
+    x = torch.cat([x[:, :1], shuffled.gather(1, ids_restore[..., None].expand(-1, -1, x.shape[2]))], dim=1)
+    x = x + self.pos_embed
+    for block in self.blocks:
+        x = block(x)
+    return self.head(self.norm(x)[:, 1:])
+
+
+@contextlib.contextmanager
+def fp32_stream(on):
+    """With `on`, the model code as before the bf16 stream (--fp32_stream), for a side-by-side measurement."""
+    saved = model_module.embed, model_module.prepend_cls, MAE_Decoder.forward
+    if on:
+        model_module.embed = lambda patch_embed, pos_embed, imgs: patch_embed(imgs) + pos_embed[:, 1:]
+        model_module.prepend_cls = lambda cls_token, pos_embed, tokens: torch.cat(
+            [(cls_token + pos_embed[:, :1]).expand(tokens.shape[0], -1, -1), tokens], dim=1)
+        MAE_Decoder.forward = legacy_decoder_forward
+    try:
+        yield
+    finally:
+        model_module.embed, model_module.prepend_cls, MAE_Decoder.forward = saved
+
+
+def time_training(case, cfg, rt, images, labels, fast, num_workers, aug, profile=0, trace_path=None, repeats=3):
     model, loss_fn, betas, batch, micro = build(case, cfg, rt)
     loader = make_loader(rt, images, labels, batch, fast, num_workers, aug)
     x, y = next(loader.batches(loader.order.new_epoch()))
@@ -243,21 +287,38 @@ def time_training(case, cfg, rt, images, labels, fast, num_workers, aug, profile
         sums = trainer.step(*next(batches), step)
     synchronize(rt.device)
     warmup_seconds = time.perf_counter() - start
-    start = time.perf_counter()
-    for step in range(cfg["steps"]):
-        sums = trainer.step(*next(batches), cfg["warmup"] + step)
-    synchronize(rt.device)
-    seconds = time.perf_counter() - start
+    rates, step = [], cfg["warmup"]
+    for _ in range(repeats):  # the median of a few timed loops, and their spread
+        start = time.perf_counter()
+        for _ in range(cfg["steps"]):
+            sums = trainer.step(*next(batches), step)
+            step += 1
+        synchronize(rt.device)
+        rates.append(cfg["steps"] * batch / (time.perf_counter() - start))
     loss = float(sums[0] / sums[1])
-    images_per_s = cfg["steps"] * batch / seconds
+    images_per_s = statistics.median(rates)
     peak_memory = torch.cuda.max_memory_allocated(rt.device) / 2 ** 30 if rt.device.type == "cuda" else None
-    result = dict(batch=batch, micro_batch=micro, images_per_s=images_per_s, gflop_per_image=flops / 1e9,
+    result = dict(batch=batch, micro_batch=micro, images_per_s=images_per_s,
+                  images_per_s_spread=[min(rates), max(rates)], gflop_per_image=flops / 1e9,
                   flop_shares=flop_shares,
                   achieved_tflops=images_per_s * flops / 1e12, warmup_seconds=warmup_seconds, last_loss=loss,
                   peak_memory_gib=peak_memory)
     if profile:
-        result["profile"] = profile_steps(trainer, batches, rt, profile, cfg["warmup"] + cfg["steps"], trace_path)
+        result["profile"] = profile_steps(trainer, batches, rt, profile, step, trace_path)
     return result
+
+
+def memory_traffic(case, cfg, line, rt, peak_tbps):
+    """Inductor's bytes per image of the case's step (counted on the CPU) and, on a GPU, the TB/s they make at the
+    measured images/s and the share of the device's peak bandwidth."""
+    model, loss_fn = build_cpu(case, {key: cfg[key] for key in SIZE_KEYS if key in cfg})
+    traffic = bytes_per_image(model, loss_fn, cfg["image_size"])
+    if rt.device.type == "cuda":
+        name = torch.cuda.get_device_name(rt.device)
+        peak = peak_tbps or next((tbps for part, tbps in PEAK_TBPS.items() if part in name), None)
+        traffic["achieved_tbps"] = line["images_per_s"] * traffic["mb_per_image"] / 1e6
+        traffic["peak_tbps"], traffic["hbm_share"] = peak, traffic["achieved_tbps"] / peak if peak else None
+    return traffic
 
 
 def parse_subset(value, flag, allowed):
@@ -274,8 +335,9 @@ def main(args):
     for key in ("steps", "warmup", "pretrain_micro", "finetune_batch", "finetune_micro"):
         if getattr(args, key) is not None:
             cfg[key] = getattr(args, key)
-    check_positive(argparse.Namespace(**cfg, peak_tflops=args.peak_tflops), "steps", "pretrain_micro",
-                   "finetune_batch", "finetune_micro", "peak_tflops")
+    check_positive(argparse.Namespace(**cfg, peak_tflops=args.peak_tflops, peak_tbps=args.peak_tbps,
+                                      repeats=args.repeats), "steps", "pretrain_micro", "finetune_batch",
+                   "finetune_micro", "peak_tflops", "peak_tbps", "repeats")
     if cfg["warmup"] < 0 or args.profile < 0 or args.num_workers < 0:
         raise UserError("--warmup, --profile and --num_workers must not be negative")
     if cfg["finetune_batch"] % cfg["finetune_micro"] or cfg["pretrain_batch"] % cfg["pretrain_micro"]:
@@ -310,9 +372,13 @@ def main(args):
                 line.update(batch=batch, images_per_s=time_data(rt, loader, cfg["steps"] * 4, cfg["warmup"]))
             else:
                 trace = os.path.join(args.trace_dir, f"{case}-{path}.json") if args.trace_dir else None
-                line.update(time_training(case, cfg, rt, images, labels, fast, args.num_workers, aug,
-                                          args.profile, trace))
+                with fp32_stream(args.fp32_stream):
+                    line.update(time_training(case, cfg, rt, images, labels, fast, args.num_workers, aug,
+                                              args.profile, trace, args.repeats))
+                    if args.bytes:
+                        line.update(memory_traffic(case, cfg, line, rt, args.peak_tbps))
                 line["mfu"] = line["achieved_tflops"] / args.peak_tflops
+                line["fp32_stream"] = args.fp32_stream
             line["config"] = config
             profile = line.pop("profile", None)
             print(json.dumps(line), flush=True)

@@ -70,10 +70,38 @@ def test_masking_encoder_decoder_and_loss_equal_the_official_forward():
     features, _ = model.encoder(imgs)
     torch.manual_seed(1)
     predicted, our_mask = model(imgs)
-    torch.testing.assert_close(features, latent)
-    torch.testing.assert_close(patchify(predicted, 2), pred)
-    torch.testing.assert_close(patchify(our_mask, 2)[..., 0], mask)
+    assert torch.equal(features, latent)  # in fp32, bit for bit
+    assert torch.equal(patchify(predicted, 2), pred)
+    assert torch.equal(patchify(our_mask, 2)[..., 0], mask)
     torch.testing.assert_close(model.loss(imgs, predicted, our_mask), loss)
+
+
+def test_under_bf16_autocast_the_residual_stream_is_bf16_and_training_matches_fp32_promotion():
+    """Tokens, position embeddings and mask tokens take the activations' dtype (fewer bytes per step); a few
+    AdamW steps then give the losses of the official forward, whose stream fp32 parameters promote to fp32."""
+    torch.manual_seed(0)
+    ours = MAE_ViT(**TINY)
+    reference = MAE_ViT(**TINY)
+    reference.load_state_dict(ours.state_dict())
+    seen = []
+    for block in (ours.encoder.blocks[0], ours.decoder.blocks[0]):
+        block.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0].dtype))
+    optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-3) for m in (ours, reference)]
+    imgs = torch.randn(8, 3, 8, 8)
+    for step in range(4):
+        losses = []
+        for model, optimizer in zip((ours, reference), optimizers):
+            torch.manual_seed(step)
+            noise = torch.rand(8, 16)
+            torch.manual_seed(step)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = model.loss(imgs, *model(imgs)) if model is ours else official_forward(model, imgs, noise)[3]
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            losses.append(loss.item())
+        assert losses[0] == pytest.approx(losses[1], rel=2e-2)
+    assert set(seen) == {torch.bfloat16}
 
 
 def test_the_encoder_never_sees_masked_pixels_and_each_prediction_follows_its_own_patch():

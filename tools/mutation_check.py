@@ -30,6 +30,8 @@ MUTANTS = {
                                       "return (per_patch * (1 - mask)).sum() / (1 - mask).sum()"),
     "decoder without position embedding": ("model.py", "x = torch.cat([x[:, :1], patches], dim=1) + self.pos_embed",
                                            "x = torch.cat([x[:, :1], patches], dim=1)"),
+    "residual stream promoted to fp32 again": ("model.py", "return tokens + pos_embed[:, 1:].to(tokens.dtype)",
+                                               "return tokens + pos_embed[:, 1:]"),
     "norm_pix_loss ignored": ("model.py", "        if self.norm_pix_loss:\n            mean",
                               "        if False:\n            mean"),
     "CIFAR channels in BGR order": ("cifar_mae/datasets.py", "torch.from_numpy(ds.data).permute(0, 3, 1, 2)",

@@ -1,0 +1,107 @@
+"""Bytes per image of the compiled training step, counted by torch inductor: GPU speed's main driver (the step is
+memory-bound), measurable on any machine and the same on every run, so a fair before/after.
+
+    python benchmarks/step_bytes.py                                   # ViT-T/2: pretraining and fine-tuning
+    python benchmarks/step_bytes.py --cases pretrain --model decoder_layer=2 decoder_emb_dim=128
+
+The step (forward under bf16 autocast, loss, backward) is compiled at batch 4 and at batch 8 with inductor's
+caches off; bytes per image = (bytes at 8 - bytes at 4) / 4, so the weights' and their gradients' traffic drops
+out. On the CPU, autocast casts linear, conv and attention to bf16 and keeps layer_norm in fp32, as on CUDA.
+About a minute per case on 2 CPU cores. One JSON line per case.
+"""
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import mae_pretrain  # noqa: E402
+from cifar_mae.classification import ClassificationLoss  # noqa: E402
+from cifar_mae.errors import UserError, cli_main  # noqa: E402
+from cifar_mae.flags import ArgumentParser  # noqa: E402
+from model import MAE_ViT, MODELS, ViT_Classifier  # noqa: E402
+
+SIZE_KEYS = list(MODELS["vit_tiny_patch2"]) + ["decoder_emb_dim"]
+
+
+def get_args_parser():
+    parser = ArgumentParser("bytes per image of the compiled training step")
+    parser.add_argument("--cases", nargs="+", default=["pretrain", "finetune"], choices=["pretrain", "finetune"],
+                        help="which training steps to count")
+    parser.add_argument("--model", nargs="+", default=[], metavar="KEY=VALUE",
+                        help=f"change sizes of ViT-T/2 ({', '.join(SIZE_KEYS)})")
+    return parser
+
+
+def build(case, sizes):
+    """(model, loss_fn(model, images, labels) -> (loss, extra)) of a case."""
+    try:
+        mae = MAE_ViT(**sizes)
+    except ValueError as e:  # a width its heads do not divide
+        raise UserError(f"--model: {e}") from None
+    if case == "pretrain":
+        return mae, mae_pretrain.mae_loss
+    loss = ClassificationLoss(argparse.Namespace(mixup=0, cutmix=0, label_smoothing=0), 10)
+    return ViT_Classifier(mae.encoder, 10), loss
+
+
+def count_step(model, loss_fn, batch, image_size):
+    """Bytes inductor's kernels read and write, kernels generated and dynamo graph breaks, for one step at
+    `batch` on the CPU: the forward and loss compiled (as the Trainer compiles the model), then backward."""
+    from torch._inductor import metrics
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    metrics.reset()
+    torch.manual_seed(0)
+    forward = torch.compile(lambda images, labels: loss_fn(model, images, labels)[0])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = forward(torch.randn(batch, 3, image_size, image_size), torch.arange(batch) % 10)
+    loss.backward()  # inductor compiles the backward graph here
+    breaks = sum(torch._dynamo.utils.counters["graph_break"].values())
+    return metrics.num_bytes_accessed, metrics.generated_kernel_count, breaks
+
+
+def bytes_per_image(model, loss_fn, image_size):
+    """-> dict: MB per image of the compiled step, kernels generated, dynamo graph breaks."""
+    torch._inductor.config.fx_graph_cache = False  # a cached graph would count no bytes
+    torch._functorch.config.enable_autograd_cache = False
+    torch._logging.set_logs(inductor_metrics=True)  # inductor counts bytes only while its metrics log is on
+    quiet = logging.getLogger("torch._inductor.compile_fx.__inductor_metrics")
+    drop = lambda record: False  # the metrics log's lines (thousands of characters each) are not shown
+    quiet.addFilter(drop)
+    try:
+        small, _, _ = count_step(model, loss_fn, 4, image_size)
+        large, kernels, breaks = count_step(model, loss_fn, 8, image_size)
+    finally:
+        torch._logging.set_logs()
+        quiet.removeFilter(drop)
+        torch._dynamo.reset()
+    return {"mb_per_image": (large - small) / 4 / 1e6, "kernels": kernels, "graph_breaks": breaks}
+
+
+@cli_main
+def main(args):
+    sizes = dict(MODELS["vit_tiny_patch2"])
+    for item in args.model:
+        key, _, value = item.partition("=")
+        if key not in SIZE_KEYS or not value.isdigit() or int(value) <= 0:
+            raise UserError(f"--model takes KEY=VALUE with a positive whole VALUE and KEY one of "
+                            f"{', '.join(SIZE_KEYS)}, got {item!r}")
+        sizes[key] = int(value)
+    results = []
+    for case in args.cases:
+        start = time.perf_counter()
+        model, loss_fn = build(case, sizes)
+        line = {"case": case, **bytes_per_image(model, loss_fn, sizes["image_size"]), "model": sizes,
+                "torch": torch.__version__, "seconds": round(time.perf_counter() - start, 1)}
+        print(json.dumps(line), flush=True)
+        results.append(line)
+    return results
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())
