@@ -2,7 +2,8 @@
 memory-bound), measurable on any machine and the same on every run, so a fair before/after.
 
     python benchmarks/step_bytes.py                                   # ViT-T/2: pretraining and fine-tuning
-    python benchmarks/step_bytes.py --cases pretrain --model decoder_layer=2 decoder_emb_dim=128
+    python benchmarks/step_bytes.py --cases pretrain --model decoder_layer=2 decoder_emb_dim=128 decoder_head=4
+    python benchmarks/step_bytes.py --fp32_stream                     # the residual stream as it was before
 
 The step (forward under bf16 autocast, loss, backward) is compiled at batch 4 and at batch 8 with inductor's
 caches off; bytes per image = (bytes at 8 - bytes at 4) / 4, so the weights' and their gradients' traffic drops
@@ -10,6 +11,7 @@ out. On the CPU, autocast casts linear, conv and attention to bf16 and keeps lay
 About a minute per case on 2 CPU cores. One JSON line per case.
 """
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -23,7 +25,8 @@ import mae_pretrain  # noqa: E402
 from cifar_mae.classification import ClassificationLoss  # noqa: E402
 from cifar_mae.errors import UserError, cli_main  # noqa: E402
 from cifar_mae.flags import ArgumentParser  # noqa: E402
-from model import MAE_ViT, MODELS, ViT_Classifier  # noqa: E402
+import model as model_module  # noqa: E402
+from model import MAE_Decoder, MAE_ViT, MODELS, ViT_Classifier  # noqa: E402
 
 SIZE_KEYS = list(MODELS["vit_tiny_patch2"]) + ["decoder_emb_dim"]
 
@@ -32,9 +35,38 @@ def get_args_parser():
     parser = ArgumentParser("bytes per image of the compiled training step")
     parser.add_argument("--cases", nargs="+", default=["pretrain", "finetune"], choices=["pretrain", "finetune"],
                         help="which training steps to count")
+    parser.add_argument("--fp32_stream", action="store_true",
+                        help="count the model as before the bf16 residual stream (fp32 tokens promote the stream)")
     parser.add_argument("--model", nargs="+", default=[], metavar="KEY=VALUE",
                         help=f"change sizes of ViT-T/2 ({', '.join(SIZE_KEYS)})")
     return parser
+
+
+def legacy_decoder_forward(self, features, ids_restore):
+    """MAE_Decoder.forward before the bf16 stream: the fp32 mask token and position embedding promote it."""
+    x = self.decoder_embed(features)
+    batch, num_patches = ids_restore.shape
+    shuffled = torch.cat([x[:, 1:], self.mask_token.expand(batch, num_patches + 1 - x.shape[1], -1)], dim=1)
+    x = torch.cat([x[:, :1], shuffled.gather(1, ids_restore[..., None].expand(-1, -1, x.shape[2]))], dim=1)
+    x = x + self.pos_embed
+    for block in self.blocks:
+        x = block(x)
+    return self.head(self.norm(x)[:, 1:])
+
+
+@contextlib.contextmanager
+def fp32_stream(on):
+    """With `on`, the model code as before the bf16 stream (--fp32_stream), for a side-by-side measurement."""
+    saved = model_module.embed, model_module.prepend_cls, MAE_Decoder.forward
+    if on:
+        model_module.embed = lambda patch_embed, pos_embed, imgs: patch_embed(imgs) + pos_embed[:, 1:]
+        model_module.prepend_cls = lambda cls_token, pos_embed, tokens: torch.cat(
+            [(cls_token + pos_embed[:, :1]).expand(tokens.shape[0], -1, -1), tokens], dim=1)
+        MAE_Decoder.forward = legacy_decoder_forward
+    try:
+        yield
+    finally:
+        model_module.embed, model_module.prepend_cls, MAE_Decoder.forward = saved
 
 
 def build(case, sizes):
@@ -96,7 +128,9 @@ def main(args):
     for case in args.cases:
         start = time.perf_counter()
         model, loss_fn = build(case, sizes)
-        line = {"case": case, **bytes_per_image(model, loss_fn, sizes["image_size"]), "model": sizes,
+        with fp32_stream(args.fp32_stream):
+            traffic = bytes_per_image(model, loss_fn, sizes["image_size"])
+        line = {"case": case, **traffic, "fp32_stream": args.fp32_stream, "model": sizes,
                 "torch": torch.__version__, "seconds": round(time.perf_counter() - start, 1)}
         print(json.dumps(line), flush=True)
         results.append(line)

@@ -21,7 +21,6 @@ top operators. Under CUDA graphs (--compile_mode reduce-overhead) the profiler s
 """
 import argparse
 import collections
-import contextlib
 import json
 import os
 import statistics
@@ -35,9 +34,8 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import mae_pretrain  # noqa: E402
 
-import model as model_module  # noqa: E402
-from benchmarks.step_bytes import SIZE_KEYS, build as build_cpu, bytes_per_image  # noqa: E402
-from model import MAE_Decoder, MAE_ViT, ViT_Classifier  # noqa: E402
+from benchmarks.step_bytes import SIZE_KEYS, build as build_cpu, bytes_per_image, fp32_stream  # noqa: E402
+from model import MAE_ViT, ViT_Classifier  # noqa: E402
 from cifar_mae.classification import ClassificationLoss  # noqa: E402
 from cifar_mae.engine import Trainer  # noqa: E402
 from cifar_mae.errors import UserError, cli_main  # noqa: E402
@@ -77,7 +75,9 @@ def get_args_parser():
     parser.add_argument("--num_workers", type=int, default=min(8, os.cpu_count() or 1),
                         help="DataLoader workers of the plain path")
     parser.add_argument("--cases", default="data,pretrain,finetune", help="comma-separated subset")
-    parser.add_argument("--paths", default="plain,fast", help="comma-separated subset of plain,fast")
+    parser.add_argument("--paths", default="plain,fast",
+                        help="comma-separated subset of plain, plain_bf16 (the plain path under bf16 autocast, on "
+                             "a GPU: fast/plain_bf16 leaves out precision), fast")
     parser.add_argument("--compile_mode", default="default", choices=COMPILE_MODES,
                         help="torch.compile mode of the fast path")
     parser.add_argument("--randaug", default=None,
@@ -118,8 +118,12 @@ def model_overrides(items):
     return overrides
 
 
-def runtime(device, fast, compile_mode="default"):
-    args = argparse.Namespace(device=device, amp=None if fast else "off", compile=None if fast else False, seed=0,
+def runtime(device, path, compile_mode="default"):
+    """fast: the GPU defaults (bf16, compile); plain: fp32, eager; plain_bf16: bf16 autocast where the device has
+    it (CUDA), eager."""
+    cuda = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    amp = {"fast": None, "plain": "off", "plain_bf16": "bf16" if cuda else "off"}[path]
+    args = argparse.Namespace(device=device, amp=amp, compile=None if path == "fast" else False, seed=0,
                               compile_mode=compile_mode)
     return setup_runtime(args)
 
@@ -242,33 +246,6 @@ def profile_steps(trainer, batches, rt, steps, first_step, trace_path=None):
 PEAK_TBPS = {"H100": 3.35, "H200": 4.8}  # HBM bandwidth of the SXM parts, NVIDIA's data sheets
 
 
-def legacy_decoder_forward(self, features, ids_restore):
-    """MAE_Decoder.forward before the bf16 stream: the fp32 mask token and position embedding promote it."""
-    x = self.decoder_embed(features)
-    batch, num_patches = ids_restore.shape
-    shuffled = torch.cat([x[:, 1:], self.mask_token.expand(batch, num_patches + 1 - x.shape[1], -1)], dim=1)
-    x = torch.cat([x[:, :1], shuffled.gather(1, ids_restore[..., None].expand(-1, -1, x.shape[2]))], dim=1)
-    x = x + self.pos_embed
-    for block in self.blocks:
-        x = block(x)
-    return self.head(self.norm(x)[:, 1:])
-
-
-@contextlib.contextmanager
-def fp32_stream(on):
-    """With `on`, the model code as before the bf16 stream (--fp32_stream), for a side-by-side measurement."""
-    saved = model_module.embed, model_module.prepend_cls, MAE_Decoder.forward
-    if on:
-        model_module.embed = lambda patch_embed, pos_embed, imgs: patch_embed(imgs) + pos_embed[:, 1:]
-        model_module.prepend_cls = lambda cls_token, pos_embed, tokens: torch.cat(
-            [(cls_token + pos_embed[:, :1]).expand(tokens.shape[0], -1, -1), tokens], dim=1)
-        MAE_Decoder.forward = legacy_decoder_forward
-    try:
-        yield
-    finally:
-        model_module.embed, model_module.prepend_cls, MAE_Decoder.forward = saved
-
-
 def time_training(case, cfg, rt, images, labels, fast, num_workers, aug, profile=0, trace_path=None, repeats=3):
     model, loss_fn, betas, batch, micro = build(case, cfg, rt)
     loader = make_loader(rt, images, labels, batch, fast, num_workers, aug)
@@ -344,7 +321,7 @@ def main(args):
         raise UserError("each batch must be a multiple of its micro-batch (--finetune_batch, --finetune_micro, "
                         f"--pretrain_micro; the pretraining batch is {cfg['pretrain_batch']})")
     cases = parse_subset(args.cases, "--cases", ["data", "pretrain", "finetune"])
-    paths = parse_subset(args.paths, "--paths", ["plain", "fast"])
+    paths = parse_subset(args.paths, "--paths", ["plain", "plain_bf16", "fast"])
     generator = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (cfg["images"], 3, cfg["image_size"], cfg["image_size"]), dtype=torch.uint8,
                            generator=generator)
@@ -354,7 +331,7 @@ def main(args):
     for case in cases:
         for path in paths:
             fast = path == "fast"
-            rt = runtime(args.device, fast, args.compile_mode)
+            rt = runtime(args.device, path, args.compile_mode)
             torch.backends.cuda.matmul.allow_tf32 = fast  # the plain path is true fp32, as the original ran
             torch.backends.cudnn.allow_tf32 = fast
             torch.manual_seed(0)

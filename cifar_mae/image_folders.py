@@ -43,7 +43,7 @@ def _visible_image(path, root):
     """An image file of an ImageFolder tree that is not hidden, nor inside a hidden folder (such as Jupyter's
     .ipynb_checkpoints/, or macOS's ._NAME.jpg copies, which hold no image)."""
     from torchvision.datasets.folder import IMG_EXTENSIONS
-    parts = os.path.relpath(path, root).split(os.sep)
+    parts = path[len(root):].split(os.sep)  # ImageFolder joins root and the rest: no os.path.relpath per file
     return path.lower().endswith(IMG_EXTENSIONS) and not any(part.startswith(".") for part in parts)
 
 
@@ -63,7 +63,7 @@ def decode_folder(root, image_size):
     if (counts == 0).any():
         raise UserError(f"{root}: class folder {folder.classes[int((counts == 0).nonzero()[0])]!r} holds no images")
     # the cache is keyed by the file list and sizes, so an edited tree is decoded again
-    listing = [(os.path.relpath(p, root), os.path.getsize(p)) for p, _ in folder.samples]
+    listing = [(p[len(root):].lstrip(os.sep), os.path.getsize(p)) for p, _ in folder.samples]
     key = f"{image_size}:{hash_json(listing)}"
     caches = decode_cache_paths(root, image_size)
     for cache in filter(os.path.isfile, caches):
