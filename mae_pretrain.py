@@ -142,7 +142,8 @@ def reconstruction_grid(model, images, rt):
     model.train(was_training)
     reconstruction = model.reconstruct(images, predicted, mask)
     grid = torch.cat([images * (1 - mask), reconstruction, images], dim=0)
-    grid = rearrange(grid, "(v h1 w1) c h w -> c (h1 h) (w1 v w)", w1=2, v=3)
+    pairs = 2 if len(images) % 2 == 0 else 1  # two images side by side per row when they pair up
+    grid = rearrange(grid, "(v h1 w1) c h w -> c (h1 h) (w1 v w)", w1=pairs, v=3)
     return denormalize(grid)
 
 
@@ -192,11 +193,12 @@ def eval_only(args):
     loaders = plain_loaders(args, rt, data)
     result = {"epoch": ckpt["epoch"], "mask_ratio": args.mask_ratio,
               "test_loss": reconstruction_loss(model, loaders[1], rt, args.mask_ratio),
-              "knn_acc": knn_accuracy(args, model, loaders, data, rt)}
+              "knn_acc": knn_accuracy(args, model, loaders, data, rt) if data.classes else None}  # needs labels
     if rt.is_main:
-        print(f"{args.eval_only} (epoch {ckpt['epoch']}): kNN accuracy {result['knn_acc']:.2%} (k {args.knn_k}, "
-              f"T {args.knn_t}, cls feature, training set as memory), test reconstruction loss "
-              f"{result['test_loss']:.4f} at mask ratio {args.mask_ratio}")
+        knn = "" if result["knn_acc"] is None else f"kNN accuracy {result['knn_acc']:.2%} (k {args.knn_k}, T " \
+            f"{args.knn_t}, cls feature, training set as memory), "
+        print(f"{args.eval_only} (epoch {ckpt['epoch']}): {knn}test reconstruction loss {result['test_loss']:.4f} "
+              f"at mask ratio {args.mask_ratio}")
         if args.export_timm:
             write_timm_state(*encoder_export(model), args.export_timm)
     return result
@@ -221,7 +223,8 @@ def main(args):
     if rt.is_main:
         claim_outputs(args, args.model_path, "--model_path", restarting, resume_path=args.model_path)
     _, micro_batch = split_batch(args, rt, GPU_MICRO_BATCH)
-    data = load_data(args.data_dir, args.image_size, rt)
+    data = load_data(args.data_dir, args.image_size, rt,
+                     labels_for=f"the kNN monitor (--knn_every {args.knn_every}; pass 0)" if args.knn_every else None)
     data_record = data_info(args.data_dir, data) if rt.is_main else None
     train_loader = make_loader(args, rt, data.train_images, data.train_labels, args.batch_size, train=True,
                                crop_scale=args.crop_scale, flip=args.flip)

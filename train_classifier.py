@@ -209,7 +209,7 @@ def eval_only(args):
                   f"after epoch {ckpt['epoch']} (the best epoch's are in the file without -last)")
     model.load_state_dict(weights)
     model.to(rt.device)
-    data = load_data(args.data_dir, config["image_size"], rt)
+    data = load_data(args.data_dir, config["image_size"], rt, labels_for="a classifier")
     check_classes(ckpt, data, f"--eval_only {args.eval_only}")
     loader = make_loader(args, rt, data.test_images, data.test_labels, 1024, train=False)
     result = evaluate(model, loader, rt, config["num_classes"], args.tta)
@@ -336,7 +336,7 @@ def main(args):
         check_export_path(args, run_outputs=(args.output_model_path, last_path),
                           resumed_export=ckpt["args"].get("export_timm") if ckpt is not None else None)
     _, micro_batch = split_batch(args, rt, GPU_MICRO_BATCH, even=bool(args.mixup or args.cutmix))
-    data = load_data(args.data_dir, args.image_size, rt)
+    data = load_data(args.data_dir, args.image_size, rt, labels_for="a classifier")
     data_record = data_info(args.data_dir, data) if rt.is_main else None
     model, config = build_model(args, ckpt, pretrained, data)
     model.to(rt.device)

@@ -16,7 +16,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from cifar_mae.errors import UserError
-from cifar_mae.image_folders import class_folders, decode_folder, readable_name
+from cifar_mae.image_folders import class_folders, decode_folder, decode_samples, image_files, readable_name
 
 
 @dataclass
@@ -29,9 +29,10 @@ class ImageData:
     classes: list
 
 
-def load_data(data_dir, image_size, rt=None):
+def load_data(data_dir, image_size, rt=None, labels_for=None):
     """CIFAR-10 or CIFAR-100 batches (cifar-10-batches-py/, cifar-100-python/), an ImageFolder tree (train/ and
-    test/ or val/), or a download of CIFAR-10.
+    test/ or val/), a folder of unlabelled images (searched recursively; classes [], a held-out handful as the
+    test split), or a download of CIFAR-10. labels_for: what needs labels, refused with unlabelled images.
 
     Under torchrun the first process of each machine downloads or decodes (and caches) first, and the others
     then read what it left: one decode per machine, whether or not the machines share a disk."""
@@ -43,6 +44,9 @@ def load_data(data_dir, image_size, rt=None):
     finally:
         if first and rt is not None and rt.distributed:
             dist.barrier()
+    if labels_for and not data.classes:  # unlabelled images serve pretraining only
+        raise UserError(f"--data_dir {data_dir} holds images without class folders, and {labels_for} needs labels: "
+                        "train/<class>/ and test/<class>/ folders (or CIFAR's batches)")
     return data
 
 
@@ -75,7 +79,7 @@ def _own_cifar_folder(data_dir):
 def dataset_name(data_dir):
     """A short name of the data in data_dir, for default log folders: cifar10, cifar100 or the folder's name."""
     kind = _data_kind(data_dir)
-    if kind == "folders":
+    if kind == "folders" or kind is None and os.path.isdir(data_dir):  # an image tree, or unlabelled images
         return os.path.basename(os.path.abspath(data_dir)) or "images"
     return "cifar100" if kind is not None and kind.__name__ == "CIFAR100" else "cifar10"
 
@@ -125,6 +129,9 @@ def _find_and_load(data_dir, image_size, quiet=False):
             raise UserError(f"--data_dir {data_dir} holds no dataset, only the archive {packed[0]}: unpack it (for a "
                             f".tar.gz: tar -xzf {archive} -C {into}) and pass the folder that holds train/ and test/ "
                             "(or cifar-10-batches-py/)")
+        files = image_files(data_dir)
+        if files:  # images without class folders or splits: unlabelled, for pretraining
+            return _load_unlabelled(data_dir, files, image_size)
     kind = kind or CIFAR10
     if _own_cifar_folder(data_dir):
         return _load_cifar_batches(os.path.dirname(os.path.abspath(data_dir)), image_size, kind)
@@ -213,6 +220,16 @@ def _load_image_folders(data_dir, test_name, image_size):
     return ImageData(train[0], train[1], test[0], test[1], classes=train[2])
 
 
+def _load_unlabelled(data_dir, files, image_size):
+    """Images without labels (classes []): all for training but a fixed held-out handful, the reconstruction
+    images, in place of a test split."""
+    images, labels, _ = decode_samples(data_dir, [(path, 0) for path in files], [], image_size)
+    if len(images) < 4:
+        raise UserError(f"--data_dir {data_dir} holds {len(images)} image(s); pretraining needs a few more")
+    kept, held = holdout_split(len(images), min(16, len(images) // 4))
+    return ImageData(images[kept], labels[kept], images[held], labels[held], classes=[])
+
+
 def _load_cifar_batches(data_dir, image_size, dataset):
     """torchvision's CIFAR10 or CIFAR100 files (the pickled batches its download writes) as uint8 tensors."""
 
@@ -272,6 +289,8 @@ def holdout_split(num_images, size, seed=0):
 
 def spread_test_images(data, count=16):
     """`count` test images spread over the classes (the i-th of each class in turn), the same in every run."""
+    if not data.classes:  # unlabelled: the held-out images as they are
+        return data.test_images[:count]
     by_class = [torch.nonzero(data.test_labels == c)[:, 0] for c in range(len(data.classes))]
     order = torch.stack([ids[i] for i in range(max(map(len, by_class))) for ids in by_class if i < len(ids)])
     return data.test_images[order[:count]]

@@ -62,8 +62,20 @@ def decode_folder(root, image_size):
     counts = torch.bincount(torch.tensor(folder.targets, dtype=torch.int64), minlength=len(folder.classes))
     if (counts == 0).any():
         raise UserError(f"{root}: class folder {folder.classes[int((counts == 0).nonzero()[0])]!r} holds no images")
+    return decode_samples(root, folder.samples, folder.classes, image_size)
+
+
+def image_files(root):
+    """The visible image files anywhere below root, sorted (unlabelled data: no class folders)."""
+    found = (os.path.join(folder, name) for folder, _, names in os.walk(root) for name in names)
+    return sorted(path for path in found if _visible_image(path, root))
+
+
+def decode_samples(root, samples, classes, image_size):
+    """[(path, label)] below root -> uint8 images (N, 3, S, S), labels, readable class names; decoded once and
+    cached beside root (decode_cache_paths)."""
     # the cache is keyed by the file list and sizes, so an edited tree is decoded again
-    listing = [(p[len(root):].lstrip(os.sep), os.path.getsize(p)) for p, _ in folder.samples]
+    listing = [(p[len(root):].lstrip(os.sep), os.path.getsize(p)) for p, _ in samples]
     key = f"{image_size}:{hash_json(listing)}"
     caches = decode_cache_paths(root, image_size)
     for cache in filter(os.path.isfile, caches):
@@ -73,15 +85,14 @@ def decode_folder(root, image_size):
                 return cached["images"], cached["labels"], [readable_name(c) for c in cached["classes"]]
         except Exception:
             pass  # a broken cache is rebuilt
-    images = torch.empty(len(folder), 3, image_size, image_size, dtype=torch.uint8)
+    images = torch.empty(len(samples), 3, image_size, image_size, dtype=torch.uint8)
     with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1)) as pool:  # PIL decodes outside the GIL
-        decoded = pool.map(lambda path: read_image(path, image_size), [path for path, _ in folder.samples],
-                           chunksize=256)
-        for i, image in enumerate(progress_bar(decoded, total=len(folder),
+        decoded = pool.map(lambda path: read_image(path, image_size), [path for path, _ in samples], chunksize=256)
+        for i, image in enumerate(progress_bar(decoded, total=len(samples),
                                                desc=f"decoding {root} (once, then cached)")):
             images[i] = image
-    labels = torch.tensor(folder.targets, dtype=torch.int64)
-    classes = [readable_name(c) for c in folder.classes]
+    labels = torch.tensor([label for _, label in samples], dtype=torch.int64)
+    classes = [readable_name(c) for c in classes]
     entry = {"key": key, "images": images, "labels": labels, "classes": classes}
     try:
         save_atomic(entry, caches[0])
