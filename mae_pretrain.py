@@ -60,6 +60,9 @@ def get_args_parser():
     model.add_argument("--decoder_head", type=int, default=None, help="decoder attention heads")
     model.add_argument("--decoder_emb_dim", type=int, default=None, help="decoder width (default: emb_dim)")
     model.add_argument("--norm_pix_loss", action="store_true", help="regress per-patch normalised pixels")
+    parser.add_argument("--pretrain_split", default="train+unlabeled",
+                        choices=["train+unlabeled", "train", "unlabeled"],
+                        help="with STL-10, which images pretraining takes; other data have a training split only")
     add_augmentation_args(parser.add_argument_group("augmentation (per sample)"), [0.2, 1.0])
     monitor = parser.add_argument_group("monitoring")
     monitor.add_argument("--knn_every", type=int, default=0, help="kNN accuracy every N epochs (0: never)")
@@ -226,8 +229,9 @@ def main(args):
     data = load_data(args.data_dir, args.image_size, rt,
                      labels_for=f"the kNN monitor (--knn_every {args.knn_every}; pass 0)" if args.knn_every else None)
     data_record = data_info(args.data_dir, data) if rt.is_main else None
-    train_loader = make_loader(args, rt, data.train_images, data.train_labels, args.batch_size, train=True,
-                               crop_scale=args.crop_scale, flip=args.flip)
+    images = data.pretraining_images(args.pretrain_split)  # labels play no part
+    train_loader = make_loader(args, rt, images, torch.zeros(len(images), dtype=torch.int64), args.batch_size,
+                               train=True, crop_scale=args.crop_scale, flip=args.flip)
     model.to(rt.device)
     optimizer = make_optimizer(make_param_groups(model, args.weight_decay), peak_lr(args), rt, betas=(0.9, 0.95))
     trainer = Trainer(wrap_model(model, rt), mae_loss, optimizer, schedule(args, len(train_loader)), rt,

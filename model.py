@@ -23,6 +23,8 @@ MODELS = {
                             decoder_layer=2, decoder_head=2),  # the CPU recipe's
     "vit_small_patch4": dict(image_size=32, patch_size=4, emb_dim=384, encoder_layer=12, encoder_head=6,
                              decoder_layer=4, decoder_head=6),
+    "vit_tiny_patch8_96": dict(image_size=96, patch_size=8, emb_dim=192, encoder_layer=12, encoder_head=3,
+                               decoder_layer=4, decoder_head=3),  # STL-10's 96 x 96 images: 144 patches
     # ViT-T/2 with a smaller decoder, which moves fewer bytes per step; not the default until an accuracy run
     "vit_tiny_patch2_dec2": dict(image_size=32, patch_size=2, emb_dim=192, encoder_layer=12, encoder_head=3,
                                  decoder_layer=2, decoder_head=3),

@@ -21,12 +21,20 @@ from cifar_mae.image_folders import class_folders, decode_folder, decode_samples
 
 @dataclass
 class ImageData:
-    """A whole labelled dataset as uint8 tensors: train/test images (N, C, H, W), labels (N,) int64."""
+    """A whole dataset as uint8 tensors: train/test images (N, C, H, W), labels (N,) int64; classes [] for
+    unlabelled images; `unlabelled`: images without labels beside the splits (STL-10's), for pretraining."""
     train_images: torch.Tensor
     train_labels: torch.Tensor
     test_images: torch.Tensor
     test_labels: torch.Tensor
     classes: list
+    unlabelled: torch.Tensor = None
+
+    def pretraining_images(self, split="train+unlabeled"):
+        """The images pretraining takes: the training split, the unlabelled images, or both (where there are)."""
+        if self.unlabelled is None or split == "train":
+            return self.train_images
+        return self.unlabelled if split == "unlabeled" else torch.cat([self.unlabelled, self.train_images])
 
 
 def load_data(data_dir, image_size, rt=None, labels_for=None):
@@ -60,6 +68,9 @@ def _data_kind(data_dir):
     for dataset in (CIFAR10, CIFAR100):  # cifar-10-batches-py/, cifar-100-python/
         if os.path.isdir(os.path.join(data_dir, dataset.base_folder)):
             return dataset
+    if os.path.basename(os.path.abspath(data_dir)) == STL10_FOLDER or os.path.isdir(os.path.join(data_dir,
+                                                                                                 STL10_FOLDER)):
+        return "stl10"
     if os.path.isdir(os.path.join(data_dir, "train")):
         return "folders"
     for dataset in (CIFAR10, CIFAR100):  # cifar-10-python.tar.gz, cifar-100-python.tar.gz
@@ -81,6 +92,8 @@ def dataset_name(data_dir):
     kind = _data_kind(data_dir)
     if kind == "folders" or kind is None and os.path.isdir(data_dir):  # an image tree, or unlabelled images
         return os.path.basename(os.path.abspath(data_dir)) or "images"
+    if kind == "stl10":
+        return "stl10"
     return "cifar100" if kind is not None and kind.__name__ == "CIFAR100" else "cifar10"
 
 
@@ -103,6 +116,8 @@ def _find_and_load(data_dir, image_size, quiet=False):
     if os.path.exists(data_dir) and not os.path.isdir(data_dir):  # such as the archive itself
         raise UserError(f"--data_dir {data_dir} is a file, not a folder: pass the folder that holds the data")
     kind = _data_kind(data_dir)
+    if kind == "stl10":
+        return _load_stl10(data_dir, image_size)
     if kind == "folders":
         for test_name in ("test", "val"):
             if os.path.isdir(os.path.join(data_dir, test_name)):
@@ -218,6 +233,39 @@ def _load_image_folders(data_dir, test_name, image_size):
     train = decode_folder(train_root, image_size)
     test = decode_folder(test_root, image_size)
     return ImageData(train[0], train[1], test[0], test[1], classes=train[2])
+
+
+STL10_FOLDER = "stl10_binary"  # torchvision's STL10 layout: train_X.bin, train_y.bin, test_*, unlabeled_X.bin
+
+
+def _load_stl10(data_dir, image_size):
+    """STL-10's binary files (torchvision's reader, without its md5 checks): train and test with labels, and the
+    100,000 unlabelled images where unlabeled_X.bin is there."""
+    from torchvision.datasets import STL10
+    root = os.path.dirname(os.path.abspath(data_dir)) if os.path.basename(os.path.abspath(data_dir)) == \
+        STL10_FOLDER else data_dir
+    folder = os.path.join(root, STL10_FOLDER)
+    needed = ["train_X.bin", "train_y.bin", "test_X.bin", "test_y.bin", STL10.class_names_file]
+    missing = [name for name in needed if not os.path.isfile(os.path.join(folder, name))]
+    if missing:
+        raise UserError(f"{folder} is incomplete: missing {', '.join(missing)}")
+
+    class LocalSTL10(STL10):
+        def _check_integrity(self):
+            return True
+
+    def split(name):
+        try:
+            ds = LocalSTL10(root, split=name)
+        except ValueError:  # a file whose size is no whole number of 96 x 96 images
+            raise UserError(f"cannot read {folder}'s {name} files: truncated or not STL-10's binary format") from None
+        images = _resize(torch.from_numpy(ds.data).contiguous(), image_size)
+        return images, torch.from_numpy(ds.labels.astype(np.int64)), ds.classes
+
+    train_images, train_labels, classes = split("train")
+    test_images, test_labels, _ = split("test")
+    unlabelled = split("unlabeled")[0] if os.path.isfile(os.path.join(folder, "unlabeled_X.bin")) else None
+    return ImageData(train_images, train_labels, test_images, test_labels, classes, unlabelled)
 
 
 def _load_unlabelled(data_dir, files, image_size):

@@ -59,7 +59,8 @@ def test_pretraining_on_unlabelled_images_writes_its_checkpoint_and_reconstructi
 ])
 def test_what_needs_labels_is_refused_on_unlabelled_images(tmp_path, capsys, script, argv, what):
     root = write_unlabelled(str(tmp_path / "photos"))
-    out = ["--model_path", tmp_path / "m.pth"] if script is mae_pretrain else ["--output_model_path", tmp_path / "c.pth"]
+    out = ["--model_path", tmp_path / "m.pth"] if script is mae_pretrain else \
+        ["--output_model_path", tmp_path / "c.pth"]
     with pytest.raises(SystemExit) as exit_info:
         script.main(script.get_args_parser().parse_args(list(map(str, [
             "--data_dir", root, "-bs", 8, "--device", "cpu", "--log_dir", tmp_path / "logs", *out, *argv]))))
@@ -67,3 +68,46 @@ def test_what_needs_labels_is_refused_on_unlabelled_images(tmp_path, capsys, scr
     assert exit_info.value.code == 2 and err[-1] == (f"error: --data_dir {root} holds images without class folders, "
                                                      f"and {what}: train/<class>/ and test/<class>/ folders (or "
                                                      "CIFAR's batches)")
+
+
+def write_stl10(root, train=12, test=8, unlabelled=10, seed=0):
+    """stl10_binary/ in torchvision's format: column-major 3 x 96 x 96 uint8 images, labels 1-10, class names."""
+    rng = np.random.default_rng(seed)
+    folder = os.path.join(root, "stl10_binary")
+    os.makedirs(folder)
+    images = {}
+    for name, n in (("train", train), ("test", test), ("unlabeled", unlabelled)):
+        images[name] = rng.integers(0, 256, (n, 3, 96, 96), dtype=np.uint8)  # (N, C, H, W)
+        images[name].transpose(0, 1, 3, 2).tofile(os.path.join(folder, f"{name}_X.bin"))  # stored W before H
+        if name != "unlabeled":
+            (np.arange(n) % 10 + 1).astype(np.uint8).tofile(os.path.join(folder, f"{name}_y.bin"))
+    with open(os.path.join(folder, "class_names.txt"), "w") as f:
+        f.write("\n".join(["airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck"]))
+    return root, images
+
+
+def test_stl10_binary_files_load_with_their_splits_labels_and_pixels(tmp_path):
+    root, written = write_stl10(str(tmp_path / "stl"))
+    data = load_data(root, 96)
+    assert torch.equal(data.train_images, torch.from_numpy(written["train"]))
+    assert torch.equal(data.test_images, torch.from_numpy(written["test"]))
+    assert torch.equal(data.unlabelled, torch.from_numpy(written["unlabeled"]))
+    assert data.train_labels.tolist() == [i % 10 for i in range(12)] and data.classes[2] == "car"
+    assert len(data.pretraining_images()) == 22 and torch.equal(data.pretraining_images("train"), data.train_images)
+    assert dataset_name(root) == "stl10" and load_data(os.path.join(root, "stl10_binary"), 32).test_images.shape == \
+        (8, 3, 32, 32)
+
+
+def test_both_scripts_run_on_stl10(tmp_path):
+    root, _ = write_stl10(str(tmp_path / "stl"), train=20)
+    common = ["--data_dir", root, "--image_size", 16, "--patch_size", 8, "--emb_dim", 16, "--encoder_layer", 1,
+              "--encoder_head", 2, "-bs", 8, "--total_epoch", 1, "--warmup_epoch", 0, "--device", "cpu"]
+    mae_pretrain.main(mae_pretrain.get_args_parser().parse_args(list(map(str, [
+        *common, "--decoder_layer", 1, "--decoder_head", 2, "--model_path", tmp_path / "m.pth",
+        "--log_dir", tmp_path / "ml"]))))
+    assert torch.load(tmp_path / "m.pth", weights_only=True)["data"]["name"] == "stl10"
+    result = train_classifier.main(train_classifier.get_args_parser().parse_args(list(map(str, [
+        "--data_dir", root, "--pretrained_model_path", tmp_path / "m.pth", "-bs", 8, "--total_epoch", 1,
+        "--warmup_epoch", 0, "--device", "cpu", "--output_model_path", tmp_path / "c.pth", "--log_dir",
+        tmp_path / "cl"]))))
+    assert len(result["final"]["per_class"]) == 10 and result["best_epoch"] == 1
