@@ -581,7 +581,8 @@ def test_reconstruction_figure_at_several_mask_ratios(tmp_path, cifar_dir, capsy
 
 @pytest.mark.parametrize("script", ["mae_pretrain.py", "train_classifier.py", "tools/reconstruct.py",
                                     "tools/convert_legacy.py", "benchmarks/throughput.py",
-                                    "benchmarks/time_to_accuracy.py"])
+                                    "benchmarks/time_to_accuracy.py", "benchmarks/step_bytes.py",
+                                    "benchmarks/gpu_check.py", "tools/mutation_check.py"])
 def test_every_flag_says_what_it_does(script):
     parser = script_module(script).get_args_parser()
     assert [action.dest for action in parser._actions if not action.help] == []
