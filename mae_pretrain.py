@@ -22,7 +22,7 @@ from cifar_mae.datasets import data_info, default_log_dir, load_data, spread_tes
 from cifar_mae.engine import Trainer, fit
 from cifar_mae.errors import UserError, cli_main
 from cifar_mae.flags import ArgumentParser, DATA_DIR_HELP, add_augmentation_args, add_config_arg, add_encoder_args, \
-    add_runtime_args, check_positive, check_schedule, path_arg, resolve_model, take_saved
+    add_runtime_args, check_positive, check_schedule, path_arg, resolve_model, take_saved, timm_name
 from cifar_mae.knn import knn_monitor
 from cifar_mae.loaders import eval_batches, make_loader
 from cifar_mae.metrics import MetricsLog
@@ -106,7 +106,7 @@ def model_config(args):
                 encoder_layer=args.encoder_layer, encoder_head=args.encoder_head, decoder_layer=args.decoder_layer,
                 decoder_head=args.decoder_head, mask_ratio=args.mask_ratio, in_chans=3,
                 decoder_emb_dim=args.decoder_emb_dim or args.emb_dim, pos_embed=args.pos_embed,
-                norm_pix_loss=args.norm_pix_loss)
+                norm_pix_loss=args.norm_pix_loss, timm_model=timm_name(args))
 
 
 def make_param_groups(model, weight_decay):

@@ -13,6 +13,8 @@ from timm.layers import PatchEmbed, trunc_normal_
 from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
 from timm.models.vision_transformer import Block
 
+from cifar_mae.timm_vit import TIMM_KWARGS, timm_sizes, timm_vit
+
 LayerNorm = partial(nn.LayerNorm, eps=1e-6)  # the eps of timm's VisionTransformer, so exports match exactly
 
 # named sizes, as timm names its ViTs (--model NAME); a size flag given overrides one value
@@ -36,7 +38,7 @@ DEFAULT_MODEL = "vit_tiny_patch2"
 
 def output_stem(name):
     """The file-name stem of a model's checkpoints: vit-t for ViT-T/2, as the original repository named it."""
-    return "vit-t" if name == DEFAULT_MODEL else name.replace("_", "-")
+    return "vit-t" if name == DEFAULT_MODEL else name.replace(":", "-").replace("_", "-")
 
 
 def num_visible_patches(num_patches, mask_ratio):
@@ -109,6 +111,11 @@ def embed(patch_embed, pos_embed, imgs):
     return tokens + pos_embed[:, 1:].to(tokens.dtype)
 
 
+def pre_norm(norm_pre, tokens):
+    """A timm ViT's norm before the blocks, where it has one."""
+    return tokens if norm_pre is None else norm_pre(tokens)
+
+
 def prepend_cls(cls_token, pos_embed, tokens):
     """tokens: (B, N, D) -> (B, 1 + N, D) with the cls token (and its position) in front, in the tokens' dtype."""
     cls = (cls_token + pos_embed[:, :1]).to(tokens.dtype).expand(tokens.shape[0], -1, -1)
@@ -140,21 +147,30 @@ class PatchShuffle(nn.Module):
 
 
 class MAE_Encoder(nn.Module):
-    """ViT encoder that sees only the visible patches (plus the cls token)."""
+    """ViT encoder that sees only the visible patches (plus the cls token). With timm_model (a timm
+    VisionTransformer's name), its patch embedding, blocks and norms are timm's, built with these sizes."""
 
     def __init__(self, image_size=32, patch_size=2, emb_dim=192, num_layer=12, num_head=3, mask_ratio=0.75,
-                 in_chans=3, pos_embed="learned", drop_path=0.0):
+                 in_chans=3, pos_embed="learned", drop_path=0.0, timm_model=None):
         super().__init__()
+        sizes = dict(image_size=image_size, patch_size=patch_size, emb_dim=emb_dim, encoder_layer=num_layer,
+                     encoder_head=num_head)
+        vit = timm_vit(timm_model, sizes, in_chans, drop_path) if timm_model else None
+        if vit is not None:
+            image_size, patch_size = vit.patch_embed.img_size[0], vit.patch_embed.patch_size[0]
+            emb_dim, num_head = vit.embed_dim, vit.blocks[0].attn.num_heads
         check_config(image_size, patch_size, {"encoder": emb_dim}, {"encoder": num_head}, mask_ratio)
         self.patch_size, self.in_chans = patch_size, in_chans
-        self.patch_embed = PatchEmbed(img_size=image_size, patch_size=patch_size, in_chans=in_chans,
-                                      embed_dim=emb_dim)
+        self.patch_embed = vit.patch_embed if vit else PatchEmbed(img_size=image_size, patch_size=patch_size,
+                                                                  in_chans=in_chans, embed_dim=emb_dim)
         self.num_patches = self.patch_embed.num_patches
         self.cls_token = nn.Parameter(torch.zeros(1, 1, emb_dim))
         self.pos_embed = make_pos_embed(self.num_patches, emb_dim, pos_embed)
         self.shuffle = PatchShuffle(mask_ratio)
-        self.blocks = make_blocks(emb_dim, num_head, num_layer, drop_path)
-        self.norm = LayerNorm(emb_dim)
+        # timm's CLIP-style ViTs normalise the tokens before the blocks; the others have no such norm
+        self.norm_pre = None if vit is None or isinstance(vit.norm_pre, nn.Identity) else vit.norm_pre
+        self.blocks = vit.blocks if vit else make_blocks(emb_dim, num_head, num_layer, drop_path)
+        self.norm = vit.norm if vit else LayerNorm(emb_dim)
         self.apply(init_weights)
         # the patch projection is initialised like a linear layer (official MAE)
         nn.init.xavier_uniform_(self.patch_embed.proj.weight.view(emb_dim, -1))
@@ -171,14 +187,14 @@ class MAE_Encoder(nn.Module):
     def forward(self, imgs, mask_ratio=None):
         """imgs: (B, C, H, W) -> features (B, 1 + V, D), ids_restore (B, T)."""
         visible, _, ids_restore = self.shuffle(self.embed(imgs), mask_ratio)
-        x = self.prepend_cls(visible)
+        x = pre_norm(self.norm_pre, self.prepend_cls(visible))
         for block in self.blocks:
             x = block(x)
         return self.norm(x), ids_restore
 
     def forward_features(self, imgs):
         """imgs: (B, C, H, W) -> normalised features of all patches (B, 1 + T, D); no masking."""
-        x = self.prepend_cls(self.embed(imgs))
+        x = pre_norm(self.norm_pre, self.prepend_cls(self.embed(imgs)))
         for block in self.blocks:
             x = block(x)
         return self.norm(x)
@@ -218,10 +234,18 @@ class MAE_Decoder(nn.Module):
 class MAE_ViT(nn.Module):
     """Masked autoencoder: encoder on visible patches, decoder reconstructs all of them."""
 
-    def __init__(self, image_size=32, patch_size=2, emb_dim=192, encoder_layer=12, encoder_head=3, decoder_layer=4,
-                 decoder_head=3, mask_ratio=0.75, in_chans=3, decoder_emb_dim=None, pos_embed="learned",
-                 norm_pix_loss=False):
+    def __init__(self, image_size=None, patch_size=None, emb_dim=None, encoder_layer=None, encoder_head=None,
+                 decoder_layer=None, decoder_head=None, mask_ratio=0.75, in_chans=3, decoder_emb_dim=None,
+                 pos_embed="learned", norm_pix_loss=False, timm_model=None):
+        """Sizes not given (None) are DEFAULT_MODEL's, or with timm_model (a timm VisionTransformer's name) timm's;
+        the decoder's width defaults to the encoder's."""
         super().__init__()
+        given = dict(image_size=image_size, patch_size=patch_size, emb_dim=emb_dim, encoder_layer=encoder_layer,
+                     encoder_head=encoder_head, decoder_layer=decoder_layer, decoder_head=decoder_head)
+        sizes = timm_sizes(timm_model, **{k: v for k, v in given.items() if k in TIMM_KWARGS}) if timm_model \
+            else MODELS[DEFAULT_MODEL]
+        image_size, patch_size, emb_dim, encoder_layer, encoder_head, decoder_layer, decoder_head = (
+            sizes[k] if v is None else v for k, v in given.items())
         decoder_emb_dim = emb_dim if decoder_emb_dim is None else decoder_emb_dim
         check_config(image_size, patch_size, {"encoder": emb_dim, "decoder": decoder_emb_dim},
                      {"encoder": encoder_head, "decoder": decoder_head}, mask_ratio)
@@ -233,10 +257,11 @@ class MAE_ViT(nn.Module):
         self.config = dict(image_size=image_size, patch_size=patch_size, emb_dim=emb_dim,
                            encoder_layer=encoder_layer, encoder_head=encoder_head, decoder_layer=decoder_layer,
                            decoder_head=decoder_head, mask_ratio=mask_ratio, in_chans=in_chans,
-                           decoder_emb_dim=decoder_emb_dim, pos_embed=pos_embed, norm_pix_loss=norm_pix_loss)
+                           decoder_emb_dim=decoder_emb_dim, pos_embed=pos_embed, norm_pix_loss=norm_pix_loss,
+                           timm_model=timm_model)
         self.patch_size, self.in_chans, self.norm_pix_loss = patch_size, in_chans, norm_pix_loss
         self.encoder = MAE_Encoder(image_size, patch_size, emb_dim, encoder_layer, encoder_head, mask_ratio,
-                                   in_chans=in_chans, pos_embed=pos_embed)
+                                   in_chans=in_chans, pos_embed=pos_embed, timm_model=timm_model)
         self.decoder = MAE_Decoder(image_size, patch_size, decoder_emb_dim, decoder_layer, decoder_head,
                                    in_chans=in_chans, encoder_emb_dim=emb_dim, pos_embed=pos_embed)
 
@@ -290,6 +315,7 @@ class ViT_Classifier(nn.Module):
         self.patch_embed = encoder.patch_embed
         self.cls_token = encoder.cls_token
         self.pos_embed = encoder.pos_embed
+        self.norm_pre = encoder.norm_pre
         self.blocks = encoder.blocks
         emb_dim = self.cls_token.shape[-1]
         if global_pool:  # official MAE: mean of patch tokens, then a new norm; the encoder's norm is unused
@@ -307,7 +333,8 @@ class ViT_Classifier(nn.Module):
 
     def backbone_modules(self):
         """The modules that hold the encoder's weights."""
-        return [self.patch_embed, self.blocks] + ([] if self.global_pool else [self.norm])
+        modules = [self.patch_embed, self.norm_pre, self.blocks] + ([] if self.global_pool else [self.norm])
+        return [module for module in modules if module is not None]
 
     def train(self, mode=True):
         super().train(mode)
@@ -318,12 +345,13 @@ class ViT_Classifier(nn.Module):
 
     def group_matcher(self, coarse=False):
         """Layer ids for timm's layer-wise lr decay: embeddings are layer 0, block i is layer i + 1."""
-        return dict(stem=r"^cls_token|^pos_embed|^patch_embed",
+        return dict(stem=r"^cls_token|^pos_embed|^patch_embed|^norm_pre",
                     blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))])
 
     def forward_features(self, imgs):
         """imgs: (B, C, H, W) -> pooled features (B, D)."""
         x = prepend_cls(self.cls_token, self.pos_embed, embed(self.patch_embed, self.pos_embed, imgs))
+        x = pre_norm(self.norm_pre, x)
         for block in self.blocks:
             x = block(x)
         if self.global_pool:
@@ -339,6 +367,6 @@ def build_classifier(config, drop_path=0.0):
     """A ViT_Classifier from a plain config dict, as checkpoints save it."""
     encoder = MAE_Encoder(config["image_size"], config["patch_size"], config["emb_dim"], config["encoder_layer"],
                           config["encoder_head"], mask_ratio=0.0, in_chans=config["in_chans"],
-                          pos_embed=config["pos_embed"], drop_path=drop_path)
+                          pos_embed=config["pos_embed"], drop_path=drop_path, timm_model=config.get("timm_model"))
     return ViT_Classifier(encoder, config["num_classes"], global_pool=config["global_pool"],
                           linear_probe=config["linear_probe"])

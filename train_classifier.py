@@ -5,7 +5,6 @@
     python train_classifier.py --eval_only vit-t-classifier.pth           # top-1, top-5, per-class table
 """
 import os
-import shlex
 import sys
 
 from timm.optim import param_groups_layer_decay, param_groups_weight_decay
@@ -21,11 +20,12 @@ from cifar_mae.datasets import data_info, default_log_dir, load_data
 from cifar_mae.engine import Trainer, fit
 from cifar_mae.errors import UserError, cli_main
 from cifar_mae.flags import ArgumentParser, DATA_DIR_HELP, add_augmentation_args, add_config_arg, add_encoder_args, \
-    add_runtime_args, check_positive, check_schedule, path_arg, plain_args, resolve_model, take_saved
+    add_runtime_args, check_positive, check_schedule, path_arg, plain_args, resolve_model, take_saved, timm_name
 from cifar_mae.loaders import make_loader
 from cifar_mae.metrics import MetricsLog
 from cifar_mae.optim import make_optimizer, peak_lr, schedule
 from cifar_mae.outputs import auto_resume, check_export_path, claim_outputs, data_dir_from
+from cifar_mae.pretrained import load_encoder, pretraining_note, read_pretrained
 from cifar_mae.randaug import DeviceRandAugment, randaug_policy
 from cifar_mae.timm_export import classifier_export, write_timm_state
 from cifar_mae.runtime import note_devices, setup_runtime, split_batch, wrap_model
@@ -49,7 +49,8 @@ def get_args_parser():
     parser.add_argument("--total_epoch", type=int, default=100, help="epochs; the cosine schedule ends with the last")
     parser.add_argument("--warmup_epoch", type=int, default=5, help="epochs of linear lr warmup")
     parser.add_argument("--pretrained_model_path", type=path_arg, default=None,
-                        help="MAE checkpoint whose encoder to fine-tune; none: train from scratch")
+                        help="MAE checkpoint whose encoder to fine-tune, or a timm VisionTransformer state_dict "
+                             "that fits --model (resampled to its image and patch size); none: train from scratch")
     parser.add_argument("--output_model_path", type=path_arg, default=None,
                         help="best-accuracy weights; the full training state goes to NAME-last.pth beside it "
                              "(default: vit-t-classifier-from_pretrained.pth or vit-t-classifier-from_scratch.pth for "
@@ -139,41 +140,11 @@ def new_classifier(config, drop_path=0.0):
         raise UserError(str(e)) from None
 
 
-def pretraining_note(path, ckpt):
-    """Which pretraining the encoder comes from; a run stopped before its schedule ended is pointed out."""
-    if "converted_from" in ckpt:
-        return f"encoder from {path}: converted from {ckpt['converted_from']}, whose epochs are not recorded"
-    done, total = ckpt["epoch"], ckpt.get("args", {}).get("total_epoch")
-    note = f"encoder from {path}: MAE pretraining after epoch {done}" + (f" of {total}" if total else "")
-    if total and done < total:
-        mae_script = script_command(os.path.join(os.path.dirname(os.path.abspath(__file__)), "mae_pretrain.py"))
-        note += f" (an unfinished run: its learning rate had not yet decayed; resume it with {mae_script} " \
-                f"--resume {shlex.quote(path)})"
-    return note
-
-
-def load_pretrained(args, ckpt, num_classes):
-    """Classifier whose encoder holds an MAE checkpoint's weights; asserts exactly the head is new."""
-    config = classifier_config(args, num_classes, in_chans=ckpt["model_config"]["in_chans"])
-    model = new_classifier(config, args.drop_path)
-    encoder_state = {k[len("encoder."):]: v for k, v in ckpt["model"].items() if k.startswith("encoder.")}
-    missing, unexpected = model.load_state_dict(encoder_state, strict=False)
-    # BatchNorm fills a missing num_batches_tracked itself, so it is not reported
-    head = {k for k in model.state_dict() if (k.startswith("head.") or k.startswith("fc_norm."))
-            and not k.endswith("num_batches_tracked")}
-    expected_unexpected = {"norm.weight", "norm.bias"} if args.global_pool else set()
-    if set(missing) != head or set(unexpected) != expected_unexpected:
-        raise UserError(f"--pretrained_model_path {args.pretrained_model_path}: encoder weights do not fit "
-                        f"(missing {sorted(set(missing) - head)}, unexpected "
-                        f"{sorted(set(unexpected) - expected_unexpected)})")
-    return model, config
-
-
-def classifier_config(args, num_classes, in_chans=3):
+def classifier_config(args, num_classes):
     return dict(image_size=args.image_size, patch_size=args.patch_size, emb_dim=args.emb_dim,
-                encoder_layer=args.encoder_layer, encoder_head=args.encoder_head, in_chans=in_chans,
+                encoder_layer=args.encoder_layer, encoder_head=args.encoder_head, in_chans=3,
                 pos_embed=args.pos_embed, num_classes=num_classes, global_pool=args.global_pool,
-                linear_probe=args.linear_probe)
+                linear_probe=args.linear_probe, timm_model=timm_name(args))
 
 
 def default_output_path(args):
@@ -227,28 +198,17 @@ def make_param_groups(model, args):
     return param_groups_weight_decay(model, args.weight_decay, no_weight_decay_list=NO_WEIGHT_DECAY)
 
 
-def load_pretrained_checkpoint(args):
-    """(--pretrained_model_path's checkpoint, whose sizes the run takes, and a note on its data) or (None, None);
-    read before the data, so a wrong path fails in a second."""
-    if not args.pretrained_model_path:
-        return None, None
-    pretrained = load_checkpoint(args.pretrained_model_path, "mae_pretrain", "--pretrained_model_path")
-    config = pretrained["model_config"]
-    saved = {**config, "model": pretrained.get("args", {}).get("model", args.model)}  # its name, for file names
-    take_saved(args, get_args_parser(), saved, f"--pretrained_model_path {args.pretrained_model_path}", fixed=config)
-    return pretrained, data_dir_from(args, pretrained, args.pretrained_model_path)
-
-
 def build_model(args, ckpt, pretrained, data):
     """(classifier, its config): resumed, from a pretrained encoder, or from scratch."""
     num_classes = len(data.classes)
     if ckpt is not None:
         check_classes(ckpt, data, f"--resume {args.resume}")
         return new_classifier(ckpt["model_config"], args.drop_path), ckpt["model_config"]
-    if pretrained is not None:
-        return load_pretrained(args, pretrained, num_classes)
     config = classifier_config(args, num_classes)
-    return new_classifier(config, args.drop_path), config
+    model = new_classifier(config, args.drop_path)
+    if pretrained is not None:
+        load_encoder(model, pretrained, f"--pretrained_model_path {args.pretrained_model_path}")
+    return model, config
 
 
 def make_trainer(args, rt, model, num_classes, steps_per_epoch, micro_batch):
@@ -321,7 +281,7 @@ def main(args):
         default_output_path(args)
     restarting = auto_resume(args, last_checkpoint_path(args.output_model_path or ""))
     ckpt = resume_checkpoint(args, get_args_parser(), "classifier")
-    pretrained, note = load_pretrained_checkpoint(args) if ckpt is None else (None, None)
+    pretrained, note = read_pretrained(args, get_args_parser()) if ckpt is None else (None, None)
     resolve_model(args)
     validate(args)
     default_output_path(args)

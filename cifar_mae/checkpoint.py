@@ -30,6 +30,12 @@ LEGACY_HELP = ("it is a whole pickled model (torch.save(model)) like the origina
 
 def load_checkpoint(path, kind=None, what="checkpoint"):
     """Load a checkpoint of this project with weights_only=True; a clear UserError for anything else."""
+    return check_checkpoint(read_weights(path, what), path, kind, what)
+
+
+def read_weights(path, what):
+    """torch.load(path, weights_only=True) on the CPU; a clear UserError for a file that is not there, or that
+    cannot be read (safely)."""
     if path and os.path.isdir(path):
         raise UserError(f"{what} {path} is a folder, not a checkpoint file")
     if not path or not os.path.isfile(path):
@@ -42,6 +48,11 @@ def load_checkpoint(path, kind=None, what="checkpoint"):
         raise UserError(f"{what} {path} cannot be read safely: not a checkpoint of this project") from None
     except Exception:
         raise UserError(f"{what} {path} cannot be read: the file is truncated or not a PyTorch checkpoint") from None
+    return ckpt
+
+
+def check_checkpoint(ckpt, path, kind=None, what="checkpoint"):
+    """What torch.load gave, if it is a checkpoint of this version of the project (of `kind`); else a UserError."""
     if isinstance(ckpt, dict) and str(ckpt.get("format")).startswith("cifar-mae/") and ckpt["format"] != FORMAT:
         raise UserError(f"{what} {path} was written by an older version of this project ({ckpt['format']}, this "
                         f"one reads {FORMAT}); its run has to be done again with this version")

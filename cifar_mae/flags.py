@@ -8,6 +8,7 @@ import torch
 import yaml
 
 from cifar_mae.errors import UserError
+from cifar_mae.timm_vit import TIMM_KWARGS, timm_sizes
 from model import DEFAULT_MODEL, MODELS
 
 
@@ -169,8 +170,9 @@ DATA_DIR_HELP = ("a folder holding cifar-10-batches-py/, cifar-100-python/, trai
 
 def add_encoder_args(group):
     """--model and the encoder's size flags, shared by both scripts (not given: --model's value)."""
-    group.add_argument("--model", default=DEFAULT_MODEL, choices=list(MODELS),
-                       help="a named size (model.py's MODELS); the size flags below override single values")
+    group.add_argument("--model", default=DEFAULT_MODEL, type=model_name,
+                       help=f"a named size ({', '.join(MODELS)}), whose values the size flags below override; or "
+                            "timm:NAME, a timm VisionTransformer built by timm.create_model with the size flags given")
     group.add_argument("--image_size", type=int, default=None, help="images are resized to this square size")
     group.add_argument("--patch_size", type=int, default=None, help="pixels per side of a patch (token)")
     group.add_argument("--emb_dim", type=int, default=None, help="encoder width")
@@ -181,9 +183,29 @@ def add_encoder_args(group):
     return group
 
 
+def model_name(text):
+    """--model's type: a name in MODELS, or timm:NAME."""
+    if text in MODELS or (text.startswith("timm:") and len(text) > 5):
+        return text
+    raise argparse.ArgumentTypeError(f"{text!r} is neither a named size ({', '.join(MODELS)}) nor timm:NAME")
+
+
+def timm_name(args):
+    """timm:NAME's NAME, or None for our own model."""
+    return args.model[len("timm:"):] if args.model.startswith("timm:") else None
+
+
 def resolve_model(args):
-    """Each size flag not given (None) takes --model's value; the decoder's only where the script has them."""
-    for key, value in MODELS[args.model].items():
+    """Each size flag not given (None) takes --model's value (timm's sizes, for timm:NAME); the decoder's only
+    where the script has them."""
+    if timm_name(args):
+        try:
+            sizes = timm_sizes(timm_name(args), **{k: getattr(args, k) for k in TIMM_KWARGS})
+        except ValueError as e:
+            raise UserError(f"--model {e}") from None
+    else:
+        sizes = MODELS[args.model]
+    for key, value in sizes.items():
         if hasattr(args, key) and getattr(args, key) is None:
             setattr(args, key, value)
 

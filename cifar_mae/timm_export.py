@@ -4,8 +4,10 @@ from cifar_mae.atomic import save_atomic
 
 
 def timm_vit_kwargs(config, num_classes, global_pool):
-    """timm.create_model keyword arguments of the VisionTransformer that a model config describes."""
-    return dict(img_size=config["image_size"], patch_size=config["patch_size"], in_chans=config["in_chans"],
+    """timm.create_model(**kwargs) of the VisionTransformer that a model config describes: the timm model it was
+    built from (--model timm:NAME), or timm's ViT-Tiny given our sizes."""
+    return dict(model_name=config.get("timm_model") or "vit_tiny_patch16_224", pretrained=False,
+                img_size=config["image_size"], patch_size=config["patch_size"], in_chans=config["in_chans"],
                 embed_dim=config["emb_dim"], depth=config["encoder_layer"], num_heads=config["encoder_head"],
                 num_classes=num_classes, global_pool=global_pool)
 
@@ -33,6 +35,6 @@ def classifier_export(model, config):
 def write_timm_state(state, kwargs, path):
     """Save a state_dict for timm's VisionTransformer and print the create_model call that loads it."""
     save_atomic(state, path)
-    call = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
-    print(f"wrote {path}; load it with:\n  model = timm.create_model('vit_tiny_patch16_224', pretrained=False, "
-          f"{call})\n  model.load_state_dict(torch.load({path!r}, weights_only=True))")
+    call = ", ".join([repr(kwargs["model_name"])] + [f"{k}={v!r}" for k, v in kwargs.items() if k != "model_name"])
+    print(f"wrote {path}; load it with:\n  model = timm.create_model({call})\n"
+          f"  model.load_state_dict(torch.load({path!r}, weights_only=True))")

@@ -39,7 +39,7 @@ def test_a_recipe_file_sets_defaults_and_flags_given_win(tmp_path):
     ("- 1\n- 2", "holds a list, not a mapping of flag names to values"),
     ("flip: 3", "flip: takes true or false, not 3"),
     ("crop_scale: 0.5", "crop_scale: takes a list of 2 values"),
-    ("model: vit_huge", "model: 'vit_huge' is not one of vit_tiny_patch2"),
+    ("model: vit_huge", "model: 'vit_huge' is neither a named size (vit_tiny_patch2, "),
     ("a: [b", "is not YAML"),
 ])
 def test_a_bad_recipe_file_is_refused_in_one_line(tmp_path, capsys, text, message):

@@ -12,8 +12,10 @@ import subprocess
 import sys
 import tarfile
 import time
+from types import SimpleNamespace
 
 import pytest
+
 import torch
 
 from conftest import ROOT, TINY_MAE, TINY_MODEL, write_cifar100, write_cifar_batches, write_image_folder
@@ -228,9 +230,9 @@ def test_mae_eval_only_gives_the_knn_accuracy_of_training_and_the_test_loss(tmp_
     # the encoder as a timm backbone, loaded with the printed call
     import timm
     _, kwargs = encoder_export(model)
-    call = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+    call = ", ".join(f"{k}={v!r}" for k, v in kwargs.items() if k not in ("model_name", "pretrained"))
     assert f"timm.create_model('vit_tiny_patch16_224', pretrained=False, {call})" in result.stdout
-    backbone = timm.create_model("vit_tiny_patch16_224", pretrained=False, **kwargs)
+    backbone = timm.create_model(**kwargs)
     backbone.load_state_dict(load(tmp_path / "timm.pth"), strict=True)
     assert torch.equal(backbone.blocks[1].mlp.fc2.weight, ckpt["model"]["encoder.blocks.1.mlp.fc2.weight"])
 
@@ -440,7 +442,7 @@ def test_classifier_holds_pretrained_encoder_weights(tmp_path, cifar_dir):
     mae = load(mae_path)
     args = train_classifier.get_args_parser().parse_args(["--pretrained_model_path", str(mae_path)])
     take_saved(args, train_classifier.get_args_parser(), mae["model_config"], "mae", fixed=mae["model_config"])
-    model, config = train_classifier.load_pretrained(args, mae, 10)
+    model, config = train_classifier.build_model(args, None, mae, SimpleNamespace(classes=list("abcdefghij")))
     assert config["emb_dim"] == 16 and config["encoder_layer"] == 2
     state = model.state_dict()
     encoder = {k[len("encoder."):]: v for k, v in mae["model"].items() if k.startswith("encoder.")}
@@ -476,7 +478,7 @@ def test_recipe_flags_and_timm_export(tmp_path, cifar_dir):
     model.load_state_dict(best["model"])
     model.eval()
     _, kwargs = classifier_export(model, best["model_config"])
-    reference = timm.create_model("vit_tiny_patch16_224", pretrained=False, **kwargs)
+    reference = timm.create_model(**kwargs)
     reference.load_state_dict(load(tmp_path / "timm.pth"), strict=True)
     reference.eval()
     x = torch.randn(3, 3, 8, 8)
@@ -891,12 +893,22 @@ def test_without_sighup_the_other_stop_signals_still_save():
     assert result.stdout.split() == ["['SIGINT',", "'SIGTERM']", "SIGTERM"]
 
 
-@pytest.mark.parametrize("signum,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGHUP, 129)])
-def test_signal_saves_checkpoint_and_resume_matches_uninterrupted(tmp_path, signum, code):
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """(data, flags, weights) of a 30-epoch tiny pretraining run without a stop, which the signal tests match."""
+    tmp = tmp_path_factory.mktemp("uninterrupted")
     torch.set_num_threads(1)  # as the interrupted process (OMP_NUM_THREADS=1): the same float sums
-    data = write_cifar_batches(str(tmp_path / "data"), per_batch=16)
-    flags = ["--data_dir", data, *TINY_MAE, "-bs", 4, "--total_epoch", 30, "--warmup_epoch", 1,
-             "--log_interval", 1]
+    data = write_cifar_batches(str(tmp / "data"), per_batch=16)
+    flags = ["--data_dir", data, *TINY_MAE, "-bs", 4, "--total_epoch", 30, "--warmup_epoch", 1, "--log_interval", 1]
+    result = run("mae_pretrain.py", *flags, "--model_path", tmp / "full.pth", "--log_dir", tmp / "logs-full")
+    assert result.returncode == 0, result.stderr
+    return data, flags, load(tmp / "full.pth")["model"]
+
+
+@pytest.mark.parametrize("signum,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGHUP, 129)])
+def test_signal_saves_checkpoint_and_resume_matches_uninterrupted(tmp_path, uninterrupted, signum, code):
+    data, flags, full = uninterrupted
+    torch.set_num_threads(1)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **OFFLINE}
     part = tmp_path / "part.pth"
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "mae_pretrain.py"), *map(str, flags),
@@ -915,10 +927,7 @@ def test_signal_saves_checkpoint_and_resume_matches_uninterrupted(tmp_path, sign
     assert ckpt["epoch"] < 30
     result = run("mae_pretrain.py", "--resume", part, "--data_dir", data)
     assert result.returncode == 0, result.stderr
-    full = tmp_path / "full.pth"
-    result = run("mae_pretrain.py", *flags, "--model_path", full, "--log_dir", tmp_path / "logs-full")
-    assert result.returncode == 0, result.stderr
-    assert_same_tensors(load(full)["model"], load(part)["model"])
+    assert_same_tensors(full, load(part)["model"])
 
 
 def test_nonfinite_loss_stops_without_overwriting_checkpoint(tmp_path, cifar_dir):

@@ -31,6 +31,7 @@ from cifar_mae.loaders import ArrayDataset, BatchOrder, DeviceLoader, TorchLoade
 from cifar_mae.metrics import MetricsLog, read_json_lines
 from cifar_mae.optim import lr_at, make_optimizer, set_lr
 from cifar_mae.outputs import check_export_path
+from cifar_mae.pretrained import pretraining_note
 from cifar_mae.timm_export import classifier_export, encoder_export
 from cifar_mae.runtime import Runtime, cuda_defaults, note_devices, setup_runtime, split_batch, wrap_model
 from model import MAE_Encoder, MAE_ViT, ViT_Classifier
@@ -1007,7 +1008,7 @@ def test_timm_export_gives_same_logits(global_pool, linear_probe):
     config = dict(image_size=8, patch_size=2, emb_dim=16, encoder_layer=2, encoder_head=2, in_chans=3,
                   pos_embed="learned", num_classes=10, global_pool=global_pool, linear_probe=linear_probe)
     state, kwargs = classifier_export(model, config)
-    reference = timm.create_model("vit_tiny_patch16_224", pretrained=False, **kwargs)
+    reference = timm.create_model(**kwargs)
     reference.load_state_dict(state, strict=True)
     reference.eval()
     x = torch.randn(4, 3, 8, 8)
@@ -1045,7 +1046,7 @@ def test_mae_encoder_export_gives_timm_the_same_features(pos_embed):
     mae = MAE_ViT(**TINY, pos_embed=pos_embed).eval()
     state, kwargs = encoder_export(mae)
     assert kwargs["num_classes"] == 0 and kwargs["global_pool"] == "token"
-    backbone = timm.create_model("vit_tiny_patch16_224", pretrained=False, **kwargs)
+    backbone = timm.create_model(**kwargs)
     backbone.load_state_dict(state, strict=True)
     backbone.eval()
     x = torch.randn(4, 3, 8, 8)
@@ -1165,12 +1166,12 @@ def test_a_time_limit_stops_after_the_last_epoch_that_fits(monkeypatch):
 
 
 def test_fine_tuning_points_out_an_unfinished_pretraining():
-    note = train_classifier.pretraining_note("m.pth", {"epoch": 500, "args": {"total_epoch": 2000}})
+    note = pretraining_note("m.pth", {"epoch": 500, "args": {"total_epoch": 2000}})
     assert note.startswith("encoder from m.pth: MAE pretraining after epoch 500 of 2000 (an unfinished run")
     assert "mae_pretrain.py --resume m.pth" in note
-    assert train_classifier.pretraining_note("m.pth", {"epoch": 2000, "args": {"total_epoch": 2000}}) == \
+    assert pretraining_note("m.pth", {"epoch": 2000, "args": {"total_epoch": 2000}}) == \
         "encoder from m.pth: MAE pretraining after epoch 2000 of 2000"
-    assert train_classifier.pretraining_note("m.pth", {"epoch": 0, "converted_from": "old.pt"}) == \
+    assert pretraining_note("m.pth", {"epoch": 0, "converted_from": "old.pt"}) == \
         "encoder from m.pth: converted from old.pt, whose epochs are not recorded"
 
 

@@ -32,6 +32,8 @@ MUTANTS = {
                                            "x = torch.cat([x[:, :1], patches], dim=1)"),
     "residual stream promoted to fp32 again": ("model.py", "return tokens + pos_embed[:, 1:].to(tokens.dtype)",
                                                "return tokens + pos_embed[:, 1:]"),
+    "a timm encoder's norm before the blocks skipped": ("model.py", "return tokens if norm_pre is None else "
+                                                                   "norm_pre(tokens)", "return tokens"),
     "norm_pix_loss ignored": ("model.py", "        if self.norm_pix_loss:\n            mean",
                               "        if False:\n            mean"),
     "CIFAR channels in BGR order": ("cifar_mae/datasets.py", "torch.from_numpy(ds.data).permute(0, 3, 1, 2)",

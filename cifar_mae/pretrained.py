@@ -1,0 +1,94 @@
+"""The encoder a classifier starts from (--pretrained_model_path): an MAE checkpoint of this project, or a plain
+timm VisionTransformer state_dict (timm's model.state_dict(), --export_timm's file, official MAE's {"model": ...})."""
+import os
+import shlex
+
+from timm.layers import resample_abs_pos_embed, resample_patch_embed
+
+from cifar_mae.checkpoint import check_checkpoint, read_weights
+from cifar_mae.console import script_command
+from cifar_mae.errors import UserError
+from cifar_mae.flags import take_saved
+from cifar_mae.outputs import data_dir_from
+
+TIMM_KEYS = ("cls_token", "pos_embed", "patch_embed.proj.weight")  # what a timm ViT's state_dict holds
+MAE_SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "mae_pretrain.py")
+
+
+def timm_state_dict(weights):
+    """What torch.load gave, if it is a plain timm VisionTransformer state_dict, else None."""
+    if isinstance(weights, dict) and "format" not in weights and isinstance(weights.get("model"), dict):
+        weights = weights["model"]  # official MAE and DeiT checkpoints wrap the state_dict
+    return weights if isinstance(weights, dict) and all(k in weights for k in TIMM_KEYS) else None
+
+
+def read_pretrained(args, parser):
+    """(--pretrained_model_path's checkpoint, a note on its data) or (None, None). An MAE checkpoint's settings
+    become the run's defaults; a timm state_dict comes back as {"timm_state": weights} and fits --model's sizes.
+    Read before the data, so a wrong path fails in a second."""
+    path, what = args.pretrained_model_path, "--pretrained_model_path"
+    if not path:
+        return None, None
+    weights = read_weights(path, what)
+    state = timm_state_dict(weights)
+    if state is not None:
+        return {"timm_state": state}, None
+    if not isinstance(weights, dict) or "format" not in weights:
+        raise UserError(f"{what} {path} is neither a checkpoint of this project nor a timm VisionTransformer "
+                        f"state_dict (with {', '.join(TIMM_KEYS)})")
+    pretrained = check_checkpoint(weights, path, "mae_pretrain", what)
+    config = pretrained["model_config"]
+    saved = {**config, "model": pretrained.get("args", {}).get("model", args.model)}  # its name, for file names
+    take_saved(args, parser, saved, f"{what} {path}", fixed=config)
+    return pretrained, data_dir_from(args, pretrained, path)
+
+
+def resampled_timm_state(state, model):
+    """A timm state_dict with its position embedding and patch projection resampled (as timm does) to the
+    model's patch grid and patch size where they differ. -> (state, what was resampled)."""
+    state, done = dict(state), []
+    pos, new_pos = state["pos_embed"], model.pos_embed
+    if pos.shape[1] != new_pos.shape[1] and pos.shape[2] == new_pos.shape[2]:
+        state["pos_embed"] = resample_abs_pos_embed(pos, new_size=list(model.patch_embed.grid_size))
+        done.append(f"position embedding from {pos.shape[1] - 1} to {new_pos.shape[1] - 1} patches")
+    proj, new_proj = state["patch_embed.proj.weight"], model.patch_embed.proj.weight
+    if proj.shape[2:] != new_proj.shape[2:] and proj.shape[:2] == new_proj.shape[:2]:
+        state["patch_embed.proj.weight"] = resample_patch_embed(proj, new_size=list(new_proj.shape[2:]))
+        done.append(f"patch projection from {proj.shape[-1]} to {new_proj.shape[-1]} pixels a side")
+    return state, done
+
+
+def load_encoder(model, pretrained, what):
+    """Put the pretrained encoder's weights into a new classifier: every weight but the head's (and fc_norm's,
+    with --global_pool) must come from it; its other weights (a decoder, a head) are left out."""
+    if "timm_state" in pretrained:
+        state, pretrained["resampled"] = resampled_timm_state(pretrained["timm_state"], model)
+    else:
+        state = {k[len("encoder."):]: v for k, v in pretrained["model"].items() if k.startswith("encoder.")}
+    wanted = [k for k in model.state_dict() if not k.startswith(("head.", "fc_norm."))]
+    missing = [k for k in wanted if k not in state]
+    hint = "pass the --model and size flags it was trained with"
+    if missing:
+        raise UserError(f"{what} has no weights for {', '.join(missing[:2])}{' ...' if len(missing) > 2 else ''}: "
+                        f"{hint}")
+    try:
+        model.load_state_dict({k: state[k] for k in wanted}, strict=False)
+    except RuntimeError as e:  # sizes that differ: name the first
+        lines = [line.strip() for line in str(e).splitlines() if line.strip().startswith("size mismatch")]
+        raise UserError(f"{what} does not fit the model ({lines[0] if lines else e}): {hint}") from None
+
+
+def pretraining_note(path, pretrained):
+    """Which pretraining the encoder comes from; a run stopped before its schedule ended is pointed out."""
+    if "timm_state" in pretrained:
+        resampled = pretrained.get("resampled")
+        return f"encoder from {path}: a timm VisionTransformer state_dict" + \
+            (f" (resampled: {'; '.join(resampled)})" if resampled else "")
+    if "converted_from" in pretrained:
+        return f"encoder from {path}: converted from {pretrained['converted_from']}, whose epochs are not recorded"
+    done, total = pretrained["epoch"], pretrained.get("args", {}).get("total_epoch")
+    note = f"encoder from {path}: MAE pretraining after epoch {done}" + (f" of {total}" if total else "")
+    if total and done < total:
+        note += f" (an unfinished run: its learning rate had not yet decayed; resume it with " \
+                f"{script_command(MAE_SCRIPT)} --resume {shlex.quote(path)})"
+    return note
