@@ -1,4 +1,5 @@
 """Any timm VisionTransformer as the MAE encoder (--model timm:NAME), and a plain timm state_dict to fine-tune."""
+import json
 import os
 from types import SimpleNamespace
 
@@ -58,7 +59,11 @@ def test_a_timm_encoder_pretrains_resumes_bit_exactly_and_fine_tunes(tmp_path, c
     probe = load(tmp_path / "lp.pth")["model"]
     for key in encoder:
         assert torch.equal(probe[key], full["model"]["encoder." + key]), key
-    assert "epoch 1/2: loss" in capsys.readouterr().out
+    # the kNN monitor ran each epoch on the timm encoder; --eval_only recomputes the last value from the weights
+    with open(tmp_path / "l1" / "metrics.jsonl") as f:
+        knn = [json.loads(line)["knn_acc"] for line in f if '"final"' not in line]
+    assert len(knn) == 2 and main(mae_pretrain, tmp_path, "--eval_only", tmp_path / "full.pth")["knn_acc"] == knn[1]
+    assert ", kNN " in capsys.readouterr().out
     # the export: the printed create_model call loads it strictly and gives our classifier's logits
     best = load(tmp_path / "ft.pth")
     assert best["model_config"]["timm_model"] == "vit_tiny_patch16_224"
