@@ -1,4 +1,5 @@
-"""The benchmarks' own checks that need no GPU: inductor's byte count, and the prepared GPU check's dry run."""
+"""The benchmarks' and tools' own checks that need no GPU: inductor's byte count, the prepared GPU check's dry
+run, the mutation check's mutants."""
 import os
 import subprocess
 import sys
@@ -22,3 +23,12 @@ def test_the_gpu_check_checks_every_variant_without_a_gpu():
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("checked 7 variants: pretrain-fp32-stream-1024, pretrain-bf16-stream-1024, "
                                     "pretrain-small-decoder-1024")
+
+
+def test_every_mutant_of_the_mutation_check_still_finds_its_text():
+    """tools/mutation_check.py refuses a mutant whose text is gone, so a rename in the code would be found only
+    there. (Not in the fast tests the mutation check runs: in its mutated copy this would kill every mutant.)"""
+    from tools.mutation_check import MUTANTS, ROOT
+    for name, (path, text, _) in MUTANTS.items():
+        with open(os.path.join(ROOT, path), encoding="utf-8") as f:
+            assert f.read().count(text) == 1, name

@@ -57,8 +57,8 @@ MUTANTS = {
                                      "Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix,",
                                      "Mixup(mixup_alpha=args.cutmix, cutmix_alpha=args.mixup,"),
     "--ema_decay dropped": ("train_classifier.py", "ModelEmaV3(model, decay=args.ema_decay)", "ModelEmaV3(model)"),
-    "--drop_path dropped": ("train_classifier.py", "return new_classifier(config, args.drop_path), config",
-                            "return new_classifier(config), config"),
+    "--drop_path dropped": ("train_classifier.py", "model = new_classifier(config, args.drop_path)",
+                            "model = new_classifier(config)"),
     "normalised to [0, 1] instead of [-1, 1]": ("cifar_mae/augment.py", "images.float().div(127.5).sub(1.0)",
                                                 "images.float().div(255.0)"),
 }
