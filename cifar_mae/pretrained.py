@@ -89,6 +89,6 @@ def pretraining_note(path, pretrained):
     done, total = pretrained["epoch"], pretrained.get("args", {}).get("total_epoch")
     note = f"encoder from {path}: MAE pretraining after epoch {done}" + (f" of {total}" if total else "")
     if total and done < total:
-        note += f" (an unfinished run: its learning rate had not yet decayed; resume it with " \
+        note += f" (an unfinished run: its learning rate had not yet decayed; resume it with python " \
                 f"{script_command(MAE_SCRIPT)} --resume {shlex.quote(path)})"
     return note

@@ -1168,7 +1168,7 @@ def test_a_time_limit_stops_after_the_last_epoch_that_fits(monkeypatch):
 def test_fine_tuning_points_out_an_unfinished_pretraining():
     note = pretraining_note("m.pth", {"epoch": 500, "args": {"total_epoch": 2000}})
     assert note.startswith("encoder from m.pth: MAE pretraining after epoch 500 of 2000 (an unfinished run")
-    assert "mae_pretrain.py --resume m.pth" in note
+    assert "resume it with python mae_pretrain.py --resume m.pth)" in note
     assert pretraining_note("m.pth", {"epoch": 2000, "args": {"total_epoch": 2000}}) == \
         "encoder from m.pth: MAE pretraining after epoch 2000 of 2000"
     assert pretraining_note("m.pth", {"epoch": 0, "converted_from": "old.pt"}) == \
