@@ -7,6 +7,7 @@ import math
 import os
 import pickle
 import shutil
+import shlex
 import signal
 import subprocess
 import sys
@@ -396,17 +397,38 @@ def test_time_to_accuracy_reports_both_phases(tmp_path, cifar_dir):
     assert not (tmp_path / "bad").exists()
 
 
-def test_gpu_recipe_runs_mae_probe_and_scratch_and_ends_with_their_table(tmp_path, cifar_dir):
-    small = "--batch_size 16 --max_device_batch_size 8 " + " ".join(TINY_MODEL)
-    env = {**os.environ, **OFFLINE, "OMP_NUM_THREADS": "1", "PYTHON": sys.executable, "DATA": cifar_dir,
-           "RUNS": str(tmp_path / "runs"), "PRE": "1", "FT": "1", "LP": "1", "FT_ARGS": small, "LP_ARGS": small,
-           "PRE_ARGS": " ".join(TINY_MAE + ["-bs", "16", "--max_device_batch_size", "8"])}
+def recipe_calls(tmp_path, env):
+    """Run benchmarks/gpu_recipe.sh with an interpreter that only logs its calls (shell-quoted, one per line) and
+    refuses --drop_path in a --check, as time_to_accuracy.py does. -> (the script's result, its calls)."""
+    fake, calls = tmp_path / "fake-python", tmp_path / f"calls-{len(list(tmp_path.glob('calls-*')))}"
+    fake.write_text('#!/usr/bin/env bash\nprintf "%q " "$@" >> "$CALLS"; echo >> "$CALLS"\n'
+                    'case "$*" in *--check*--drop_path*) echo "error: --drop_path" >&2; exit 2;; esac\n')
+    fake.chmod(0o755)
     result = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "gpu_recipe.sh")], capture_output=True,
-                            text=True, timeout=300, env=env, cwd=tmp_path)  # from another folder than the repo's
+                            text=True, timeout=60, cwd=tmp_path, env={**env, "PYTHON": str(fake), "CALLS": str(calls)})
+    return result, [shlex.split(line) for line in calls.read_text().splitlines()]
+
+
+def test_gpu_recipe_runs_mae_probe_and_scratch_and_ends_with_their_table(tmp_path, cifar_dir):
+    """The script's calls, logged, then each run in this process as the script would run it (no interpreter
+    starts: nine of them took 45 s)."""
+    small = "--batch_size 16 --max_device_batch_size 8 " + " ".join(TINY_MODEL)
+    env = {**os.environ, **OFFLINE, "DATA": cifar_dir, "RUNS": str(tmp_path / "runs"), "PRE": "1", "FT": "1",
+           "LP": "1", "FT_ARGS": small, "LP_ARGS": small,
+           "PRE_ARGS": " ".join(TINY_MAE + ["-bs", "16", "--max_device_batch_size", "8"])}
+    result, calls = recipe_calls(tmp_path, env)
     assert result.returncode == 0, result.stderr
+    tta = os.path.join(ROOT, "benchmarks", "time_to_accuracy.py")
+    assert [call[0] for call in calls] == [tta] * 7
+    assert [("--check" in call, "--summarize" in call) for call in calls] == [(True, False)] * 3 + \
+        [(False, False)] * 3 + [(False, True)]
+    assert [[arg for arg in call if arg != "--check"] for call in calls[:3]] == calls[3:6]  # checks what runs
+    for call in calls:
+        out = run("benchmarks/time_to_accuracy.py", *call[1:])
+        assert out.returncode == 0, out.stderr
     reports = {name: json.loads((tmp_path / "runs" / name / "report.json").read_text())
                for name in ("mae", "linear-probe", "scratch")}
-    table = result.stdout.strip().splitlines()[-5:]
+    table = out.stdout.strip().splitlines()[-5:]
     assert table[0].split() == ["run", "pretraining", "fine-tuning", "minutes", "top-1", "last", "epoch"]
     assert table[1].split()[:3] == ["mae", "1", "epochs"] and table[1].split()[-2:] == [
         f"{reports['mae']['best_test_acc']:.2%}", f"{reports['mae']['final_epoch_acc']:.2%}"]
@@ -415,10 +437,12 @@ def test_gpu_recipe_runs_mae_probe_and_scratch_and_ends_with_their_table(tmp_pat
     result = run("benchmarks/time_to_accuracy.py", "--summarize", tmp_path / "runs" / "nope")
     assert_clean_error(result, 2, "report.json", "is " + str(tmp_path / "runs" / "nope"))
     # a bad flag of the probe, the second run, ends the script before the first has pretrained
-    result = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "gpu_recipe.sh")], capture_output=True,
-                            text=True, timeout=300, env={**env, "RUNS": str(tmp_path / "typo"),
-                                                         "LP_ARGS": small + " --drop_path 0.1"}, cwd=tmp_path)
-    assert_clean_error(result, 2, "--linear_probe keeps the encoder frozen; --drop_path would have nothing")
+    probe_check = calls[1][1:-1] + [calls[1][-1] + " --drop_path 0.1"]  # its --finetune_args come last
+    assert_clean_error(run("benchmarks/time_to_accuracy.py", *probe_check), 2, "--drop_path would have nothing")
+    typo = {**env, "RUNS": str(tmp_path / "typo"), "LP_ARGS": small + " --drop_path 0.1"}
+    result, calls = recipe_calls(tmp_path, typo)
+    assert result.returncode == 2 and result.stderr.strip() == "error: --drop_path"
+    assert len(calls) == 2 and all("--check" in call for call in calls) and "--drop_path" in calls[1][-1]
     assert not (tmp_path / "typo").exists()
 
 
@@ -1404,6 +1428,9 @@ def test_a_resume_from_an_older_checkpoint_drops_the_later_epochs_from_both_logs
     monkeypatch.undo()
     ckpt, logs = tmp_path / "mae.pth", tmp_path / "logs" / "mae"
     assert load(ckpt)["epoch"] == 2 and [line["epoch"] for line in metrics(logs)] == [1, 2, 3]
+    # TensorBoard reads event files in name order: time in seconds, then a per-process counter written without
+    # leading zeros (run 10 sorts before run 9). A resume is a later process; here, at least a later second
+    time.sleep(1.01 - time.time() % 1)
     result = run_here(capsys, "mae_pretrain.py", "--data_dir", cifar_dir, "--resume", ckpt)
     assert result.returncode == 0 and f"resumed {ckpt} after epoch 2" in result.stdout, result.stderr
     lines = metrics(logs)
