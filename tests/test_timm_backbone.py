@@ -21,7 +21,7 @@ TIMM = ["--model", "timm:vit_tiny_patch16_224", "--image_size", 8, "--patch_size
 COMMON = ["-bs", 8, "--warmup_epoch", 0, "--device", "cpu"]
 
 
-def main(script, tmp_path, *argv):
+def main(script, *argv):
     return script.main(script.get_args_parser().parse_args(list(map(str, [*COMMON, *argv]))))
 
 
@@ -37,10 +37,10 @@ def assert_same(a, b):
 
 def test_a_timm_encoder_pretrains_resumes_bit_exactly_and_fine_tunes(tmp_path, cifar_dir, capsys):
     pretrain = [*TIMM, "--data_dir", cifar_dir, "--total_epoch", 2, "--decoder_layer", 1, "--knn_every", 1]
-    main(mae_pretrain, tmp_path, *pretrain, "--model_path", tmp_path / "full.pth", "--log_dir", tmp_path / "l1")
-    main(mae_pretrain, tmp_path, *pretrain, "--model_path", tmp_path / "part.pth", "--log_dir", tmp_path / "l2",
+    main(mae_pretrain, *pretrain, "--model_path", tmp_path / "full.pth", "--log_dir", tmp_path / "l1")
+    main(mae_pretrain, *pretrain, "--model_path", tmp_path / "part.pth", "--log_dir", tmp_path / "l2",
          "--stop_after_epoch", 1)
-    main(mae_pretrain, tmp_path, "--resume", tmp_path / "part.pth", "--data_dir", cifar_dir)
+    main(mae_pretrain, "--resume", tmp_path / "part.pth", "--data_dir", cifar_dir)
     full, part = load(tmp_path / "full.pth"), load(tmp_path / "part.pth")
     assert part["epoch"] == 2 and full["model_config"]["timm_model"] == "vit_tiny_patch16_224"
     assert_same(full["model"], part["model"])
@@ -52,9 +52,9 @@ def test_a_timm_encoder_pretrains_resumes_bit_exactly_and_fine_tunes(tmp_path, c
     assert encoder == set(vit.state_dict())
     # fine-tuned, and as a linear probe whose encoder stays as pretrained
     finetune = ["--data_dir", cifar_dir, "--pretrained_model_path", tmp_path / "full.pth", "--total_epoch", 1]
-    main(train_classifier, tmp_path, *finetune, "--output_model_path", tmp_path / "ft.pth",
+    main(train_classifier, *finetune, "--output_model_path", tmp_path / "ft.pth",
          "--log_dir", tmp_path / "l3", "--export_timm", tmp_path / "timm.pth")
-    main(train_classifier, tmp_path, *finetune, "--linear_probe", "--output_model_path", tmp_path / "lp.pth",
+    main(train_classifier, *finetune, "--linear_probe", "--output_model_path", tmp_path / "lp.pth",
          "--log_dir", tmp_path / "l4")
     probe = load(tmp_path / "lp.pth")["model"]
     for key in encoder:
@@ -62,7 +62,7 @@ def test_a_timm_encoder_pretrains_resumes_bit_exactly_and_fine_tunes(tmp_path, c
     # the kNN monitor ran each epoch on the timm encoder; --eval_only recomputes the last value from the weights
     with open(tmp_path / "l1" / "metrics.jsonl") as f:
         knn = [json.loads(line)["knn_acc"] for line in f if '"final"' not in line]
-    assert len(knn) == 2 and main(mae_pretrain, tmp_path, "--eval_only", tmp_path / "full.pth")["knn_acc"] == knn[1]
+    assert len(knn) == 2 and main(mae_pretrain, "--eval_only", tmp_path / "full.pth")["knn_acc"] == knn[1]
     assert ", kNN " in capsys.readouterr().out
     # the export: the printed create_model call loads it strictly and gives our classifier's logits
     best = load(tmp_path / "ft.pth")
@@ -96,7 +96,7 @@ def test_a_plain_timm_state_dict_fine_tunes_resampled_to_the_model(tmp_path, cif
     torch.testing.assert_close(state["pos_embed"], resample_abs_pos_embed(timm_state["pos_embed"], [4, 4]))
     torch.testing.assert_close(state["patch_embed.proj.weight"],
                                resample_patch_embed(timm_state["patch_embed.proj.weight"], [2, 2]))
-    result = main(train_classifier, tmp_path, *flags, "--data_dir", cifar_dir, "--total_epoch", 1,
+    result = main(train_classifier, *flags, "--data_dir", cifar_dir, "--total_epoch", 1,
                   "--output_model_path", tmp_path / "c.pth", "--log_dir", tmp_path / "logs")
     assert result["best_epoch"] == 1 and os.path.isfile(tmp_path / "c.pth")
     assert (f"encoder from {tmp_path / 'timm.pth'}: a timm VisionTransformer state_dict (resampled: position "
@@ -107,7 +107,7 @@ def test_a_state_dict_of_another_size_is_refused_in_one_line(tmp_path, cifar_dir
     torch.save(timm.create_model("vit_tiny_patch16_224", img_size=8, patch_size=4, embed_dim=32, depth=2,
                                  num_heads=2).state_dict(), tmp_path / "timm.pth")
     with pytest.raises(SystemExit) as exit_info:
-        main(train_classifier, tmp_path, *TIMM, "--pretrained_model_path", tmp_path / "timm.pth",
+        main(train_classifier, *TIMM, "--pretrained_model_path", tmp_path / "timm.pth",
              "--data_dir", cifar_dir, "--output_model_path", tmp_path / "c.pth", "--log_dir", tmp_path / "logs")
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 2 and err == [
@@ -125,7 +125,7 @@ def test_a_state_dict_of_another_size_is_refused_in_one_line(tmp_path, cifar_dir
                                        ("vit_nonesuch", "Unknown model (vit_nonesuch)")])
 def test_a_timm_model_that_cannot_be_the_encoder_is_refused_in_one_line(tmp_path, capsys, name, what):
     with pytest.raises(SystemExit) as exit_info:
-        main(mae_pretrain, tmp_path, "--model", f"timm:{name}", "--model_path", tmp_path / "m.pth")
+        main(mae_pretrain, "--model", f"timm:{name}", "--model_path", tmp_path / "m.pth")
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 2 and err == [f"error: --model timm:{name} cannot be the MAE encoder: {what}"]
     assert not os.path.exists(tmp_path / "m.pth")
@@ -134,7 +134,7 @@ def test_a_timm_model_that_cannot_be_the_encoder_is_refused_in_one_line(tmp_path
 def test_weights_of_neither_kind_are_refused_in_one_line(tmp_path, capsys):
     torch.save({"fc.weight": torch.zeros(2, 2)}, tmp_path / "other.pth")
     with pytest.raises(SystemExit) as exit_info:
-        main(train_classifier, tmp_path, "--pretrained_model_path", tmp_path / "other.pth")
+        main(train_classifier, "--pretrained_model_path", tmp_path / "other.pth")
     assert exit_info.value.code == 2 and capsys.readouterr().err.strip().splitlines() == [
         f"error: --pretrained_model_path {tmp_path / 'other.pth'} is neither a checkpoint of this project nor a "
         "timm VisionTransformer state_dict (with cls_token, pos_embed, patch_embed.proj.weight)"]
