@@ -1,4 +1,5 @@
 """Tiny datasets written by the tests themselves: real CIFAR-10 pickled batches and an ImageFolder tree."""
+import math
 import os
 import pickle
 import sys
@@ -26,14 +27,17 @@ def synthetic_images(n, size, seed):
     return images.clip(0, 255).astype(np.uint8), labels
 
 
-def write_cifar_batches(root, per_batch=20, test=20, seed=0):
-    """Real cifar-10-batches-py files (pickled dicts, 3072-byte rows) that torchvision's reader reads."""
+def write_cifar_batches(root, per_batch=20, test=20, seed=0, random_labels=False):
+    """Real cifar-10-batches-py files (pickled dicts, 3072-byte rows) that torchvision's reader reads; with
+    random_labels, labels the tints do not give away (a kNN accuracy off 0 and 1, so any mix-up shows)."""
     folder = os.path.join(root, "cifar-10-batches-py")
     os.makedirs(folder, exist_ok=True)
     names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
     for i, name in enumerate(names):
         n = test if name == "test_batch" else per_batch
         images, labels = synthetic_images(n, 32, seed + i)
+        if random_labels:
+            labels = np.random.default_rng(seed + 100 + i).integers(0, 10, n)
         entry = {"batch_label": name, "labels": labels.tolist(),
                  "data": images.transpose(0, 3, 1, 2).reshape(n, 3072), "filenames": [f"{j}.png" for j in range(n)]}
         with open(os.path.join(folder, name), "wb") as f:
@@ -71,6 +75,32 @@ def write_image_folder(root, train=40, test=20, size=12, test_name="test", seed=
             os.makedirs(folder, exist_ok=True)
             Image.fromarray(image).save(os.path.join(folder, f"{i:04d}.jpg"), quality=95)
     return root
+
+
+def brute_force_knn(train_feats, train_labels, test_feats, test_labels, num_classes, k, temperature):
+    """Weighted kNN written out one query at a time: cosine similarity, the k most similar training features
+    vote exp(similarity / T) for their class, the class with the most votes wins."""
+    correct = 0
+    for query, label in zip(test_feats.double().tolist(), test_labels.tolist()):
+        sims = []
+        for feat, feat_label in zip(train_feats.double().tolist(), train_labels.tolist()):
+            dot = sum(a * b for a, b in zip(query, feat))
+            sims.append((dot / math.sqrt(sum(a * a for a in query) * sum(b * b for b in feat)), feat_label))
+        votes = [0.0] * num_classes
+        for sim, feat_label in sorted(sims, reverse=True)[:k]:
+            votes[feat_label] += math.exp(sim / temperature)
+        correct += votes.index(max(votes)) == label
+    return correct / len(test_labels)
+
+
+def cls_features(path, images):
+    """The saved encoder's cls features of uint8 images, computed here in one eval-mode forward."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    from model import MAE_ViT
+    model = MAE_ViT(**ckpt["model_config"])
+    model.load_state_dict(ckpt["model"])
+    with torch.no_grad():
+        return model.encoder.eval().forward_features(images.float().div(127.5).sub(1.0))[:, 0]
 
 
 @pytest.fixture

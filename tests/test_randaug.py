@@ -164,6 +164,9 @@ def test_same_image_gets_different_augmentations_and_seed_repeats_them():
     out = ra(images, torch.Generator().manual_seed(0))
     assert out.dtype == torch.float32 and out.shape == images.shape and torch.equal(out, out.round())
     assert out.min() >= 0 and out.max() <= 255
+    ops, _, _, _ = ra.draw(64, torch.Generator().manual_seed(0), torch.device("cpu"))
+    skipped = (ops == -1).all(1)  # the images that drew no op in either layer are the input, bit for bit
+    assert skipped.any() and torch.equal(out[skipped], images[skipped].float())
     assert len({tuple(image.flatten().tolist()) for image in out}) > 30
     assert torch.equal(out, ra(images, torch.Generator().manual_seed(0)))
     assert not torch.equal(out, ra(images, torch.Generator().manual_seed(1)))
