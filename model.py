@@ -13,33 +13,10 @@ from timm.layers import PatchEmbed, trunc_normal_
 from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
 from timm.models.vision_transformer import Block
 
+from cifar_mae.sizes import DEFAULT_MODEL, MODELS, output_stem  # noqa: F401 (MODELS and output_stem: for users)
 from cifar_mae.timm_vit import TIMM_KWARGS, timm_sizes, timm_vit
 
 LayerNorm = partial(nn.LayerNorm, eps=1e-6)  # the eps of timm's VisionTransformer, so exports match exactly
-
-# named sizes, as timm names its ViTs (--model NAME); a size flag given overrides one value
-MODELS = {
-    "vit_tiny_patch2": dict(image_size=32, patch_size=2, emb_dim=192, encoder_layer=12, encoder_head=3,
-                            decoder_layer=4, decoder_head=3),  # the original repository's ViT-T/2
-    "vit_mini_patch4": dict(image_size=32, patch_size=4, emb_dim=64, encoder_layer=4, encoder_head=2,
-                            decoder_layer=2, decoder_head=2),  # the CPU recipe's
-    "vit_small_patch4": dict(image_size=32, patch_size=4, emb_dim=384, encoder_layer=12, encoder_head=6,
-                             decoder_layer=4, decoder_head=6),
-    "vit_tiny_patch8_96": dict(image_size=96, patch_size=8, emb_dim=192, encoder_layer=12, encoder_head=3,
-                               decoder_layer=4, decoder_head=3),  # STL-10's 96 x 96 images: 144 patches
-    # ViT-T/2 with a smaller decoder, which moves fewer bytes per step; not the default until an accuracy run
-    "vit_tiny_patch2_dec2": dict(image_size=32, patch_size=2, emb_dim=192, encoder_layer=12, encoder_head=3,
-                                 decoder_layer=2, decoder_head=3),
-    "vit_tiny_patch2_dec2x128": dict(image_size=32, patch_size=2, emb_dim=192, encoder_layer=12, encoder_head=3,
-                                     decoder_layer=2, decoder_head=4, decoder_emb_dim=128),
-}
-DEFAULT_MODEL = "vit_tiny_patch2"
-
-
-def output_stem(name):
-    """The file-name stem of a model's checkpoints: vit-t for ViT-T/2, as the original repository named it."""
-    return "vit-t" if name == DEFAULT_MODEL else name.replace(":", "-").replace("_", "-")
-
 
 def num_visible_patches(num_patches, mask_ratio):
     """How many patches stay visible: int(T * (1 - mask_ratio))."""

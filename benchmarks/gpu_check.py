@@ -19,7 +19,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import throughput  # noqa: E402
-from cifar_mae.errors import UserError, cli_main  # noqa: E402
+from cifar_mae.cli import cli_main
+from cifar_mae.errors import UserError  # noqa: E402
 from cifar_mae.flags import ArgumentParser, path_arg  # noqa: E402
 
 SMALL_DECODER = ["--model", "decoder_layer=2", "decoder_emb_dim=128", "decoder_head=4"]

@@ -23,7 +23,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import mae_pretrain  # noqa: E402
 from cifar_mae.classification import ClassificationLoss  # noqa: E402
-from cifar_mae.errors import UserError, cli_main  # noqa: E402
+from cifar_mae.cli import cli_main
+from cifar_mae.errors import UserError  # noqa: E402
 from cifar_mae.flags import ArgumentParser  # noqa: E402
 import model as model_module  # noqa: E402
 from model import MAE_Decoder, MAE_ViT, MODELS, ViT_Classifier  # noqa: E402

@@ -38,7 +38,8 @@ from benchmarks.step_bytes import SIZE_KEYS, build as build_cpu, bytes_per_image
 from model import MAE_ViT, ViT_Classifier  # noqa: E402
 from cifar_mae.classification import ClassificationLoss  # noqa: E402
 from cifar_mae.engine import Trainer  # noqa: E402
-from cifar_mae.errors import UserError, cli_main  # noqa: E402
+from cifar_mae.cli import cli_main
+from cifar_mae.errors import UserError  # noqa: E402
 from cifar_mae.flags import ArgumentParser, COMPILE_MODES, INTERPOLATIONS, check_positive, path_arg  # noqa: E402
 from cifar_mae.loaders import DeviceLoader, TorchLoader  # noqa: E402
 from cifar_mae.optim import make_optimizer  # noqa: E402

@@ -23,7 +23,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import mae_pretrain  # noqa: E402
 import train_classifier  # noqa: E402
 from cifar_mae.atomic import write_atomic  # noqa: E402
-from cifar_mae.errors import UserError, cli_main  # noqa: E402
+from cifar_mae.cli import cli_main
+from cifar_mae.errors import UserError  # noqa: E402
 from cifar_mae.flags import ArgumentParser, check_positive, path_arg  # noqa: E402
 from cifar_mae.metrics import read_json_lines  # noqa: E402
 
@@ -79,7 +80,7 @@ def phase_args(module, argv, extra, flag):
     except ValueError as e:
         raise UserError(f"{flag}: {e} (give the flags as one quoted string)") from None
     args = module.get_args_parser().parse_args(argv + extra)
-    module.validate(args)
+    module.check_args(args)
     return args
 
 

@@ -1,5 +1,5 @@
-"""The one owner of the checkpoint format: every checkpoint is built by `checkpoint()` and read by
-`load_checkpoint()`, a dict of state_dicts and plain values that loads with torch.load(weights_only=True)."""
+"""The one owner of the checkpoint format: every checkpoint is built by `make_checkpoint()` and read
+by `load_checkpoint()`, a dict of state_dicts and plain values that loads with torch.load(weights_only=True)."""
 import os
 import pickle
 import random
@@ -17,7 +17,7 @@ FORMAT = "cifar-mae/2"  # bumped whenever what a checkpoint holds changes
 KINDS = {"mae_pretrain": "an MAE pretraining", "classifier": "a classifier"}
 
 
-def checkpoint(kind, model_state, model_config, epoch, **fields):
+def make_checkpoint(kind, model_state, model_config, epoch, **fields):
     """A checkpoint of `kind`: weights, the config that rebuilds their model, completed epochs, plain fields."""
     return {"format": FORMAT, "kind": kind, "model": model_state, "model_config": model_config, "epoch": epoch,
             **fields}

@@ -12,7 +12,8 @@ from timm.loss import SoftTargetCrossEntropy
 from cifar_mae.datasets import holdout_split
 from cifar_mae.errors import UserError
 from cifar_mae.loaders import eval_batches
-from cifar_mae.runtime import all_reduce_sum
+from cifar_mae.runtime import all_reduce_sum, evaluating
+from cifar_mae.timm_export import classifier_export, write_timm_state
 
 
 class ClassificationLoss:
@@ -41,24 +42,22 @@ class ClassificationLoss:
 def evaluate(model, loader, rt, num_classes, tta=None):
     """Test-set loss, top-1, top-5 and confusion matrix, summed per image over all ranks; with tta "flip" also
     the top-1 of the mean logits of each image and its mirror image (acc_flip)."""
-    was_training = model.training
-    model.eval()
     sums = torch.zeros(5, dtype=torch.float64, device=rt.device)  # loss, images, top-1, top-5, top-1 with flip
     confusion = torch.zeros(num_classes * num_classes, dtype=torch.float64, device=rt.device)
-    for images, labels in eval_batches(loader, rt, "evaluating"):
-        with rt.autocast():
-            logits = model(images).float()
-        top = logits.topk(min(5, num_classes), dim=1).indices
-        sums[0] += F.cross_entropy(logits, labels, reduction="sum").double()
-        sums[1] += len(labels)
-        sums[2] += (top[:, 0] == labels).sum().double()
-        sums[3] += (top == labels[:, None]).any(1).sum().double()
-        confusion += torch.bincount(labels * num_classes + top[:, 0], minlength=num_classes ** 2).double()
-        if tta == "flip":
+    with evaluating(model):
+        for images, labels in eval_batches(loader, rt, "evaluating"):
             with rt.autocast():
-                mean_logits = (logits + model(images.flip(-1)).float()) / 2
-            sums[4] += (mean_logits.argmax(dim=1) == labels).sum().double()
-    model.train(was_training)
+                logits = model(images).float()
+            top = logits.topk(min(5, num_classes), dim=1).indices
+            sums[0] += F.cross_entropy(logits, labels, reduction="sum").double()
+            sums[1] += len(labels)
+            sums[2] += (top[:, 0] == labels).sum().double()
+            sums[3] += (top == labels[:, None]).any(1).sum().double()
+            confusion += torch.bincount(labels * num_classes + top[:, 0], minlength=num_classes ** 2).double()
+            if tta == "flip":
+                with rt.autocast():
+                    mean_logits = (logits + model(images.flip(-1)).float()) / 2
+                sums[4] += (mean_logits.argmax(dim=1) == labels).sum().double()
     loss, count, top1, top5, top1_flip = all_reduce_sum(sums, rt).tolist()
     confusion = all_reduce_sum(confusion, rt).view(num_classes, num_classes).cpu()
     per_class = (confusion.diag() / confusion.sum(1).clamp(min=1)).tolist()
@@ -140,3 +139,37 @@ def selection_split(data, val_size):
                         f"{len(data.train_images)})")
     kept, held = holdout_split(len(data.train_images), val_size)
     return data.train_images[kept], data.train_labels[kept], data.train_images[held], data.train_labels[held]
+
+
+def check_classes(ckpt, data, what):
+    """Labels are indexes into the class list, so a saved classifier only fits data with its classes, in order."""
+    if ckpt["classes"] != list(data.classes):
+        raise UserError(f"{what} was trained on the classes {ckpt['classes']}, but --data_dir has "
+                        f"{list(data.classes)}")
+
+
+def final_report(args, rt, log, eval_model, best, last_acc, test_loader, data, config):
+    """The best weights on the test set: per-class table, confusion image, closing log line, timm export."""
+    if args.val_size or last_acc is None:  # with --val_size no choice has looked at the test set
+        last_acc = evaluate(eval_model, test_loader, rt, config["num_classes"])["acc"]
+    eval_model.load_state_dict(best["model"])  # every rank kept a copy: no shared disk needed
+    result = evaluate(eval_model, test_loader, rt, config["num_classes"], args.tta)
+    if rt.is_main:
+        # without --val_size the best epoch is picked on the test set, as the original repository did, so the
+        # last epoch's accuracy is printed beside it: it is the unbiased one
+        if args.val_size:
+            print(f"best held-out accuracy {best['acc']:.2%} (epoch {best['epoch']}); on the test set: those "
+                  f"weights {result['acc']:.2%}, last epoch {last_acc:.2%}")
+        else:
+            print(f"best accuracy {best['acc']:.2%} (epoch {best['epoch']}), last epoch {last_acc:.2%}")
+        print(per_class_table(result, data.classes))
+        if not log.reported:  # a finished run resumed again: TensorBoard has this image at this step already
+            log.image("cls/confusion", confusion_image(result["confusion"], data.classes), args.total_epoch)
+            log.text("cls/confusion", confusion_table(result["confusion"], data.classes), args.total_epoch)
+        log.line({"final": True, "epoch": args.total_epoch, "acc": result["acc"], "acc5": result["acc5"],
+                  "best_epoch": best["epoch"], "best_acc": best["acc"], "selected_on": best["selected_on"],
+                  "last_epoch_acc": last_acc, "per_class": dict(zip(data.classes, result["per_class"])),
+                  **({"acc_flip": result["acc_flip"]} if "acc_flip" in result else {})})
+        if args.export_timm:
+            write_timm_state(*classifier_export(eval_model, config), args.export_timm)
+    return {"best_acc": best["acc"], "best_epoch": best["epoch"], "last_epoch_acc": last_acc, "final": result}

@@ -7,9 +7,8 @@ from tqdm import tqdm
 
 
 def progress_bar(iterable=None, **kwargs):
-    """tqdm's bar on stderr, cleared when done. On a terminal it redraws up to once a second; into a file or a
-    pipe (`nohup python mae_pretrain.py > run.log 2>&1`) once a minute, since every redraw stays in the log
-    (at tqdm's default of ten a second, about 60 MB a day of carriage-return lines)."""
+    """tqdm's bar on stderr, cleared when done; redrawn once a second on a terminal, once a minute into a log file
+    (each redraw stays in the file)."""
     interval = 1.0 if sys.stderr.isatty() else 60.0
     return tqdm(iterable, leave=False, dynamic_ncols=True, mininterval=interval, **kwargs)
 

@@ -1,8 +1,8 @@
-"""The one training loop both scripts run: optimizer steps with gradient accumulation (Trainer), epochs
-(fit), and what stops them (signals, --stop_after_*, a non-finite loss)."""
+"""Training steps and epochs: optimizer steps with gradient accumulation (Trainer), an epoch's steps
+(Trainer.train_epoch), when checkpoints are due and what stops a run (--stop_after_*, a non-finite loss); the
+lifecycle (cifar_mae/lifecycle.py) runs the epochs."""
 import contextlib
 import math
-import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -10,45 +10,12 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from cifar_mae.console import format_duration, format_rate, progress_bar
+from cifar_mae.console import format_duration, progress_bar
 from cifar_mae.errors import NonFiniteLoss
-from cifar_mae.flags import CUDAGRAPH_MODES
 from cifar_mae.optim import set_lr
 from cifar_mae.runtime import all_reduce_sum, synchronize, unwrap
 
-
-# Ctrl-C, a scheduler's kill, and the hang-up of a terminal (an SSH session that drops): each asks a run to save
-# (Windows has no SIGHUP: the others, rather than an AttributeError at import)
-STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
-
-
-class StopRequest:
-    """STOP_SIGNALS ask the run to finish its step, save and exit 128 + the signal's number (SIGINT 130, SIGTERM
-    143, SIGHUP 129); a second SIGINT aborts. `announce`: say so on stderr (the main rank; under torchrun every
-    rank gets the signal)."""
-
-    def __init__(self, announce=True):
-        self.signum, self.announce = None, announce
-        self._previous = {}
-
-    def __enter__(self):
-        for signum in STOP_SIGNALS:
-            if signum == getattr(signal, "SIGHUP", None) and signal.getsignal(signum) == signal.SIG_IGN:
-                continue  # started under nohup, whose whole point is to outlive the terminal
-            self._previous[signum] = signal.signal(signum, self._handle)
-        return self
-
-    def __exit__(self, *exc):
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-
-    def _handle(self, signum, frame):
-        if self.signum is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.signum = signum
-        if self.announce:
-            print(f"\n{signal.Signals(signum).name} received: finishing this step, then saving a checkpoint "
-                  "(press Ctrl-C again to abort without saving)", file=sys.stderr)
+CUDAGRAPH_MODES = ["reduce-overhead", "max-autotune"]  # the torch.compile modes that add CUDA graphs
 
 
 @dataclass
@@ -255,47 +222,3 @@ class EpochClock:
     def _steady_mean(laps):
         steady = laps[1:] or laps
         return sum(steady) / len(steady)
-
-
-def fit(args, rt, trainer, model, loader, log, *, start_epoch, epoch_state, after_epoch, save, resume):
-    """Train epochs start_epoch + 1 .. total_epoch (the first from epoch_state when resumed mid-epoch).
-
-    after_epoch(epoch, metrics) -> (record, text): the script's evaluation and logging of finished epoch `epoch`
-    (1-based); save(epoch, epoch_state): write the resumable checkpoint (epoch_state: where a stopped epoch
-    stands); resume: (checkpoint path, the command that resumes it). A signal saves and exits 128 + its number.
-    -> True when the schedule is done, False when --stop_after_* stopped it."""
-    clock = EpochClock(rt.started)
-    path, command = resume
-    if start_epoch >= args.total_epoch and rt.is_main:
-        print(f"{args.resume} has finished all {args.total_epoch} epochs: nothing to train")
-    with StopRequest(announce=rt.is_main) as stop:
-        for epoch in range(start_epoch, args.total_epoch):
-            metrics, epoch_state = trainer.train_epoch(model, loader, epoch_state, epoch=epoch,
-                                                       total_epoch=args.total_epoch, log_interval=args.log_interval,
-                                                       stop=stop)
-            if metrics is None:  # SIGINT / SIGTERM / SIGHUP: save where we are, exit 128 + signal
-                save(epoch, epoch_state)
-                log.close()
-                if rt.is_main:
-                    print(f"stopped; checkpoint saved to {path}. Resume with: {command}", file=sys.stderr)
-                sys.exit(128 + stop.signum)
-            epoch_state = None
-            record, text = after_epoch(epoch + 1, metrics)
-            record.update(epoch=epoch + 1, lr=metrics["lr"], images_per_s=metrics["images_per_s"],
-                          seconds=metrics["seconds"])
-            if trainer.compile_seconds is not None and epoch == start_epoch:
-                record["compile_seconds"] = trainer.compile_seconds
-                text += f", compile {trainer.compile_seconds:.1f}s"
-            log.line(record)
-            stopping = stop_reason(args, epoch + 1, clock, rt)
-            if checkpoint_due(args, epoch + 1) or stopping:
-                save(epoch + 1, None)
-            clock.lap()
-            if rt.is_main:
-                print(f"epoch {epoch + 1}/{args.total_epoch}: {text}, {format_rate(metrics['images_per_s'])}"
-                      + clock.left(args.total_epoch - epoch - 1))
-            if stopping:
-                if rt.is_main:
-                    print(f"stopping after epoch {epoch + 1} {stopping}; resume with: {command}")
-                return False
-    return True

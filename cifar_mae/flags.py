@@ -9,7 +9,7 @@ import yaml
 
 from cifar_mae.errors import UserError
 from cifar_mae.timm_vit import TIMM_KWARGS, timm_sizes
-from model import DEFAULT_MODEL, MODELS
+from cifar_mae.sizes import DEFAULT_MODEL, MODELS
 
 
 def finite_float(text):
@@ -21,10 +21,8 @@ def finite_float(text):
 
 
 def path_arg(text):
-    """argparse type of every flag that names a file or folder. A leading ~ is the home folder: bash leaves
-    `--data_dir=~/data` and a quoted "~/data" as they are, which would make (or download CIFAR-10 into) a folder
-    named ~. An empty value is refused: from a job script's unset variable (`--eval_only "$CKPT"`) it would
-    otherwise read as no flag at all, and start a training run, or train from scratch."""
+    """argparse type of every flag that names a file or folder: a leading ~ is the home folder (bash leaves
+    `--data_dir=~/data` as it is), and an empty value (a script's unset variable) is refused, not read as no flag."""
     if not text:
         raise argparse.ArgumentTypeError("empty (an unset variable in a script?)")
     return os.path.expanduser(text)
@@ -139,6 +137,16 @@ def check_positive(args, *names):
             raise UserError(f"--{name} must be positive, got {getattr(args, name)}")
 
 
+def check_training_args(args, *positive):
+    """The checks every training job shares, and those of its own flags that must be positive."""
+    check_positive(args, "batch_size", "max_device_batch_size", "base_learning_rate", "total_epoch", "image_size",
+                   "patch_size", "emb_dim", "encoder_layer", "encoder_head", "log_interval", "save_every",
+                   "stop_after_epoch", "stop_after_minutes", *positive)
+    if not 0 < args.crop_scale[0] <= args.crop_scale[1] <= 1:
+        raise UserError(f"--crop_scale needs 0 < MIN <= MAX <= 1, got {args.crop_scale}")
+    check_schedule(args)
+
+
 def check_schedule(args):
     """A new run whose warmup outlasts it would never reach its peak learning rate nor decay; a kNN monitor
     (--knn_every) less often than the run is long would never run. Runs resumed keep what they started with."""
@@ -223,8 +231,6 @@ def add_augmentation_args(group, crop_scale):
 
 
 COMPILE_MODES = ["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
-
-CUDAGRAPH_MODES = ["reduce-overhead", "max-autotune"]  # the modes in which torch.compile adds CUDA graphs
 
 
 def add_runtime_args(parser):

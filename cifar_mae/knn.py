@@ -4,6 +4,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from cifar_mae.loaders import eval_batches
+from cifar_mae.runtime import evaluating
 
 
 @torch.no_grad()
@@ -53,12 +54,8 @@ def knn_accuracy(train_feats, train_labels, test_feats, test_labels, num_classes
 
 def knn_monitor(encoder, train_loader, test_loader, num_classes, rt, k=200, temperature=0.07):
     """kNN accuracy of the encoder's cls feature; no gradients, mode restored, no global RNG drawn."""
-    was_training = encoder.training
-    encoder.eval()
-    try:
-        forward = lambda x: encoder.forward_features(x)[:, 0]
+    forward = lambda x: encoder.forward_features(x)[:, 0]
+    with evaluating(encoder):
         train = extract_features(forward, train_loader, rt, "kNN: training-set features")
         test = extract_features(forward, test_loader, rt, "kNN: test-set features")
-        return knn_accuracy(*train, *test, num_classes, k=k, temperature=temperature)
-    finally:
-        encoder.train(was_training)
+    return knn_accuracy(*train, *test, num_classes, k=k, temperature=temperature)

@@ -10,9 +10,9 @@ from PIL import Image
 
 from cifar_mae.augment import crop_resize_flip, normalize, random_erase, sample_crop_boxes
 from cifar_mae.console import progress_bar
-from cifar_mae.engine import STOP_SIGNALS
 from cifar_mae.errors import UserError
 from cifar_mae.randaug import DeviceRandAugment, randaug_policy
+from cifar_mae.stopping import STOP_SIGNALS
 
 
 class BatchOrder:

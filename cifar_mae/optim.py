@@ -3,6 +3,7 @@ import functools
 import math
 
 import torch
+from timm.optim import param_groups_layer_decay, param_groups_weight_decay
 
 
 def lr_at(step, peak_lr, warmup_steps, total_steps, min_lr=0.0):
@@ -21,6 +22,15 @@ def set_lr(optimizer, lr):
     """Apply lr to every group, times the group's lr_scale (layer-wise decay) where it has one."""
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
+def param_groups(model, weight_decay, no_weight_decay=(), layer_decay=None):
+    """AdamW groups: weight decay on weight matrices only (none on biases, norms and the parameters named in
+    no_weight_decay); with layer_decay < 1, timm's layer-wise learning-rate scales (the model's group_matcher)."""
+    if layer_decay is not None and layer_decay < 1:
+        return param_groups_layer_decay(model, weight_decay, no_weight_decay_list=no_weight_decay,
+                                        layer_decay=layer_decay)
+    return param_groups_weight_decay(model, weight_decay, no_weight_decay_list=no_weight_decay)
 
 
 def make_optimizer(param_groups, lr, rt, betas=(0.9, 0.999)):

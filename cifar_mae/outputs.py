@@ -11,23 +11,33 @@ _held_locks = []  # released by cli_main when the command ends
 
 
 def check_writable(path, flag, is_dir=False):
-    """Fail before training, not after the first epoch, when an output path cannot be written.
+    """Fail before any work, not after the data is read, when an output path cannot be written.
 
-    Creates nothing: the nearest existing folder on the way must be a writable folder.
+    Folders missing on the way are made and taken away again, the only sure test (a file system such as /proc
+    refuses them to root as well); nothing is left behind.
     """
     target = os.path.realpath(path)  # where a symbolic link points: that folder is written (write_atomic)
     if not is_dir and os.path.isdir(target):
         raise UserError(f"{flag} {path} is a folder, not a file")
     if not is_dir and path.endswith(tuple(filter(None, (os.sep, os.altsep)))):  # realpath drops the slash
         raise UserError(f"{flag} {path} names a folder (it ends with {path[-1]}); give a file name")
-    folder = target if is_dir else os.path.dirname(target)
-    existing = folder
+    existing, missing = target if is_dir else os.path.dirname(target), []
     while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
+        existing, missing = os.path.dirname(existing), [existing] + missing
     if not os.path.isdir(existing):
         raise UserError(f"{flag} {path}: cannot write there, {existing} is a file, not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise UserError(f"{flag} {path}: cannot write to {existing} (permission denied)")
+    made = []
+    try:
+        for folder in missing:
+            os.mkdir(folder)
+            made.append(folder)
+    except OSError as e:
+        raise UserError(f"{flag} {path}: cannot create the folder {folder} ({e.strerror or e})") from None
+    finally:
+        for folder in reversed(made):
+            os.rmdir(folder)
 
 
 def check_new_file(path, flag, overwrite):
@@ -98,16 +108,16 @@ def release_output_locks():
 
 def claim_outputs(args, path, flag, restarting, resume_path, beside=()):
     """On the main process, before anything is written: the checkpoint `path` (with the files `beside` it, which
-    the run also writes) and args.log_dir can be written, no other running run writes them, and a new run does
-    not replace another run's; resume_path: the file that resumes it."""
+    the run also writes) and args.log_dir can be written, a new run does not replace another run's, and no other
+    running run writes them (then it is locked); resume_path: the file that resumes it."""
     check_writable(path, flag)
     check_writable(args.log_dir, "--log_dir", is_dir=True)
-    lock_output(path, flag)
     for output in (path, *beside):
         if os.path.isfile(output) and not args.resume and not args.overwrite:  # a folder: check_writable says so
             raise UserError(f"{flag} {output} already exists; pass --resume {shlex.quote(resume_path)} to continue "
                             "that run or --overwrite to start over")
     check_fresh_log_dir(args.log_dir, args, restarting)
+    lock_output(path, flag)  # last: a refused start leaves no lock file
 
 
 def check_fresh_log_dir(log_dir, args, restarting=False):

@@ -11,11 +11,11 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from cifar_mae import engine  # noqa: E402
+from cifar_mae import engine, stopping  # noqa: E402
 
 step_at, ready, script = int(sys.argv[1]), sys.argv[2], sys.argv[3]
 arrived = []
-handle, train_step = engine.StopRequest._handle, engine.Trainer.step
+handle, train_step = stopping.StopRequest._handle, engine.Trainer.step
 
 
 def recording_handle(self, signum, frame):
@@ -32,6 +32,6 @@ def waiting_step(self, images, labels, step):
     return train_step(self, images, labels, step)
 
 
-engine.StopRequest._handle, engine.Trainer.step = recording_handle, waiting_step
+stopping.StopRequest._handle, engine.Trainer.step = recording_handle, waiting_step
 sys.argv = [script, *sys.argv[4:]]
 runpy.run_path(script, run_name="__main__")

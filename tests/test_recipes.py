@@ -9,6 +9,7 @@ import torch
 
 import mae_pretrain
 import train_classifier
+from cifar_mae import lifecycle
 from cifar_mae.classification import ClassificationLoss, confusion_image, confusion_table, evaluate
 from cifar_mae.datasets import ImageData, spread_test_images
 from cifar_mae.loaders import DeviceLoader
@@ -59,15 +60,20 @@ def test_named_sizes_and_a_size_flag_that_overrides_one_value(tmp_path, monkeypa
     data = write_cifar_batches(str(tmp_path / "data"), per_batch=4, test=10)
     monkeypatch.chdir(tmp_path)
     seen = {}
-    monkeypatch.setattr(mae_pretrain, "fit", lambda args, rt, trainer, model, *a, **k: seen.update(model=model))
-    mae_pretrain.main(parse(mae_pretrain, "--data_dir", data, "--model", "vit_mini_patch4", "--encoder_layer", 1,
-                            "-bs", 16, "--total_epoch", 1, "--warmup_epoch", 0, "--device", "cpu"))
+
+    def first_epoch(trainer, model, *args, **kwargs):  # where the run has built everything: stop it there
+        seen.update(model=model)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(lifecycle.Trainer, "train_epoch", first_epoch)
+    with pytest.raises(SystemExit):  # cli_main: 130, as a Ctrl-C
+        mae_pretrain.main(parse(mae_pretrain, "--data_dir", data, "--model", "vit_mini_patch4", "--encoder_layer", 1,
+                                "-bs", 16, "--total_epoch", 1, "--warmup_epoch", 0, "--device", "cpu"))
     expected = dict(MODELS["vit_mini_patch4"], encoder_layer=1)
     assert {key: seen["model"].config[key] for key in expected} == expected
     assert os.listdir(tmp_path / "logs" / "cifar10") == ["vit-mini-patch4-mae"]  # names follow the model
-    default = parse(train_classifier)
-    train_classifier.default_output_path(default)
-    assert default.output_model_path == "vit-t-classifier-from_scratch.pth"  # the original's names for ViT-T/2
+    default = train_classifier.default_output_path(parse(train_classifier))
+    assert default == "vit-t-classifier-from_scratch.pth"  # the original's names for ViT-T/2
 
 
 def test_the_confusion_figure_has_counts_and_class_names(tmp_path):

@@ -12,6 +12,7 @@ from PIL import Image
 
 import mae_pretrain
 import train_classifier
+from cifar_mae import lifecycle
 from cifar_mae.timm_export import classifier_export, timm_vit_kwargs
 from cifar_mae.classification import ClassificationLoss
 from cifar_mae.datasets import load_data
@@ -263,16 +264,21 @@ def test_the_applied_learning_rates_scale_with_the_batch_and_warm_up_in_optimize
 
 # ---- each recipe flag changes what it should in the run it is given to
 
+class _Built(Exception):
+    """Raised where the run would restore its state and train: what it built is all a spy needs."""
+
+
 def spy_run(script, monkeypatch, argv):
-    """Run a script's main up to its training loop -> what the loop would have been given."""
+    """Run a script's main up to its training loop -> the model, trainer and loader it built."""
     seen = {}
 
-    def fit(args, rt, trainer, model, loader, log, **kwargs):
-        seen.update(args=args, trainer=trainer, model=model, loader=loader)
-        return False  # as a stop would: no closing report
+    def restore_training_state(ckpt, path, model, trainer, loader, rt, data):
+        seen.update(trainer=trainer, model=model, loader=loader)
+        raise _Built
 
-    monkeypatch.setattr(script, "fit", fit)
-    script.main(script.get_args_parser().parse_args(list(map(str, argv))))
+    monkeypatch.setattr(lifecycle, "restore_training_state", restore_training_state)
+    with pytest.raises(_Built):
+        script.main(script.get_args_parser().parse_args(list(map(str, argv))))
     return seen
 
 

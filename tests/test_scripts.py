@@ -26,7 +26,7 @@ from cifar_mae.classification import evaluate
 from cifar_mae.console import progress_bar
 from cifar_mae.datasets import holdout_split, load_data
 from cifar_mae.engine import Trainer, checkpoint_due
-from cifar_mae import engine
+from cifar_mae import engine, lifecycle
 from cifar_mae.flags import take_saved
 from cifar_mae.loaders import make_loader
 from cifar_mae.timm_export import classifier_export, encoder_export
@@ -223,7 +223,7 @@ def test_mae_eval_only_gives_the_knn_accuracy_of_training_and_the_test_loss(tmp_
     assert out["knn_acc"] == metrics(logs)[-1]["knn_acc"] and out["epoch"] == 2 and out["mask_ratio"] == 0.75
     # the loss of the 20 test images in one batch, masks drawn from seed 0
     ckpt = load(mae_path)
-    model = mae_pretrain.build_model(ckpt["model_config"])
+    model = mae_pretrain.build_mae(ckpt["model_config"])
     model.load_state_dict(ckpt["model"])
     model.eval()
     images = normalize(load_data(cifar_dir, 8).test_images)
@@ -475,7 +475,8 @@ def test_classifier_holds_pretrained_encoder_weights(tmp_path, cifar_dir):
     mae = load(mae_path)
     args = train_classifier.get_args_parser().parse_args(["--pretrained_model_path", str(mae_path)])
     take_saved(args, train_classifier.get_args_parser(), mae["model_config"], "mae", fixed=mae["model_config"])
-    model, config = train_classifier.build_model(args, None, mae, SimpleNamespace(classes=list("abcdefghij")))
+    task = train_classifier.Classification(args, None, (mae, None))
+    model, config = task.build_model(None, SimpleNamespace(classes=list("abcdefghij"))), task.config
     assert config["emb_dim"] == 16 and config["encoder_layer"] == 2
     state = model.state_dict()
     encoder = {k[len("encoder."):]: v for k, v in mae["model"].items() if k.startswith("encoder.")}
@@ -918,7 +919,7 @@ def test_a_class_folder_whose_name_is_not_utf8_trains_reports_and_evaluates(tmp_
 
 def test_without_sighup_the_other_stop_signals_still_save():
     """Windows has no signal.SIGHUP: importing the scripts must not die of an AttributeError."""
-    code = ("import signal; del signal.SIGHUP; from cifar_mae.engine import STOP_SIGNALS, StopRequest; "
+    code = ("import signal; del signal.SIGHUP; from cifar_mae.stopping import STOP_SIGNALS, StopRequest; "
             "stop = StopRequest().__enter__(); signal.raise_signal(signal.SIGTERM); "
             "print([signal.Signals(s).name for s in STOP_SIGNALS], signal.Signals(stop.signum).name)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
@@ -1165,6 +1166,29 @@ def test_bad_input_ends_with_one_clear_line(case, tmp_path, trained, capsys):
     assert lines and lines[-1].startswith("error: ") and fragment(trained) in lines[-1], lines
     assert all(path.read_bytes() == content for path, content in good.items())
     assert not (tmp_path / "new.pth").exists() and not (tmp_path / "new-cls.pth").exists()
+
+
+@pytest.mark.parametrize("script,flag", [("mae", "--log_dir"), ("mae", "--model_path"), ("cls", "--log_dir"),
+                                         ("cls", "--output_model_path"), ("cls", "--export_timm")])
+def test_an_output_that_cannot_be_created_is_refused_before_the_data_and_leaves_no_file(tmp_path, monkeypatch,
+                                                                                       capsys, script, flag):
+    """/proc/x: root may write almost anywhere, but no folder can be made in /proc."""
+    import mae_pretrain
+    import train_classifier
+    module = mae_pretrain if script == "mae" else train_classifier
+    checkpoint = "--model_path" if script == "mae" else "--output_model_path"
+    outputs = {"--log_dir": tmp_path / "logs", checkpoint: tmp_path / "out.pth"}
+    outputs[flag] = "/proc/x/out" if flag == "--log_dir" else "/proc/x/out.pth"
+    argv = [*(TINY_MAE if script == "mae" else TINY_MODEL), "--device", "cpu",
+            *(part for item in outputs.items() for part in item)]
+    monkeypatch.setattr(lifecycle, "load_data", lambda *a, **k: pytest.fail("the data was read"))
+    with pytest.raises(SystemExit) as exit_info:
+        module.main(module.get_args_parser().parse_args(list(map(str, argv))))
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(lines) == 1
+    assert lines[0].startswith(f"error: {flag} /proc/x/out") and "cannot create the folder /proc/x" in lines[0]
+    assert os.listdir(tmp_path) == []  # no checkpoint, log or lock file
+    assert not os.path.exists("/proc/x")
 
 
 def test_legacy_whole_model_pickle_is_refused_then_converted(tmp_path, trained):
@@ -1425,7 +1449,7 @@ def test_a_resume_from_an_older_checkpoint_drops_the_later_epochs_from_both_logs
             raise RuntimeError("simulated crash")
         return due(args, epoch)
 
-    monkeypatch.setattr(engine, "checkpoint_due", crash_after_epoch_3)
+    monkeypatch.setattr(lifecycle, "checkpoint_due", crash_after_epoch_3)
     with pytest.raises(RuntimeError, match="simulated crash"):
         pretrain(tmp_path, cifar_dir, "--total_epoch", 4, "--save_every", 2, capsys=capsys)
     monkeypatch.undo()
@@ -1447,7 +1471,7 @@ def test_save_every_writes_fewer_checkpoints(tmp_path, cifar_dir, monkeypatch):
     import mae_pretrain
     written = []
     save = save_atomic
-    monkeypatch.setattr(mae_pretrain, "save_atomic",
+    monkeypatch.setattr(lifecycle, "save_atomic",
                         lambda obj, path: (written.append(obj.get("epoch")), save(obj, path)))
     args = mae_pretrain.get_args_parser().parse_args([str(a) for a in (
         "--data_dir", cifar_dir, *TINY_MAE, "-bs", 16, "--total_epoch", 5, "--warmup_epoch", 1, "--save_every", 2,

@@ -87,7 +87,8 @@ def test_a_plain_timm_state_dict_fine_tunes_resampled_to_the_model(tmp_path, cif
     args = train_classifier.get_args_parser().parse_args(list(map(str, flags)))
     pretrained, _ = read_pretrained(args, train_classifier.get_args_parser())
     resolve_model(args)
-    model, config = train_classifier.build_model(args, None, pretrained, SimpleNamespace(classes="abcdefghij"))
+    task = train_classifier.Classification(args, None, (pretrained, None))
+    model, config = task.build_model(None, SimpleNamespace(classes="abcdefghij")), task.config
     state, timm_state = model.state_dict(), vit.state_dict()
     assert config["timm_model"] == "vit_tiny_patch16_224" and state["head.weight"].shape == (10, 16)
     for key in timm_state:

@@ -22,14 +22,16 @@ from cifar_mae.classification import ClassificationLoss, ema_note, per_class_tab
 from cifar_mae.checkpoint import FORMAT, restore_training_state, rng_state, set_rng_state, training_state
 from cifar_mae.console import format_duration, resume_command, script_command
 from cifar_mae.datasets import ImageData, _download_cifar, data_info, dataset_name, default_log_dir, load_data
-from cifar_mae.engine import EpochClock, EpochState, STOP_SIGNALS, StopRequest, Trainer, stop_reason
-from cifar_mae.errors import NonFiniteLoss, UserError, cli_main
+from cifar_mae.engine import EpochClock, EpochState, Trainer, stop_reason
+from cifar_mae.stopping import STOP_SIGNALS, StopRequest
+from cifar_mae.cli import cli_main
+from cifar_mae.errors import NonFiniteLoss, UserError
 from cifar_mae.flags import ArgumentParser, path_arg, plain_args
 from cifar_mae.image_folders import decode_cache_paths, decode_folder
 from cifar_mae.knn import knn_accuracy, knn_monitor
 from cifar_mae.loaders import ArrayDataset, BatchOrder, DeviceLoader, TorchLoader
 from cifar_mae.metrics import MetricsLog, read_json_lines
-from cifar_mae.optim import lr_at, make_optimizer, set_lr
+from cifar_mae.optim import lr_at, make_optimizer, param_groups, set_lr
 from cifar_mae.outputs import check_export_path
 from cifar_mae.pretrained import pretraining_note
 from cifar_mae.timm_export import classifier_export, encoder_export
@@ -138,8 +140,7 @@ def test_lr_schedule_points():
 def test_layer_decay_gives_expected_effective_learning_rates():
     model = tiny_classifier()  # 2 blocks: layer 0 = embeddings, 1-2 = blocks (timm puts the final norm with the
     # last block), 3 = head
-    args = argparse.Namespace(layer_decay=0.5, weight_decay=0.05)
-    optimizer = make_optimizer(train_classifier.make_param_groups(model, args), 1.0, CPU)
+    optimizer = make_optimizer(param_groups(model, 0.05, train_classifier.NO_WEIGHT_DECAY, layer_decay=0.5), 1.0, CPU)
     set_lr(optimizer, 0.1)
     lr_of = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
     wd_of = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
@@ -160,7 +161,7 @@ def test_layer_decay_gives_expected_effective_learning_rates():
 
 def test_pretraining_param_groups_skip_tokens_and_norms():
     model = MAE_ViT(**TINY)
-    groups = mae_pretrain.make_param_groups(model, 0.05)
+    groups = param_groups(model, 0.05, mae_pretrain.NO_WEIGHT_DECAY)
     decayed = {id(p) for g in groups if g["weight_decay"] for p in g["params"]}
     for name, param in model.named_parameters():
         assert (id(param) in decayed) == (param.ndim >= 2 and "token" not in name and "pos_embed" not in name), name
@@ -1025,15 +1026,10 @@ def test_timm_export_gives_same_logits(global_pool, linear_probe):
 
 def test_default_output_and_log_paths_follow_the_checkpoint_and_the_dataset(tmp_path):
     parse = lambda *argv: train_classifier.get_args_parser().parse_args(list(argv))
-    args = parse("--pretrained_model_path", "vit-t-mae.pth")
-    train_classifier.default_output_path(args)
-    assert args.output_model_path == "vit-t-classifier-from_pretrained.pth"
-    args = parse()
-    train_classifier.default_output_path(args)
-    assert args.output_model_path == "vit-t-classifier-from_scratch.pth"
-    args = parse("--pretrained_model_path", "m.pth", "--output_model_path", "x.pth")
-    train_classifier.default_output_path(args)
-    assert args.output_model_path == "x.pth"
+    named = lambda *argv: train_classifier.default_output_path(parse(*argv))
+    assert named("--pretrained_model_path", "vit-t-mae.pth") == "vit-t-classifier-from_pretrained.pth"
+    assert named() == "vit-t-classifier-from_scratch.pth"
+    assert named("--pretrained_model_path", "m.pth", "--output_model_path", "x.pth") == "x.pth"
     # the data's name as load_data would find it: CIFAR-10 (also when it is still to be downloaded), CIFAR-100,
     # or the ImageFolder tree's own folder name
     write_cifar_batches(str(tmp_path / "c10"), per_batch=1, test=1)

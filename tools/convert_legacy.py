@@ -20,8 +20,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from model import check_config  # noqa: E402
 from cifar_mae.atomic import save_atomic  # noqa: E402
-from cifar_mae.checkpoint import checkpoint  # noqa: E402
-from cifar_mae.errors import UserError, cli_main  # noqa: E402
+from cifar_mae.checkpoint import make_checkpoint  # noqa: E402
+from cifar_mae.cli import cli_main
+from cifar_mae.errors import UserError  # noqa: E402
 from cifar_mae.flags import ArgumentParser, path_arg  # noqa: E402
 from cifar_mae.outputs import check_new_file  # noqa: E402
 
@@ -145,7 +146,7 @@ def main(args):
                      {part: config[f"{part}_head"] for part in parts})
     except ValueError as e:
         raise UserError(f"{e} (--encoder_head / --decoder_head)") from None
-    save_atomic(checkpoint(kind, state, config, 0, converted_from=os.path.basename(args.source)), args.destination)
+    save_atomic(make_checkpoint(kind, state, config, 0, converted_from=os.path.basename(args.source)), args.destination)
     heads_line = ", ".join(f"{config[f'{part}_head']} {part} heads" for part in parts)
     print(f"wrote {args.destination} ({kind} checkpoint, {heads_line}); it loads with weights_only=True")
     if guessed:

@@ -20,7 +20,8 @@ from cifar_mae.atomic import write_atomic  # noqa: E402
 from cifar_mae.augment import denormalize, normalize  # noqa: E402
 from cifar_mae.checkpoint import load_checkpoint  # noqa: E402
 from cifar_mae.datasets import load_data, spread_test_images  # noqa: E402
-from cifar_mae.errors import UserError, cli_main  # noqa: E402
+from cifar_mae.cli import cli_main
+from cifar_mae.errors import UserError  # noqa: E402
 from cifar_mae.flags import ArgumentParser, check_positive, path_arg  # noqa: E402
 from cifar_mae.image_folders import read_image  # noqa: E402
 from cifar_mae.outputs import check_writable, data_dir_from  # noqa: E402
