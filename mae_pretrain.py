@@ -15,15 +15,15 @@ from cifar_mae.cli import cli_main
 from cifar_mae.console import script_command
 from cifar_mae.datasets import spread_test_images
 from cifar_mae.errors import UserError
-from cifar_mae.flags import ArgumentParser, DATA_DIR_HELP, add_augmentation_args, add_config_arg, add_encoder_args, \
-    add_runtime_args, check_training_args, path_arg, timm_name
+from cifar_mae.flags import ArgumentParser, add_augmentation_args, add_config_arg, add_encoder_args, add_runtime_args, \
+    add_training_args, check_training_args, path_arg
 from cifar_mae.knn import knn_monitor
 from cifar_mae.lifecycle import Task, run
-from cifar_mae.loaders import make_loader
+from cifar_mae.loaders import make_loader, unaugmented_loaders
 from cifar_mae.optim import param_groups, peak_lr
 from cifar_mae.outputs import claim_outputs
+from cifar_mae.model_config import MAEConfig, output_stem
 from cifar_mae.reconstruction import mae_loss, reconstruction_grid, reconstruction_loss
-from cifar_mae.sizes import output_stem
 from cifar_mae.timm_export import encoder_export, write_timm_state
 from model import MAE_ViT
 
@@ -34,23 +34,12 @@ NO_WEIGHT_DECAY = {"encoder.cls_token", "encoder.pos_embed", "decoder.mask_token
 def get_args_parser():
     parser = ArgumentParser("MAE pretraining")
     add_config_arg(parser)
-    parser.add_argument("--seed", type=int, default=42, help="seeds every RNG (process k of a run takes seed + k)")
-    parser.add_argument("-bs", "--batch_size", type=int, default=4096, help="images per optimizer step (global)")
-    parser.add_argument("--max_device_batch_size", type=int, default=None,
-                        help="micro-batch per forward/backward; gradients are averaged over micro-batches, so this "
-                             f"changes memory use, not the objective (default: the largest divisor of the batch per "
-                             f"process up to {GPU_MICRO_BATCH} on a GPU, 64 on the CPU)")
-    parser.add_argument("--base_learning_rate", type=float, default=1.5e-4, help="lr = base * batch_size / 256")
-    parser.add_argument("--weight_decay", type=float, default=0.05, help="AdamW weight decay (weight matrices only)")
+    add_training_args(parser, seed=42, batch_size=4096, base_learning_rate=1.5e-4, weight_decay=0.05, total_epoch=2000,
+                      warmup_epoch=200, gpu_micro_batch=GPU_MICRO_BATCH, checkpoint_flag="--model_path")
     parser.add_argument("--mask_ratio", type=float, default=0.75, help="fraction of patches hidden from the encoder")
-    parser.add_argument("--total_epoch", type=int, default=2000, help="epochs; the cosine schedule ends with the last")
-    parser.add_argument("--warmup_epoch", type=int, default=200, help="epochs of linear lr warmup")
     parser.add_argument("--model_path", type=path_arg, default=None,
                         help="checkpoint written after every epoch (default: vit-t-mae.pth for the default model, "
                              "else MODEL-mae.pth)")
-    parser.add_argument("--data_dir", type=path_arg, default=None, help=DATA_DIR_HELP)
-    parser.add_argument("--log_dir", type=path_arg, default=None,
-                        help="TensorBoard events and metrics.jsonl (default: logs/<dataset>/<--model_path's name>)")
     model = add_encoder_args(parser.add_argument_group("model"))
     model.add_argument("--decoder_layer", type=int, default=None, help="decoder blocks")
     model.add_argument("--decoder_head", type=int, default=None, help="decoder attention heads")
@@ -77,6 +66,8 @@ def get_args_parser():
 
 
 def check_args(args):
+    if args.export_timm and not args.eval_only:
+        raise UserError("--export_timm writes a saved MAE's encoder: give the checkpoint with --eval_only")
     check_training_args(args, "decoder_layer", "decoder_head", "decoder_emb_dim", "knn_k", "knn_t", "image_every")
     if args.weight_decay < 0 or args.warmup_epoch < 0 or args.knn_every < 0 or args.num_workers < 0:
         raise UserError("--weight_decay, --warmup_epoch, --knn_every and --num_workers must not be negative")
@@ -93,23 +84,13 @@ def build_mae(config):
 
 
 def mae_config(args):
-    return dict(image_size=args.image_size, patch_size=args.patch_size, emb_dim=args.emb_dim,
-                encoder_layer=args.encoder_layer, encoder_head=args.encoder_head, decoder_layer=args.decoder_layer,
-                decoder_head=args.decoder_head, mask_ratio=args.mask_ratio, in_chans=3,
-                decoder_emb_dim=args.decoder_emb_dim or args.emb_dim, pos_embed=args.pos_embed,
-                norm_pix_loss=args.norm_pix_loss, timm_model=timm_name(args))
+    return MAEConfig.from_settings(args, decoder_emb_dim=args.decoder_emb_dim or args.emb_dim)
 
 
 def image_due(args, epoch):
     """Whether the reconstruction image is logged after `epoch` epochs (1-based): every --image_every, and the last."""
     every = args.image_every or max(1, args.total_epoch // 100)
     return epoch % every == 0 or epoch == args.total_epoch
-
-
-def plain_loaders(args, rt, data):
-    """The training and test sets without augmentation, for the kNN monitor and evaluation."""
-    return [make_loader(args, rt, x, y, 1024, train=False)
-            for x, y in ((data.train_images, data.train_labels), (data.test_images, data.test_labels))]
 
 
 def knn(args, model, loaders, data, rt):
@@ -120,6 +101,7 @@ def knn(args, model, loaders, data, rt):
 class Pretraining(Task):
     """MAE pretraining: the masked-patch loss; after an epoch the kNN monitor and the reconstruction figure."""
     kind, script, gpu_micro_batch = "mae_pretrain", __file__, GPU_MICRO_BATCH
+    check_args = check_eval_args = staticmethod(check_args)
 
     def __init__(self, args, ckpt, defaults):
         super().__init__(args, ckpt, defaults)
@@ -128,12 +110,6 @@ class Pretraining(Task):
     @classmethod
     def default_checkpoint(cls, args):
         return args.model_path or f"{output_stem(args.model)}-mae.pth"
-
-    @classmethod
-    def check_args(cls, args):
-        if args.export_timm:
-            raise UserError("--export_timm writes a saved MAE's encoder: give the checkpoint with --eval_only")
-        check_args(args)
 
     @classmethod
     def name_outputs(cls, args):
@@ -163,7 +139,7 @@ class Pretraining(Task):
     def start(self, rt, data, model, trainer, log, steps, micro_batch):
         args, self.rt, self.data, self.model, self.log = self.args, rt, data, model, log
         self.val_images = normalize(spread_test_images(data)).to(rt.device)
-        self.knn_loaders = plain_loaders(args, rt, data) if args.knn_every else None
+        self.knn_loaders = unaugmented_loaders(args, rt, data) if args.knn_every else None
         if rt.is_main:
             print(f"pretraining {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters on {rt.device} "
                   f"({rt.world_size} process(es)), {steps} steps/epoch, micro-batch {micro_batch}, peak lr "
@@ -191,10 +167,6 @@ class Pretraining(Task):
 
     # ---- --eval_only
     @classmethod
-    def check_eval_args(cls, args):
-        check_args(args)
-
-    @classmethod
     def saved_model(cls, ckpt, rt):
         model = build_mae(ckpt["model_config"])
         model.load_state_dict(ckpt["model"])
@@ -203,7 +175,7 @@ class Pretraining(Task):
     @classmethod
     def report_saved(cls, args, rt, ckpt, model, data):
         """kNN accuracy (with labels) and the test set's reconstruction loss at --mask_ratio."""
-        loaders = plain_loaders(args, rt, data)
+        loaders = unaugmented_loaders(args, rt, data)
         result = {"epoch": ckpt["epoch"], "mask_ratio": args.mask_ratio,
                   "test_loss": reconstruction_loss(model, loaders[1], rt, args.mask_ratio),
                   "knn_acc": knn(args, model, loaders, data, rt) if data.classes else None}

@@ -4,6 +4,7 @@ Shapes use B = batch, C = channels, H = W = image_size, p = patch_size,
 T = (H / p) ** 2 patches, V = visible patches, D = encoder width, Dd = decoder width.
 Patches are flattened channel-major, (c p1 p2), as in the repository this project descends from.
 """
+from dataclasses import asdict
 from functools import partial
 
 import torch
@@ -13,7 +14,7 @@ from timm.layers import PatchEmbed, trunc_normal_
 from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
 from timm.models.vision_transformer import Block
 
-from cifar_mae.sizes import DEFAULT_MODEL, MODELS, output_stem  # noqa: F401 (MODELS and output_stem: for users)
+from cifar_mae.model_config import DEFAULT_MODEL, MODELS, ClassifierConfig, MAEConfig  # noqa: F401 (MODELS: as before)
 from cifar_mae.timm_vit import TIMM_KWARGS, timm_sizes, timm_vit
 
 LayerNorm = partial(nn.LayerNorm, eps=1e-6)  # the eps of timm's VisionTransformer, so exports match exactly
@@ -74,9 +75,9 @@ def init_weights(module):
 
 
 def make_blocks(dim, heads, depth, drop_path=0.0):
-    """`depth` timm Blocks with stochastic depth rising linearly to `drop_path`."""
+    """`depth` timm Blocks, applied in turn, with stochastic depth rising linearly to `drop_path`."""
     rates = torch.linspace(0, drop_path, depth).tolist() if depth else []
-    return nn.ModuleList([
+    return nn.Sequential(*[
         Block(dim=dim, num_heads=heads, mlp_ratio=4.0, qkv_bias=True, drop_path=rate, norm_layer=LayerNorm)
         for rate in rates])
 
@@ -165,15 +166,13 @@ class MAE_Encoder(nn.Module):
         """imgs: (B, C, H, W) -> features (B, 1 + V, D), ids_restore (B, T)."""
         visible, _, ids_restore = self.shuffle(self.embed(imgs), mask_ratio)
         x = pre_norm(self.norm_pre, self.prepend_cls(visible))
-        for block in self.blocks:
-            x = block(x)
+        x = self.blocks(x)
         return self.norm(x), ids_restore
 
     def forward_features(self, imgs):
         """imgs: (B, C, H, W) -> normalised features of all patches (B, 1 + T, D); no masking."""
         x = pre_norm(self.norm_pre, self.prepend_cls(self.embed(imgs)))
-        for block in self.blocks:
-            x = block(x)
+        x = self.blocks(x)
         return self.norm(x)
 
 
@@ -203,8 +202,7 @@ class MAE_Decoder(nn.Module):
         shuffled = torch.cat([x[:, 1:], mask_tokens], dim=1)  # (B, T, Dd) in shuffled order
         patches = shuffled.gather(1, ids_restore[..., None].expand(-1, -1, x.shape[2]))
         x = torch.cat([x[:, :1], patches], dim=1) + self.pos_embed.to(x.dtype)
-        for block in self.blocks:
-            x = block(x)
+        x = self.blocks(x)
         return self.head(self.norm(x)[:, 1:])
 
 
@@ -230,12 +228,11 @@ class MAE_ViT(nn.Module):
         if num_visible_patches(num_patches, mask_ratio) == num_patches:  # loss() would divide 0 by 0
             raise ValueError(f"mask_ratio {mask_ratio} masks no patch out of {num_patches}, and the MAE loss is "
                              "taken over masked patches only")
-        # everything needed to rebuild this model, saved in every checkpoint
-        self.config = dict(image_size=image_size, patch_size=patch_size, emb_dim=emb_dim,
-                           encoder_layer=encoder_layer, encoder_head=encoder_head, decoder_layer=decoder_layer,
-                           decoder_head=decoder_head, mask_ratio=mask_ratio, in_chans=in_chans,
-                           decoder_emb_dim=decoder_emb_dim, pos_embed=pos_embed, norm_pix_loss=norm_pix_loss,
-                           timm_model=timm_model)
+        self.config = asdict(MAEConfig(  # everything needed to rebuild this model, saved in every checkpoint
+            image_size=image_size, patch_size=patch_size, emb_dim=emb_dim, encoder_layer=encoder_layer,
+            encoder_head=encoder_head, in_chans=in_chans, pos_embed=pos_embed, timm_model=timm_model,
+            decoder_layer=decoder_layer, decoder_head=decoder_head, decoder_emb_dim=decoder_emb_dim,
+            mask_ratio=mask_ratio, norm_pix_loss=norm_pix_loss))
         self.patch_size, self.in_chans, self.norm_pix_loss = patch_size, in_chans, norm_pix_loss
         self.encoder = MAE_Encoder(image_size, patch_size, emb_dim, encoder_layer, encoder_head, mask_ratio,
                                    in_chans=in_chans, pos_embed=pos_embed, timm_model=timm_model)
@@ -329,8 +326,7 @@ class ViT_Classifier(nn.Module):
         """imgs: (B, C, H, W) -> pooled features (B, D)."""
         x = prepend_cls(self.cls_token, self.pos_embed, embed(self.patch_embed, self.pos_embed, imgs))
         x = pre_norm(self.norm_pre, x)
-        for block in self.blocks:
-            x = block(x)
+        x = self.blocks(x)
         if self.global_pool:
             return self.fc_norm(x[:, 1:].mean(dim=1))
         return self.norm(x[:, 0])  # layer norm is per token: normalising the cls token alone is the same
@@ -341,9 +337,8 @@ class ViT_Classifier(nn.Module):
 
 
 def build_classifier(config, drop_path=0.0):
-    """A ViT_Classifier from a plain config dict, as checkpoints save it."""
-    encoder = MAE_Encoder(config["image_size"], config["patch_size"], config["emb_dim"], config["encoder_layer"],
-                          config["encoder_head"], mask_ratio=0.0, in_chans=config["in_chans"],
-                          pos_embed=config["pos_embed"], drop_path=drop_path, timm_model=config.get("timm_model"))
-    return ViT_Classifier(encoder, config["num_classes"], global_pool=config["global_pool"],
-                          linear_probe=config["linear_probe"])
+    """A ViT_Classifier from a plain config dict (ClassifierConfig's fields), as checkpoints save it."""
+    c = ClassifierConfig.of(config)
+    encoder = MAE_Encoder(c.image_size, c.patch_size, c.emb_dim, c.encoder_layer, c.encoder_head, mask_ratio=0.0,
+                          in_chans=c.in_chans, pos_embed=c.pos_embed, drop_path=drop_path, timm_model=c.timm_model)
+    return ViT_Classifier(encoder, c.num_classes, global_pool=c.global_pool, linear_probe=c.linear_probe)

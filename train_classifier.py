@@ -5,26 +5,24 @@
     python train_classifier.py --eval_only vit-t-classifier.pth           # top-1, top-5, per-class table
 """
 import os
-import sys
 
 from timm.utils import ModelEmaV3
 
 from cifar_mae.atomic import save_atomic
 from cifar_mae.checkpoint import last_checkpoint_path, make_checkpoint
-from cifar_mae.classification import ClassificationLoss, check_classes, ema_note, evaluate, final_report, \
-    per_class_table, selection_split
+from cifar_mae.classification import ClassificationLoss, check_classes, evaluate, final_report, \
+    report_saved_classifier, selection_split, start_note
 from cifar_mae.cli import cli_main
 from cifar_mae.errors import UserError
-from cifar_mae.flags import ArgumentParser, DATA_DIR_HELP, add_augmentation_args, add_config_arg, add_encoder_args, \
-    add_runtime_args, check_training_args, path_arg, plain_args, timm_name
+from cifar_mae.flags import ArgumentParser, add_augmentation_args, add_config_arg, add_encoder_args, add_runtime_args, \
+    add_training_args, check_training_args, path_arg, plain_args
 from cifar_mae.lifecycle import Task, run
 from cifar_mae.loaders import make_loader
-from cifar_mae.optim import param_groups, peak_lr
+from cifar_mae.optim import param_groups
 from cifar_mae.outputs import check_export_path, claim_outputs
-from cifar_mae.pretrained import load_encoder, pretraining_note, read_pretrained
+from cifar_mae.pretrained import load_encoder, read_pretrained
+from cifar_mae.model_config import ClassifierConfig, output_stem
 from cifar_mae.randaug import DeviceRandAugment, randaug_policy
-from cifar_mae.sizes import output_stem
-from cifar_mae.timm_export import classifier_export, write_timm_state
 from model import build_classifier, check_config
 
 GPU_MICRO_BATCH = 256  # the micro-batch ceiling on a GPU when --max_device_batch_size is not given
@@ -34,16 +32,9 @@ NO_WEIGHT_DECAY = {"cls_token", "pos_embed"}
 def get_args_parser():
     parser = ArgumentParser("ViT classifier")
     add_config_arg(parser)
-    parser.add_argument("--seed", type=int, default=2022, help="seeds every RNG (process k of a run takes seed + k)")
-    parser.add_argument("-bs", "--batch_size", type=int, default=128, help="images per optimizer step (global)")
-    parser.add_argument("--max_device_batch_size", type=int, default=None,
-                        help="micro-batch per forward/backward (default: the largest divisor of the batch per "
-                             f"process up to {GPU_MICRO_BATCH} on a GPU, 64 on the CPU)")
-    parser.add_argument("--base_learning_rate", type=float, default=1e-3, help="lr = base * batch_size / 256")
-    parser.add_argument("--weight_decay", type=float, default=0.05,
-                        help="AdamW weight decay (none on biases, norms, cls token, position embeddings)")
-    parser.add_argument("--total_epoch", type=int, default=100, help="epochs; the cosine schedule ends with the last")
-    parser.add_argument("--warmup_epoch", type=int, default=5, help="epochs of linear lr warmup")
+    add_training_args(parser, seed=2022, batch_size=128, base_learning_rate=1e-3, weight_decay=0.05, total_epoch=100,
+                      warmup_epoch=5, gpu_micro_batch=GPU_MICRO_BATCH, checkpoint_flag="--output_model_path",
+                      weight_decay_help="none on biases, norms, cls token, position embeddings")
     parser.add_argument("--pretrained_model_path", type=path_arg, default=None,
                         help="MAE checkpoint whose encoder to fine-tune, or a timm VisionTransformer state_dict "
                              "that fits --model (resampled to its image and patch size); none: train from scratch")
@@ -51,11 +42,6 @@ def get_args_parser():
                         help="best-accuracy weights; the full training state goes to NAME-last.pth beside it "
                              "(default: vit-t-classifier-from_pretrained.pth or vit-t-classifier-from_scratch.pth for "
                              "the default model, else MODEL-classifier-...)")
-    parser.add_argument("--data_dir", type=path_arg, default=None,
-                        help=DATA_DIR_HELP)
-    parser.add_argument("--log_dir", type=path_arg, default=None,
-                        help="TensorBoard events and metrics.jsonl (default: logs/<dataset>/<--output_model_path's "
-                             "name>)")
     parser.add_argument("--val_size", type=int, default=0,
                         help="hold out this many training images (a fixed random subset) and pick the best epoch on "
                              "them instead of on the test set, which is then only used for the final report")
@@ -126,23 +112,32 @@ def new_classifier(config, drop_path=0.0):
         raise UserError(str(e)) from None
 
 
-def classifier_config(args, num_classes):
-    return dict(image_size=args.image_size, patch_size=args.patch_size, emb_dim=args.emb_dim,
-                encoder_layer=args.encoder_layer, encoder_head=args.encoder_head, in_chans=3,
-                pos_embed=args.pos_embed, num_classes=num_classes, global_pool=args.global_pool,
-                linear_probe=args.linear_probe, timm_model=timm_name(args))
-
-
 def default_output_path(args):
     """Where a run writes its weights when not told: a name that says whether the encoder started pretrained."""
     return args.output_model_path or \
         f"{output_stem(args.model)}-classifier-from_{'pretrained' if args.pretrained_model_path else 'scratch'}.pth"
 
 
+def saved_classifier(ckpt, rt):
+    """The classifier a checkpoint holds, with the weights its run evaluates: a NAME-last.pth training state's
+    EMA when it kept one."""
+    model = build_classifier(ckpt["model_config"])
+    weights = ckpt["model"]
+    if "optimizer" in ckpt:
+        ema = ckpt.get("ema") is not None
+        weights = ckpt["ema"] if ema else weights
+        if rt.is_main:
+            print(f"note: this is a training state; evaluating its {'EMA' if ema else 'live'} weights after "
+                  f"epoch {ckpt['epoch']} (the best epoch's are in the file without -last)")
+    model.load_state_dict(weights)
+    return model
+
+
 class Classification(Task):
     """A classifier: cross-entropy with mixup/cutmix; after an epoch the evaluation that picks the best weights
     (the EMA's with --ema), which go to --output_model_path; the full state to NAME-last.pth beside it."""
     kind, script, labels_for = "classifier", __file__, "a classifier"
+    check_args = staticmethod(check_args)
     gpu_micro_batch = GPU_MICRO_BATCH
 
     def __init__(self, args, ckpt, defaults):
@@ -163,10 +158,6 @@ class Classification(Task):
         return read_pretrained(args, parser)
 
     @classmethod
-    def check_args(cls, args):
-        check_args(args)
-
-    @classmethod
     def name_outputs(cls, args):
         args.output_model_path = default_output_path(args)
         return args.output_model_path
@@ -184,7 +175,7 @@ class Classification(Task):
             check_classes(self.ckpt, data, f"--resume {args.resume}")
             self.config = self.ckpt["model_config"]
             return new_classifier(self.config, args.drop_path)
-        self.config = classifier_config(args, len(data.classes))
+        self.config = ClassifierConfig.from_settings(args, num_classes=len(data.classes))
         model = new_classifier(self.config, args.drop_path)
         if self.pretrained is not None:
             load_encoder(model, self.pretrained, f"--pretrained_model_path {args.pretrained_model_path}")
@@ -210,24 +201,11 @@ class Classification(Task):
         return dict(clip_grad=self.args.clip_grad, ema=ema, num_extra=1), (0.9, 0.999)
 
     def start(self, rt, data, model, trainer, log, steps, micro_batch):
-        args, self.rt, self.model, self.log = self.args, rt, model, log
-        self.eval_model = trainer.ema.module if args.ema else model  # the weights evaluated and saved
-        if not rt.is_main:
-            return
-        mode = "fine-tuning" if args.pretrained_model_path else "scratch"
-        if args.linear_probe:  # a probe of random features is a baseline, or a forgotten --pretrained_model_path
-            mode = "linear probe" + ("" if args.pretrained_model_path else
-                                     " of a randomly initialised encoder: no --pretrained_model_path")
-        if self.pretrained_note:
-            print(self.pretrained_note, file=sys.stderr)
-        print(f"training a classifier ({mode}), {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters "
-              f"on {rt.device} ({rt.world_size} process(es)), {steps} steps/epoch, micro-batch {micro_batch}, peak "
-              f"lr {peak_lr(args):.2e}, {rt.describe()}; the best epoch is picked on {self.selected_on}")
-        if self.pretrained is not None:
-            print(pretraining_note(args.pretrained_model_path, self.pretrained))
-        note = ema_note(args.ema_decay, args.total_epoch * steps) if args.ema else None
-        if note:
-            print(note)
+        self.rt, self.model, self.log = rt, model, log
+        self.eval_model = trainer.ema.module if self.args.ema else model  # the weights evaluated and saved
+        if rt.is_main:
+            start_note(self.args, rt, model, steps, micro_batch, self.selected_on, self.pretrained,
+                       self.pretrained_note)
 
     def after_epoch(self, epoch, train):
         args, best = self.args, self.best
@@ -266,34 +244,12 @@ class Classification(Task):
             return {"best_acc": self.best["acc"]}
         if self.rt.is_main and not os.path.isfile(self.args.output_model_path):  # gone since an earlier start
             self.save_best()
-        return final_report(self.args, self.rt, self.log, self.eval_model, dict(self.best, selected_on=self.selected_on),
-                            self.last_acc, self.test_loader, self.data, self.config)
+        return final_report(self.args, self.rt, self.log, self.eval_model,
+                            dict(self.best, selected_on=self.selected_on), self.last_acc, self.test_loader, self.data,
+                            self.config)
 
     # ---- --eval_only
-    @classmethod
-    def saved_model(cls, ckpt, rt):
-        model = build_classifier(ckpt["model_config"])
-        weights = ckpt["model"]
-        if "optimizer" in ckpt:  # a NAME-last.pth training state: the weights its run evaluates (EMA when on)
-            ema = ckpt.get("ema") is not None
-            weights = ckpt["ema"] if ema else weights
-            if rt.is_main:
-                print(f"note: this is a training state; evaluating its {'EMA' if ema else 'live'} weights after "
-                      f"epoch {ckpt['epoch']} (the best epoch's are in the file without -last)")
-        model.load_state_dict(weights)
-        return model
-
-    @classmethod
-    def report_saved(cls, args, rt, ckpt, model, data):
-        """Top-1, top-5 and the per-class table on the test set."""
-        check_classes(ckpt, data, f"--eval_only {args.eval_only}")
-        loader = make_loader(args, rt, data.test_images, data.test_labels, 1024, train=False)
-        result = evaluate(model, loader, rt, ckpt["model_config"]["num_classes"], args.tta)
-        if rt.is_main:
-            print(per_class_table(result, data.classes))
-            if args.export_timm:
-                write_timm_state(*classifier_export(model, ckpt["model_config"]), args.export_timm)
-        return result
+    saved_model, report_saved = staticmethod(saved_classifier), staticmethod(report_saved_classifier)
 
 
 @cli_main

@@ -12,16 +12,14 @@ variant that would start past --time_limit seconds is skipped with a note, so th
 import argparse
 import json
 import os
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks import throughput  # noqa: E402
+from benchmarks import throughput
 from cifar_mae.cli import cli_main
-from cifar_mae.errors import UserError  # noqa: E402
-from cifar_mae.flags import ArgumentParser, path_arg  # noqa: E402
+from cifar_mae.errors import UserError
+from cifar_mae.flags import ArgumentParser, path_arg
 
 SMALL_DECODER = ["--model", "decoder_layer=2", "decoder_emb_dim=128", "decoder_head=4"]
 VARIANTS = {  # name: throughput.py flags, most wanted first

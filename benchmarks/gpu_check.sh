@@ -7,4 +7,6 @@
 #   DRY_RUN=1 bash benchmarks/gpu_check.sh   # any machine: every variant parsed and built, nothing timed
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# the project, also where it is not installed (pip install -e .)
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 exec "${PYTHON:-python3}" benchmarks/gpu_check.py --out "${OUT:-runs/gpu-check/check.jsonl}" ${DRY_RUN:+--dry_run}

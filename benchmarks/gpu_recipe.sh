@@ -5,6 +5,8 @@
 # PRE_ARGS / FT_ARGS / LP_ARGS replace the flags of each phase (see the defaults below); LP is the probe's epochs.
 # It ends with a table of the three runs (time_to_accuracy.py --summarize). PYTHON: the interpreter (python3).
 set -euo pipefail
+# the project, also where it is not installed (pip install -e .)
+export PYTHONPATH="$(cd "$(dirname "$0")/.." && pwd)${PYTHONPATH:+:$PYTHONPATH}"
 TTA="$(dirname "$0")/time_to_accuracy.py"
 PYTHON=${PYTHON:-python3}
 DATA=${DATA:-data}

@@ -15,6 +15,8 @@
 #              FLOPs cost in time (model changes that need an accuracy run before they could become defaults)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# the project, also where it is not installed (pip install -e .)
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 OUT_DIR=${OUT_DIR:-runs/gpu-throughput}
 STAGES=${STAGES:-"profile autotune graphs randaug crop decoder"}
 PYTHON=${PYTHON:-python3}

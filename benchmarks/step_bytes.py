@@ -14,20 +14,17 @@ import argparse
 import contextlib
 import json
 import logging
-import os
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import mae_pretrain  # noqa: E402
-from cifar_mae.classification import ClassificationLoss  # noqa: E402
+import mae_pretrain
+from cifar_mae.classification import ClassificationLoss
 from cifar_mae.cli import cli_main
-from cifar_mae.errors import UserError  # noqa: E402
-from cifar_mae.flags import ArgumentParser  # noqa: E402
-import model as model_module  # noqa: E402
-from model import MAE_Decoder, MAE_ViT, MODELS, ViT_Classifier  # noqa: E402
+from cifar_mae.errors import UserError
+from cifar_mae.flags import ArgumentParser
+import model as model_module
+from model import MAE_Decoder, MAE_ViT, MODELS, ViT_Classifier
 
 SIZE_KEYS = list(MODELS["vit_tiny_patch2"]) + ["decoder_emb_dim"]
 

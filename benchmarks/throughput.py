@@ -24,26 +24,24 @@ import collections
 import json
 import os
 import statistics
-import sys
 import time
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import mae_pretrain  # noqa: E402
+import mae_pretrain
 
-from benchmarks.step_bytes import SIZE_KEYS, build as build_cpu, bytes_per_image, fp32_stream  # noqa: E402
-from model import MAE_ViT, ViT_Classifier  # noqa: E402
-from cifar_mae.classification import ClassificationLoss  # noqa: E402
-from cifar_mae.engine import Trainer  # noqa: E402
+from benchmarks.step_bytes import SIZE_KEYS, build as build_cpu, bytes_per_image, fp32_stream
+from model import MAE_ViT, ViT_Classifier
+from cifar_mae.classification import ClassificationLoss
+from cifar_mae.engine import Trainer
 from cifar_mae.cli import cli_main
-from cifar_mae.errors import UserError  # noqa: E402
-from cifar_mae.flags import ArgumentParser, COMPILE_MODES, INTERPOLATIONS, check_positive, path_arg  # noqa: E402
-from cifar_mae.loaders import DeviceLoader, TorchLoader  # noqa: E402
-from cifar_mae.optim import make_optimizer  # noqa: E402
-from cifar_mae.runtime import setup_runtime, synchronize, wrap_model  # noqa: E402
+from cifar_mae.errors import UserError
+from cifar_mae.flags import ArgumentParser, COMPILE_MODES, INTERPOLATIONS, check_positive, path_arg
+from cifar_mae.loaders import DeviceLoader, TorchLoader
+from cifar_mae.optim import make_optimizer
+from cifar_mae.runtime import setup_runtime, synchronize, wrap_model
 
 PRESETS = {
     # the project's default ViT-T/2; fine-tuning measured at a GPU-sized batch (the recipe's 128 is launch-bound)

@@ -16,17 +16,15 @@ prints the reports of several runs as one table (what benchmarks/gpu_recipe.sh e
 import json
 import os
 import shlex
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import mae_pretrain  # noqa: E402
-import train_classifier  # noqa: E402
-from cifar_mae.atomic import write_atomic  # noqa: E402
+import mae_pretrain
+import train_classifier
+from cifar_mae.atomic import write_atomic
 from cifar_mae.cli import cli_main
-from cifar_mae.errors import UserError  # noqa: E402
-from cifar_mae.flags import ArgumentParser, check_positive, path_arg  # noqa: E402
-from cifar_mae.metrics import read_json_lines  # noqa: E402
+from cifar_mae.errors import UserError
+from cifar_mae.flags import ArgumentParser, check_positive, path_arg
+from cifar_mae.metrics import read_json_lines
 
 
 def get_args_parser():

@@ -1,6 +1,7 @@
 """The classifier's loss (with mixup/cutmix), its evaluation and reports, and the split the best epoch is
 picked on."""
 import math
+import sys
 
 import numpy as np
 import torch
@@ -11,7 +12,9 @@ from timm.loss import SoftTargetCrossEntropy
 
 from cifar_mae.datasets import holdout_split
 from cifar_mae.errors import UserError
-from cifar_mae.loaders import eval_batches
+from cifar_mae.loaders import eval_batches, make_loader
+from cifar_mae.optim import peak_lr
+from cifar_mae.pretrained import pretraining_note
 from cifar_mae.runtime import all_reduce_sum, evaluating
 from cifar_mae.timm_export import classifier_export, write_timm_state
 
@@ -173,3 +176,33 @@ def final_report(args, rt, log, eval_model, best, last_acc, test_loader, data, c
         if args.export_timm:
             write_timm_state(*classifier_export(eval_model, config), args.export_timm)
     return {"best_acc": best["acc"], "best_epoch": best["epoch"], "last_epoch_acc": last_acc, "final": result}
+
+
+def start_note(args, rt, model, steps, micro_batch, selected_on, pretrained, pretrained_note):
+    """The start-up lines of a classifier's run (main process): what it trains, on what, and its notes."""
+    mode = "fine-tuning" if args.pretrained_model_path else "scratch"
+    if args.linear_probe:  # a probe of random features is a baseline, or a forgotten --pretrained_model_path
+        mode = "linear probe" + ("" if args.pretrained_model_path else
+                                 " of a randomly initialised encoder: no --pretrained_model_path")
+    if pretrained_note:
+        print(pretrained_note, file=sys.stderr)
+    print(f"training a classifier ({mode}), {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters "
+          f"on {rt.device} ({rt.world_size} process(es)), {steps} steps/epoch, micro-batch {micro_batch}, peak "
+          f"lr {peak_lr(args):.2e}, {rt.describe()}; the best epoch is picked on {selected_on}")
+    if pretrained is not None:
+        print(pretraining_note(args.pretrained_model_path, pretrained))
+    note = ema_note(args.ema_decay, args.total_epoch * steps) if args.ema else None
+    if note:
+        print(note)
+
+
+def report_saved_classifier(args, rt, ckpt, model, data):
+    """Top-1, top-5 and the per-class table of a saved classifier on the test set (and its timm export)."""
+    check_classes(ckpt, data, f"--eval_only {args.eval_only}")
+    loader = make_loader(args, rt, data.test_images, data.test_labels, 1024, train=False)
+    result = evaluate(model, loader, rt, ckpt["model_config"]["num_classes"], args.tta)
+    if rt.is_main:
+        print(per_class_table(result, data.classes))
+        if args.export_timm:
+            write_timm_state(*classifier_export(model, ckpt["model_config"]), args.export_timm)
+    return result

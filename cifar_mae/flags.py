@@ -9,7 +9,7 @@ import yaml
 
 from cifar_mae.errors import UserError
 from cifar_mae.timm_vit import TIMM_KWARGS, timm_sizes
-from cifar_mae.sizes import DEFAULT_MODEL, MODELS
+from cifar_mae.model_config import DEFAULT_MODEL, MODELS
 
 
 def finite_float(text):
@@ -174,6 +174,30 @@ DATA_DIR_HELP = ("a folder holding cifar-10-batches-py/, cifar-100-python/, trai
                  "or the archive cifar-10-python.tar.gz or cifar-100-python.tar.gz; with none of these, CIFAR-10 "
                  "is downloaded into it (default: data; with --resume, --eval_only or --pretrained_model_path: "
                  "the data that checkpoint's run used, where it is still there)")
+
+
+def add_training_args(parser, *, seed, batch_size, base_learning_rate, weight_decay, total_epoch, warmup_epoch,
+                      gpu_micro_batch, checkpoint_flag, weight_decay_help="weight matrices only"):
+    """The flags every training job has, with the job's defaults: seeds, batch, learning rate and schedule, data
+    and log folders (--log_dir's default named after the job's `checkpoint_flag`)."""
+    parser.add_argument("--seed", type=int, default=seed, help="seeds every RNG (process k of a run takes seed + k)")
+    parser.add_argument("-bs", "--batch_size", type=int, default=batch_size,
+                        help="images per optimizer step (global)")
+    parser.add_argument("--max_device_batch_size", type=int, default=None,
+                        help="micro-batch per forward/backward; gradients are averaged over micro-batches, so this "
+                             "changes memory use, not the objective (default: the largest divisor of the batch per "
+                             f"process up to {gpu_micro_batch} on a GPU, 64 on the CPU)")
+    parser.add_argument("--base_learning_rate", type=float, default=base_learning_rate,
+                        help="lr = base * batch_size / 256")
+    parser.add_argument("--weight_decay", type=float, default=weight_decay,
+                        help=f"AdamW weight decay ({weight_decay_help})")
+    parser.add_argument("--total_epoch", type=int, default=total_epoch,
+                        help="epochs; the cosine schedule ends with the last")
+    parser.add_argument("--warmup_epoch", type=int, default=warmup_epoch, help="epochs of linear lr warmup")
+    parser.add_argument("--data_dir", type=path_arg, default=None, help=DATA_DIR_HELP)
+    parser.add_argument("--log_dir", type=path_arg, default=None,
+                        help=f"TensorBoard events and metrics.jsonl (default: logs/<dataset>/<{checkpoint_flag}'s "
+                             "name>)")
 
 
 def add_encoder_args(group):

@@ -256,3 +256,9 @@ def make_loader(args, rt, images, labels, batch_size, *, train, crop_scale=None,
     if args.loader == "torch":
         return TorchLoader(images, labels, batch_size, num_workers=args.num_workers, **common)
     return DeviceLoader(images, labels, batch_size, **common)
+
+
+def unaugmented_loaders(args, rt, data):
+    """The training and test sets without augmentation, for the kNN monitor and evaluation."""
+    return [make_loader(args, rt, x, y, 1024, train=False)
+            for x, y in ((data.train_images, data.train_labels), (data.test_images, data.test_labels))]

@@ -13,7 +13,7 @@ from PIL import Image
 
 import mae_pretrain
 import train_classifier
-from cifar_mae.augment import normalize, random_erase
+from cifar_mae.augment import random_erase
 from cifar_mae.datasets import load_data
 from cifar_mae.knn import knn_accuracy
 from cifar_mae.loaders import DeviceLoader, TorchLoader

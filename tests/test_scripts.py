@@ -26,7 +26,7 @@ from cifar_mae.classification import evaluate
 from cifar_mae.console import progress_bar
 from cifar_mae.datasets import holdout_split, load_data
 from cifar_mae.engine import Trainer, checkpoint_due
-from cifar_mae import engine, lifecycle
+from cifar_mae import lifecycle
 from cifar_mae.flags import take_saved
 from cifar_mae.loaders import make_loader
 from cifar_mae.timm_export import classifier_export, encoder_export

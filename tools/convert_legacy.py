@@ -13,18 +13,16 @@ head counts; a state_dict does not record them, so they are taken as width / 64 
 unless --encoder_head / --decoder_head give them: the weights fit either way, but compute differently.
 """
 import os
-import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from model import check_config  # noqa: E402
-from cifar_mae.atomic import save_atomic  # noqa: E402
-from cifar_mae.checkpoint import make_checkpoint  # noqa: E402
+from model import check_config
+from cifar_mae.atomic import save_atomic
+from cifar_mae.checkpoint import make_checkpoint
 from cifar_mae.cli import cli_main
-from cifar_mae.errors import UserError  # noqa: E402
-from cifar_mae.flags import ArgumentParser, path_arg  # noqa: E402
-from cifar_mae.outputs import check_new_file  # noqa: E402
+from cifar_mae.errors import UserError
+from cifar_mae.flags import ArgumentParser, path_arg
+from cifar_mae.outputs import check_new_file
 
 # original name -> ours; pos_embedding tensors are (T, 1, D) there, (1, 1 + T, D) here
 RENAMES = [("patchify.", "patch_embed.proj."), ("transformer.", "blocks."), ("layer_norm.", "norm.")]

@@ -73,8 +73,9 @@ MUTANTS = {
                                                         'group["lr"] = lr * group.get("lr_scale", 1.0)',
                                                         'group["lr"] = lr'),
     "export scales the position embedding": (
-        "cifar_mae/timm_export.py", "state = {k: v.detach().clone() for k, v in model.state_dict().items()}",
-        'state = {k: (v * 0.8 if k == "pos_embed" else v).detach().clone() for k, v in model.state_dict().items()}'),
+        "cifar_mae/timm_export.py", "{k: v.detach().clone() for k, v in model.state_dict().items()}, Classifier",
+        '{k: (v * 0.8 if k == "pos_embed" else v).detach().clone() for k, v in model.state_dict().items()}, '
+        'Classifier'),
     "--clip_grad dropped": ("train_classifier.py", "clip_grad=self.args.clip_grad, ema=ema", "clip_grad=None, ema=ema"),
     "--mixup and --cutmix swapped": ("cifar_mae/classification.py",
                                      "Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix,",
@@ -82,7 +83,7 @@ MUTANTS = {
     "--ema_decay dropped": ("train_classifier.py", "ModelEmaV3(model, decay=self.args.ema_decay)", "ModelEmaV3(model)"),
     "--drop_path dropped": ("train_classifier.py", "model = new_classifier(self.config, args.drop_path)",
                             "model = new_classifier(self.config)"),
-    "EMA weights never evaluated or saved": ("train_classifier.py", "trainer.ema.module if args.ema else model",
+    "EMA weights never evaluated or saved": ("train_classifier.py", "trainer.ema.module if self.args.ema else model",
                                              "model"),
     "evaluation in training mode": ("cifar_mae/runtime.py", "    was_training = model.training\n    model.eval()\n",
                                     "    was_training = model.training\n"),
@@ -95,7 +96,8 @@ MUTANTS = {
                                              "u[..., 0] >= self.prob"),
     "each rank shuffles its own order": ("cifar_mae/loaders.py", "self.order_generator.manual_seed(seed)",
                                          "self.order_generator.manual_seed(seed + rank)"),
-    "every rank draws the same augmentation": ("cifar_mae/loaders.py", "self.aug_generator.manual_seed(seed + 1 + rank)",
+    "every rank draws the same augmentation": ("cifar_mae/loaders.py",
+                                               "self.aug_generator.manual_seed(seed + 1 + rank)",
                                                "self.aug_generator.manual_seed(seed + 1)"),
     "random erasing takes boxes as large as the image": ("cifar_mae/augment.py",
                                                          "fits = (box_h < height) & (box_w < width)",
@@ -172,7 +174,8 @@ def run_mutant(name, path, before, after, tests, timeout):
         with open(os.path.join(copy, path), "w") as f:
             f.write(text.replace(before, after))
         report = os.path.join(copy, "mutation-report.jsonl")
-        env = {**os.environ, REPORT: report, MUTATED: os.path.join(copy, path)}
+        # PYTHONPATH: the copy's code, not an installed checkout's, in every process the tests start
+        env = {**os.environ, REPORT: report, MUTATED: os.path.join(copy, path), "PYTHONPATH": copy}
         start = time.perf_counter()
         try:
             result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",

@@ -14,17 +14,16 @@ import torch
 from PIL import Image, ImageDraw
 from torchvision.utils import make_grid
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from model import MAE_ViT  # noqa: E402
-from cifar_mae.atomic import write_atomic  # noqa: E402
-from cifar_mae.augment import denormalize, normalize  # noqa: E402
-from cifar_mae.checkpoint import load_checkpoint  # noqa: E402
-from cifar_mae.datasets import load_data, spread_test_images  # noqa: E402
+from model import MAE_ViT
+from cifar_mae.atomic import write_atomic
+from cifar_mae.augment import denormalize, normalize
+from cifar_mae.checkpoint import load_checkpoint
+from cifar_mae.datasets import load_data, spread_test_images
 from cifar_mae.cli import cli_main
-from cifar_mae.errors import UserError  # noqa: E402
-from cifar_mae.flags import ArgumentParser, check_positive, path_arg  # noqa: E402
-from cifar_mae.image_folders import read_image  # noqa: E402
-from cifar_mae.outputs import check_writable, data_dir_from  # noqa: E402
+from cifar_mae.errors import UserError
+from cifar_mae.flags import ArgumentParser, check_positive, path_arg
+from cifar_mae.image_folders import read_image
+from cifar_mae.outputs import check_writable, data_dir_from
 
 
 def get_args_parser():

@@ -1,0 +1,73 @@
+"""What rebuilds a model: its configuration, saved in every checkpoint as a plain dict (model_config, as nanoGPT
+saves GPTConfig), the named sizes (--model NAME, as timm names its ViTs) and the file names their checkpoints get."""
+from dataclasses import asdict, dataclass, fields
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    """The ViT encoder: sizes, input channels, position embedding, and the timm model it comes from (None: ours)."""
+    image_size: int = 32
+    patch_size: int = 2
+    emb_dim: int = 192
+    encoder_layer: int = 12
+    encoder_head: int = 3
+    in_chans: int = 3
+    pos_embed: str = "learned"
+    timm_model: str = None
+
+    @classmethod
+    def of(cls, config):
+        """This kind's fields from a config dict (a checkpoint's model_config); those missing take their
+        defaults, other kinds' are left out."""
+        return cls(**{f.name: config[f.name] for f in fields(cls) if f.name in config})
+
+    @classmethod
+    def from_settings(cls, args, **values):
+        """The configuration a run's settings describe (each field from the flag of its name; --model timm:NAME
+        gives timm_model), with `values` on top. -> a plain dict, as checkpoints hold it."""
+        model = getattr(args, "model", "")
+        found = {f.name: getattr(args, f.name) for f in fields(cls) if getattr(args, f.name, None) is not None}
+        timm_model = model[len("timm:"):] if model.startswith("timm:") else None
+        return asdict(cls(**{**found, "timm_model": timm_model, **values}))
+
+
+@dataclass(frozen=True)
+class MAEConfig(EncoderConfig):
+    """An MAE: the encoder, the decoder (its width defaults to the encoder's), the mask ratio and the loss."""
+    decoder_layer: int = 4
+    decoder_head: int = 3
+    decoder_emb_dim: int = None
+    mask_ratio: float = 0.75
+    norm_pix_loss: bool = False
+
+
+@dataclass(frozen=True)
+class ClassifierConfig(EncoderConfig):
+    """A classifier on the encoder: classes, pooling (cls token or mean of patch tokens), linear probe or not."""
+    num_classes: int = 10
+    global_pool: bool = False
+    linear_probe: bool = False
+
+
+# a size flag given overrides one value of the named size
+MODELS = {
+    "vit_tiny_patch2": dict(image_size=32, patch_size=2, emb_dim=192, encoder_layer=12, encoder_head=3,
+                            decoder_layer=4, decoder_head=3),  # the original repository's ViT-T/2
+    "vit_mini_patch4": dict(image_size=32, patch_size=4, emb_dim=64, encoder_layer=4, encoder_head=2,
+                            decoder_layer=2, decoder_head=2),  # the CPU recipe's
+    "vit_small_patch4": dict(image_size=32, patch_size=4, emb_dim=384, encoder_layer=12, encoder_head=6,
+                             decoder_layer=4, decoder_head=6),
+    "vit_tiny_patch8_96": dict(image_size=96, patch_size=8, emb_dim=192, encoder_layer=12, encoder_head=3,
+                               decoder_layer=4, decoder_head=3),  # STL-10's 96 x 96 images: 144 patches
+    # ViT-T/2 with smaller decoders, which move fewer bytes per step
+    "vit_tiny_patch2_dec2": dict(image_size=32, patch_size=2, emb_dim=192, encoder_layer=12, encoder_head=3,
+                                 decoder_layer=2, decoder_head=3),
+    "vit_tiny_patch2_dec2x128": dict(image_size=32, patch_size=2, emb_dim=192, encoder_layer=12, encoder_head=3,
+                                     decoder_layer=2, decoder_head=4, decoder_emb_dim=128),
+}
+DEFAULT_MODEL = "vit_tiny_patch2"
+
+
+def output_stem(name):
+    """The file-name stem of a model's checkpoints: vit-t for ViT-T/2, as the original repository named it."""
+    return "vit-t" if name == DEFAULT_MODEL else name.replace(":", "-").replace("_", "-")
