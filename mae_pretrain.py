@@ -16,7 +16,7 @@ from cifar_mae.console import script_command
 from cifar_mae.datasets import spread_test_images
 from cifar_mae.errors import UserError
 from cifar_mae.flags import ArgumentParser, add_augmentation_args, add_config_arg, add_encoder_args, add_runtime_args, \
-    add_training_args, check_training_args, path_arg
+    add_training_args, check_interval, check_training_args, path_arg
 from cifar_mae.knn import knn_monitor
 from cifar_mae.lifecycle import Task, run
 from cifar_mae.loaders import make_loader, unaugmented_loaders
@@ -69,10 +69,8 @@ def check_args(args):
     if args.export_timm and not args.eval_only:
         raise UserError("--export_timm writes a saved MAE's encoder: give the checkpoint with --eval_only")
     check_training_args(args, "decoder_layer", "decoder_head", "decoder_emb_dim", "knn_k", "knn_t", "image_every")
-    if args.weight_decay < 0 or args.warmup_epoch < 0 or args.knn_every < 0 or args.num_workers < 0:
-        raise UserError("--weight_decay, --warmup_epoch, --knn_every and --num_workers must not be negative")
-    if not 0.0 < args.mask_ratio < 1.0:  # the loss is taken over masked patches only
-        raise UserError(f"--mask_ratio must lie in (0, 1), got {args.mask_ratio}")
+    check_interval(args, "[0, inf)", "weight_decay", "warmup_epoch", "knn_every", "num_workers")
+    check_interval(args, "(0, 1)", "mask_ratio")  # the loss is taken over masked patches only
     build_mae(mae_config(args))  # a configuration that cannot work fails here, before the data is read
 
 

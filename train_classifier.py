@@ -15,7 +15,7 @@ from cifar_mae.classification import ClassificationLoss, check_classes, evaluate
 from cifar_mae.cli import cli_main
 from cifar_mae.errors import UserError
 from cifar_mae.flags import ArgumentParser, add_augmentation_args, add_config_arg, add_encoder_args, add_runtime_args, \
-    add_training_args, check_training_args, path_arg, plain_args
+    add_training_args, check_interval, check_training_args, path_arg, plain_args
 from cifar_mae.lifecycle import Task, run
 from cifar_mae.loaders import make_loader
 from cifar_mae.optim import param_groups
@@ -80,19 +80,11 @@ def get_args_parser():
 
 def check_args(args):
     check_training_args(args, "clip_grad")
-    for name in ("weight_decay", "warmup_epoch", "mixup", "cutmix", "num_workers", "val_size"):
-        if getattr(args, name) < 0:
-            raise UserError(f"--{name} must not be negative, got {getattr(args, name)}")
-    for name in ("label_smoothing", "drop_path"):
-        if not 0 <= getattr(args, name) < 1:
-            raise UserError(f"--{name} must lie in [0, 1), got {getattr(args, name)}")
-    for name in ("reprob", "mix_prob", "mix_switch_prob"):
-        if not 0 <= getattr(args, name) <= 1:
-            raise UserError(f"--{name} must lie in [0, 1], got {getattr(args, name)}")
-    if args.layer_decay is not None and not 0 < args.layer_decay <= 1:
-        raise UserError(f"--layer_decay must lie in (0, 1], got {args.layer_decay}")
-    if not 0 < args.ema_decay < 1:
-        raise UserError(f"--ema_decay must lie in (0, 1), got {args.ema_decay}")
+    check_interval(args, "[0, inf)", "weight_decay", "warmup_epoch", "mixup", "cutmix", "num_workers", "val_size")
+    check_interval(args, "[0, 1)", "label_smoothing", "drop_path")
+    check_interval(args, "[0, 1]", "reprob", "mix_prob", "mix_switch_prob")
+    check_interval(args, "(0, 1]", "layer_decay")
+    check_interval(args, "(0, 1)", "ema_decay")
     if args.linear_probe and args.drop_path:
         raise UserError("--linear_probe keeps the encoder frozen; --drop_path would have nothing to act on")
     try:  # a bad configuration fails here, before the data is read (a pretrained encoder brings its own)

@@ -137,6 +137,21 @@ def check_positive(args, *names):
             raise UserError(f"--{name} must be positive, got {getattr(args, name)}")
 
 
+def check_interval(args, interval, *names):
+    """Each named flag that is set lies in `interval`, written as the message gives it: "[0, 1)", "(0, 1]",
+    "[0, inf)" (said as "must not be negative")."""
+    low, high = (float(bound) for bound in interval[1:-1].split(","))
+    for name in names:
+        value = getattr(args, name)
+        if value is None:
+            continue
+        below = value < low or (interval[0] == "(" and value == low)
+        above = value > high or (interval[-1] == ")" and value == high)
+        if below or above:
+            said = "must not be negative" if interval == "[0, inf)" else f"must lie in {interval}"
+            raise UserError(f"--{name} {said}, got {value}")
+
+
 def check_training_args(args, *positive):
     """The checks every training job shares, and those of its own flags that must be positive."""
     check_positive(args, "batch_size", "max_device_batch_size", "base_learning_rate", "total_epoch", "image_size",

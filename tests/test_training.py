@@ -1239,3 +1239,14 @@ def test_an_empty_path_is_refused_rather_than_read_as_no_flag(script, argv, caps
         script.get_args_parser().parse_args(argv)
     assert refused.value.code == 2
     assert f"argument {argv[0].rstrip('=')}: empty (an unset variable in a script?)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("interval, inside, outside", [("[0, 1)", [0, 0.5], [1, -0.1]), ("(0, 1]", [1, 1e-9], [0, 1.1]),
+                                                       ("(0, 1)", [0.5], [0, 1]), ("[0, inf)", [0, 1e9], [-1e-9])])
+def test_flag_intervals_take_their_bounds_as_written(interval, inside, outside):
+    from cifar_mae.flags import check_interval
+    for value in inside:
+        check_interval(argparse.Namespace(x=value, unset=None), interval, "x", "unset")
+    for value in outside:
+        with pytest.raises(UserError, match=r"^--x (must lie in|must not be negative)"):
+            check_interval(argparse.Namespace(x=value), interval, "x")
