@@ -14,7 +14,7 @@ from cifar_mae.checkpoint import make_checkpoint
 from cifar_mae.cli import cli_main
 from cifar_mae.console import script_command
 from cifar_mae.datasets import spread_test_images
-from cifar_mae.errors import UserError
+from cifar_mae.errors import UserError, as_user_error
 from cifar_mae.flags import ArgumentParser, add_augmentation_args, add_config_arg, add_encoder_args, add_runtime_args, \
     add_training_args, check_interval, check_training_args, path_arg
 from cifar_mae.knn import knn_monitor
@@ -75,10 +75,8 @@ def check_args(args):
 
 
 def build_mae(config):
-    try:
+    with as_user_error():
         return MAE_ViT(**config)
-    except ValueError as e:
-        raise UserError(str(e)) from None
 
 
 def mae_config(args):

@@ -13,7 +13,7 @@ from cifar_mae.checkpoint import last_checkpoint_path, make_checkpoint
 from cifar_mae.classification import ClassificationLoss, check_classes, evaluate, final_report, \
     report_saved_classifier, selection_split, start_note
 from cifar_mae.cli import cli_main
-from cifar_mae.errors import UserError
+from cifar_mae.errors import UserError, as_user_error
 from cifar_mae.flags import ArgumentParser, add_augmentation_args, add_config_arg, add_encoder_args, add_runtime_args, \
     add_training_args, check_interval, check_training_args, path_arg, plain_args
 from cifar_mae.lifecycle import Task, run
@@ -87,21 +87,17 @@ def check_args(args):
     check_interval(args, "(0, 1)", "ema_decay")
     if args.linear_probe and args.drop_path:
         raise UserError("--linear_probe keeps the encoder frozen; --drop_path would have nothing to act on")
-    try:  # a bad configuration fails here, before the data is read (a pretrained encoder brings its own)
-        if not args.pretrained_model_path:
+    if not args.pretrained_model_path:  # a bad configuration fails here, before the data is read
+        with as_user_error():
             check_config(args.image_size, args.patch_size, {"encoder": args.emb_dim}, {"encoder": args.encoder_head})
-    except ValueError as e:
-        raise UserError(str(e)) from None
     if args.randaug:  # a bad policy fails here, before the data is loaded
         DeviceRandAugment(args.randaug) if args.loader == "device" else randaug_policy(args.randaug)
 
 
 def new_classifier(config, drop_path=0.0):
     """build_classifier, with a configuration that cannot work as a UserError."""
-    try:
+    with as_user_error():
         return build_classifier(config, drop_path)
-    except ValueError as e:
-        raise UserError(str(e)) from None
 
 
 def default_output_path(args):

@@ -21,7 +21,7 @@ import torch
 import mae_pretrain
 from cifar_mae.classification import ClassificationLoss
 from cifar_mae.cli import cli_main
-from cifar_mae.errors import UserError
+from cifar_mae.errors import UserError, as_user_error
 from cifar_mae.flags import ArgumentParser
 import model as model_module
 from model import MAE_Decoder, MAE_ViT, MODELS, ViT_Classifier
@@ -69,10 +69,8 @@ def fp32_stream(on):
 
 def build(case, sizes):
     """(model, loss_fn(model, images, labels) -> (loss, extra)) of a case."""
-    try:
+    with as_user_error("--model: "):  # a width its heads do not divide
         mae = MAE_ViT(**sizes)
-    except ValueError as e:  # a width its heads do not divide
-        raise UserError(f"--model: {e}") from None
     if case == "pretrain":
         return mae, mae_pretrain.mae_loss
     loss = ClassificationLoss(argparse.Namespace(mixup=0, cutmix=0, label_smoothing=0), 10)

@@ -37,7 +37,7 @@ from model import MAE_ViT, ViT_Classifier
 from cifar_mae.classification import ClassificationLoss
 from cifar_mae.engine import Trainer
 from cifar_mae.cli import cli_main
-from cifar_mae.errors import UserError
+from cifar_mae.errors import UserError, as_user_error
 from cifar_mae.flags import ArgumentParser, COMPILE_MODES, INTERPOLATIONS, check_positive, path_arg
 from cifar_mae.loaders import DeviceLoader, TorchLoader
 from cifar_mae.optim import make_optimizer
@@ -174,10 +174,8 @@ def time_data(rt, loader, steps, warmup):
 
 
 def build(case, cfg, rt):
-    try:
+    with as_user_error("--model: "):  # a --model change that does not fit (a width its heads do not divide)
         mae = MAE_ViT(**{k: cfg[k] for k in MODEL_KEYS if k in cfg})
-    except ValueError as e:  # a --model change that does not fit (a width its heads do not divide)
-        raise UserError(f"--model: {e}") from None
     if case == "pretrain":
         model, loss_fn, betas = mae, mae_pretrain.mae_loss, (0.9, 0.95)
         batch, micro = cfg["pretrain_batch"], cfg["pretrain_micro"]

@@ -1,4 +1,5 @@
 """The errors a run ends with: ones the user can fix, and a loss that is no longer finite."""
+import contextlib
 
 
 class UserError(Exception):
@@ -7,6 +8,15 @@ class UserError(Exception):
     def __init__(self, message, code=2):
         super().__init__(message)
         self.code = code
+
+
+@contextlib.contextmanager
+def as_user_error(prefix="", suffix=""):
+    """A ValueError raised inside (a model configuration that cannot work, say) ends the run as a UserError."""
+    try:
+        yield
+    except ValueError as e:
+        raise UserError(f"{prefix}{e}{suffix}") from None
 
 
 class NonFiniteLoss(Exception):

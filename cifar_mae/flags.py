@@ -7,7 +7,7 @@ import sys
 import torch
 import yaml
 
-from cifar_mae.errors import UserError
+from cifar_mae.errors import UserError, as_user_error
 from cifar_mae.timm_vit import TIMM_KWARGS, timm_sizes
 from cifar_mae.model_config import DEFAULT_MODEL, MODELS
 
@@ -246,10 +246,8 @@ def resolve_model(args):
     """Each size flag not given (None) takes --model's value (timm's sizes, for timm:NAME); the decoder's only
     where the script has them."""
     if timm_name(args):
-        try:
+        with as_user_error("--model "):
             sizes = timm_sizes(timm_name(args), **{k: getattr(args, k) for k in TIMM_KWARGS})
-        except ValueError as e:
-            raise UserError(f"--model {e}") from None
     else:
         sizes = MODELS[args.model]
     for key, value in sizes.items():

@@ -20,7 +20,7 @@ from model import check_config
 from cifar_mae.atomic import save_atomic
 from cifar_mae.checkpoint import make_checkpoint
 from cifar_mae.cli import cli_main
-from cifar_mae.errors import UserError
+from cifar_mae.errors import UserError, as_user_error
 from cifar_mae.flags import ArgumentParser, path_arg
 from cifar_mae.outputs import check_new_file
 
@@ -138,12 +138,10 @@ def main(args):
                         "weights (no cls_token / patchify / pos_embedding found)") from None
     kind = "mae_pretrain" if "encoder.cls_token" in state else "classifier"
     parts = ["encoder", "decoder"] if kind == "mae_pretrain" else ["encoder"]
-    try:
+    with as_user_error(suffix=" (--encoder_head / --decoder_head)"):
         check_config(config["image_size"], config["patch_size"],
                      {part: config["emb_dim" if part == "encoder" else "decoder_emb_dim"] for part in parts},
                      {part: config[f"{part}_head"] for part in parts})
-    except ValueError as e:
-        raise UserError(f"{e} (--encoder_head / --decoder_head)") from None
     save_atomic(make_checkpoint(kind, state, config, 0, converted_from=os.path.basename(args.source)), args.destination)
     heads_line = ", ".join(f"{config[f'{part}_head']} {part} heads" for part in parts)
     print(f"wrote {args.destination} ({kind} checkpoint, {heads_line}); it loads with weights_only=True")
