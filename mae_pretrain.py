@@ -20,9 +20,9 @@ from cifar_mae.flags import ArgumentParser, add_augmentation_args, add_config_ar
 from cifar_mae.knn import knn_monitor
 from cifar_mae.lifecycle import Task, run
 from cifar_mae.loaders import make_loader, unaugmented_loaders
+from cifar_mae.model_config import MAEConfig, output_stem
 from cifar_mae.optim import param_groups, peak_lr
 from cifar_mae.outputs import claim_outputs
-from cifar_mae.model_config import MAEConfig, output_stem
 from cifar_mae.reconstruction import mae_loss, reconstruction_grid, reconstruction_loss
 from cifar_mae.timm_export import encoder_export, write_timm_state
 from model import MAE_ViT
@@ -71,7 +71,8 @@ def check_args(args):
     check_training_args(args, "decoder_layer", "decoder_head", "decoder_emb_dim", "knn_k", "knn_t", "image_every")
     check_interval(args, "[0, inf)", "weight_decay", "warmup_epoch", "knn_every", "num_workers")
     check_interval(args, "(0, 1)", "mask_ratio")  # the loss is taken over masked patches only
-    build_mae(mae_config(args))  # a configuration that cannot work fails here, before the data is read
+    with torch.device("meta"):  # a configuration that cannot work fails here, before the data is read; no memory
+        build_mae(mae_config(args))
 
 
 def build_mae(config):

@@ -19,6 +19,7 @@ from cifar_mae.timm_vit import TIMM_KWARGS, timm_sizes, timm_vit
 
 LayerNorm = partial(nn.LayerNorm, eps=1e-6)  # the eps of timm's VisionTransformer, so exports match exactly
 
+
 def num_visible_patches(num_patches, mask_ratio):
     """How many patches stay visible: int(T * (1 - mask_ratio))."""
     return int(num_patches * (1 - mask_ratio))
@@ -76,7 +77,7 @@ def init_weights(module):
 
 def make_blocks(dim, heads, depth, drop_path=0.0):
     """`depth` timm Blocks, applied in turn, with stochastic depth rising linearly to `drop_path`."""
-    rates = torch.linspace(0, drop_path, depth).tolist() if depth else []
+    rates = torch.linspace(0, drop_path, depth, device="cpu").tolist() if depth else []  # cpu: also under meta
     return nn.Sequential(*[
         Block(dim=dim, num_heads=heads, mlp_ratio=4.0, qkv_bias=True, drop_path=rate, norm_layer=LayerNorm)
         for rate in rates])

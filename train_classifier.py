@@ -18,10 +18,10 @@ from cifar_mae.flags import ArgumentParser, add_augmentation_args, add_config_ar
     add_training_args, check_interval, check_training_args, path_arg, plain_args
 from cifar_mae.lifecycle import Task, run
 from cifar_mae.loaders import make_loader
+from cifar_mae.model_config import ClassifierConfig, output_stem
 from cifar_mae.optim import param_groups
 from cifar_mae.outputs import check_export_path, claim_outputs
 from cifar_mae.pretrained import load_encoder, read_pretrained
-from cifar_mae.model_config import ClassifierConfig, output_stem
 from cifar_mae.randaug import DeviceRandAugment, randaug_policy
 from model import build_classifier, check_config
 
@@ -90,8 +90,10 @@ def check_args(args):
     if not args.pretrained_model_path:  # a bad configuration fails here, before the data is read
         with as_user_error():
             check_config(args.image_size, args.patch_size, {"encoder": args.emb_dim}, {"encoder": args.encoder_head})
-    if args.randaug:  # a bad policy fails here, before the data is loaded
-        DeviceRandAugment(args.randaug) if args.loader == "device" else randaug_policy(args.randaug)
+    if args.randaug and args.loader == "device":  # a bad policy fails here, before the data is loaded
+        DeviceRandAugment(args.randaug)
+    elif args.randaug:
+        randaug_policy(args.randaug)
 
 
 def new_classifier(config, drop_path=0.0):

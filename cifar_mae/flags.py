@@ -9,7 +9,7 @@ import yaml
 
 from cifar_mae.errors import UserError, as_user_error
 from cifar_mae.timm_vit import TIMM_KWARGS, timm_sizes
-from cifar_mae.model_config import DEFAULT_MODEL, MODELS
+from cifar_mae.model_config import DEFAULT_MODEL, MODELS, timm_name
 
 
 def finite_float(text):
@@ -132,14 +132,12 @@ def take_saved(args, parser, saved, what, fixed=()):
 
 
 def check_positive(args, *names):
-    for name in names:
-        if getattr(args, name) is not None and getattr(args, name) <= 0:
-            raise UserError(f"--{name} must be positive, got {getattr(args, name)}")
+    check_interval(args, "(0, inf)", *names)
 
 
 def check_interval(args, interval, *names):
     """Each named flag that is set lies in `interval`, written as the message gives it: "[0, 1)", "(0, 1]",
-    "[0, inf)" (said as "must not be negative")."""
+    "[0, inf)" (said as "must not be negative"), "(0, inf)" ("must be positive")."""
     low, high = (float(bound) for bound in interval[1:-1].split(","))
     for name in names:
         value = getattr(args, name)
@@ -148,7 +146,8 @@ def check_interval(args, interval, *names):
         below = value < low or (interval[0] == "(" and value == low)
         above = value > high or (interval[-1] == ")" and value == high)
         if below or above:
-            said = "must not be negative" if interval == "[0, inf)" else f"must lie in {interval}"
+            words = {"[0, inf)": "must not be negative", "(0, inf)": "must be positive"}
+            said = words.get(interval, f"must lie in {interval}")
             raise UserError(f"--{name} {said}, got {value}")
 
 
@@ -235,11 +234,6 @@ def model_name(text):
     if text in MODELS or (text.startswith("timm:") and len(text) > 5):
         return text
     raise argparse.ArgumentTypeError(f"{text!r} is neither a named size ({', '.join(MODELS)}) nor timm:NAME")
-
-
-def timm_name(args):
-    """timm:NAME's NAME, or None for our own model."""
-    return args.model[len("timm:"):] if args.model.startswith("timm:") else None
 
 
 def resolve_model(args):

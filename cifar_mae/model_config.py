@@ -25,10 +25,8 @@ class EncoderConfig:
     def from_settings(cls, args, **values):
         """The configuration a run's settings describe (each field from the flag of its name; --model timm:NAME
         gives timm_model), with `values` on top. -> a plain dict, as checkpoints hold it."""
-        model = getattr(args, "model", "")
         found = {f.name: getattr(args, f.name) for f in fields(cls) if getattr(args, f.name, None) is not None}
-        timm_model = model[len("timm:"):] if model.startswith("timm:") else None
-        return asdict(cls(**{**found, "timm_model": timm_model, **values}))
+        return asdict(cls(**{**found, "timm_model": timm_name(args), **values}))
 
 
 @dataclass(frozen=True)
@@ -71,3 +69,8 @@ DEFAULT_MODEL = "vit_tiny_patch2"
 def output_stem(name):
     """The file-name stem of a model's checkpoints: vit-t for ViT-T/2, as the original repository named it."""
     return "vit-t" if name == DEFAULT_MODEL else name.replace(":", "-").replace("_", "-")
+
+
+def timm_name(args):
+    """timm:NAME's NAME, or None for our own model."""
+    return args.model[len("timm:"):] if args.model.startswith("timm:") else None
