@@ -140,7 +140,7 @@ class Pretraining(Task):
         if rt.is_main:
             print(f"pretraining {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters on {rt.device} "
                   f"({rt.world_size} process(es)), {steps} steps/epoch, micro-batch {micro_batch}, peak lr "
-                  f"{peak_lr(args):.2e}, {rt.describe()}, loader {args.loader}")
+                  f"{peak_lr(args.base_learning_rate, args.batch_size):.2e}, {rt.describe()}, loader {args.loader}")
 
     def after_epoch(self, epoch, metrics):
         args, record, text = self.args, {"loss": metrics["loss"]}, f"loss {metrics['loss']:.4f}"

@@ -176,6 +176,10 @@ class MAE_Encoder(nn.Module):
         x = self.blocks(x)
         return self.norm(x)
 
+    def forward_head(self, features, pre_logits=True):
+        """forward_features' output -> the image's feature (B, D): the cls token (timm's convention)."""
+        return features[:, 0]
+
 
 class MAE_Decoder(nn.Module):
     """Lightweight decoder: fills masked positions with a mask token and predicts every patch's pixels."""

@@ -11,7 +11,7 @@ from timm.utils import ModelEmaV3
 from cifar_mae.atomic import save_atomic
 from cifar_mae.checkpoint import last_checkpoint_path, make_checkpoint
 from cifar_mae.classification import ClassificationLoss, check_classes, evaluate, final_report, \
-    report_saved_classifier, selection_split, start_note
+    log_epoch, report_saved_classifier, selection_split, start_note
 from cifar_mae.cli import cli_main
 from cifar_mae.errors import UserError, as_user_error
 from cifar_mae.flags import ArgumentParser, add_augmentation_args, add_config_arg, add_encoder_args, add_runtime_args, \
@@ -22,7 +22,7 @@ from cifar_mae.model_config import ClassifierConfig, output_stem
 from cifar_mae.optim import param_groups
 from cifar_mae.outputs import check_export_path, claim_outputs
 from cifar_mae.pretrained import load_encoder, read_pretrained
-from cifar_mae.randaug import DeviceRandAugment, randaug_policy
+from cifar_mae.randaug import check_policy
 from model import build_classifier, check_config
 
 GPU_MICRO_BATCH = 256  # the micro-batch ceiling on a GPU when --max_device_batch_size is not given
@@ -90,10 +90,8 @@ def check_args(args):
     if not args.pretrained_model_path:  # a bad configuration fails here, before the data is read
         with as_user_error():
             check_config(args.image_size, args.patch_size, {"encoder": args.emb_dim}, {"encoder": args.encoder_head})
-    if args.randaug and args.loader == "device":  # a bad policy fails here, before the data is loaded
-        DeviceRandAugment(args.randaug)
-    elif args.randaug:
-        randaug_policy(args.randaug)
+    if args.randaug:  # a bad policy fails here, before the data is loaded
+        check_policy(args.randaug, args.loader)
 
 
 def new_classifier(config, drop_path=0.0):
@@ -181,7 +179,9 @@ class Classification(Task):
                            crop_scale=args.crop_scale, flip=args.flip, randaug=args.randaug, reprob=args.reprob)
 
     def loss(self, data):
-        return ClassificationLoss(self.args, len(data.classes))
+        args = self.args
+        return ClassificationLoss(len(data.classes), args.mixup, args.cutmix, args.mix_prob, args.mix_switch_prob,
+                                  args.label_smoothing)
 
     def param_groups(self, model):
         return param_groups(model, self.args.weight_decay, NO_WEIGHT_DECAY, self.args.layer_decay)
@@ -200,21 +200,13 @@ class Classification(Task):
     def after_epoch(self, epoch, train):
         args, best = self.args, self.best
         val = evaluate(self.eval_model, self.val_loader, self.rt, len(self.data.classes), args.tta)
-        self.last_acc, train_acc = val["acc"], train["extra_sums"][0] / max(train["images"], 1)
-        self.log.scalars({"cls/loss/train": train["loss"], "cls/loss/val": val["loss"], "cls/acc/train": train_acc,
-                          "cls/acc/val": val["acc"], "cls/acc5/val": val["acc5"],
-                          "cls/acc_flip/val": val.get("acc_flip"), "lr": train["lr"],
-                          "images_per_s": train["images_per_s"]}, epoch)
+        self.last_acc = val["acc"]
         if val["acc"] > best["acc"] or best["model"] is None:
             best.update(acc=val["acc"], epoch=epoch,
                         model={k: v.detach().clone() for k, v in self.eval_model.state_dict().items()})
             if self.rt.is_main:
                 self.save_best()
-        record = {"train_loss": train["loss"], "train_acc": train_acc, "val_loss": val["loss"],
-                  "val_acc": val["acc"], "val_acc5": val["acc5"], "best_acc": best["acc"],
-                  **({"val_acc_flip": val["acc_flip"]} if "acc_flip" in val else {})}
-        return record, (f"train loss {train['loss']:.4f} acc {train_acc:.2%}, val loss {val['loss']:.4f} acc "
-                        f"{val['acc']:.2%} (best {best['acc']:.2%})")
+        return log_epoch(self.log, epoch, train, val, best["acc"])
 
     def save_best(self):
         best = self.best

@@ -10,7 +10,6 @@ caches off; bytes per image = (bytes at 8 - bytes at 4) / 4, so the weights' and
 out. On the CPU, autocast casts linear, conv and attention to bf16 and keeps layer_norm in fp32, as on CUDA.
 About a minute per case on 2 CPU cores. One JSON line per case.
 """
-import argparse
 import contextlib
 import json
 import logging
@@ -73,7 +72,7 @@ def build(case, sizes):
         mae = MAE_ViT(**sizes)
     if case == "pretrain":
         return mae, mae_pretrain.mae_loss
-    loss = ClassificationLoss(argparse.Namespace(mixup=0, cutmix=0, label_smoothing=0), 10)
+    loss = ClassificationLoss(10)
     return ViT_Classifier(mae.encoder, 10), loss
 
 

@@ -181,7 +181,7 @@ def build(case, cfg, rt):
         batch, micro = cfg["pretrain_batch"], cfg["pretrain_micro"]
     else:
         model, betas = ViT_Classifier(mae.encoder, 10), (0.9, 0.999)
-        loss_fn = ClassificationLoss(argparse.Namespace(mixup=0, cutmix=0, label_smoothing=0), 10)
+        loss_fn = ClassificationLoss(10)
         batch, micro = cfg["finetune_batch"], cfg["finetune_micro"]
     model.to(rt.device)
     return model, loss_fn, betas, batch, micro

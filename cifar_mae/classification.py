@@ -22,15 +22,14 @@ from cifar_mae.timm_export import classifier_export, write_timm_state
 class ClassificationLoss:
     """Cross-entropy (soft targets under mixup/cutmix) -> (loss, [correct top-1 against the true labels])."""
 
-    def __init__(self, args, num_classes):
+    def __init__(self, num_classes, mixup=0.0, cutmix=0.0, mix_prob=1.0, mix_switch_prob=0.5, label_smoothing=0.0):
         self.mixup = None
-        if args.mixup > 0 or args.cutmix > 0:
-            self.mixup = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, prob=args.mix_prob,
-                               switch_prob=args.mix_switch_prob, label_smoothing=args.label_smoothing,
-                               num_classes=num_classes)
+        if mixup > 0 or cutmix > 0:
+            self.mixup = Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, prob=mix_prob, switch_prob=mix_switch_prob,
+                               label_smoothing=label_smoothing, num_classes=num_classes)
             self.criterion = SoftTargetCrossEntropy()
         else:
-            self.criterion = torch.nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
+            self.criterion = torch.nn.CrossEntropyLoss(label_smoothing=label_smoothing)
 
     def __call__(self, model, images, labels):
         targets = labels
@@ -151,6 +150,19 @@ def check_classes(ckpt, data, what):
                         f"{list(data.classes)}")
 
 
+def log_epoch(log, epoch, train, val, best_acc):
+    """An epoch's TensorBoard scalars. -> (its metrics.jsonl record, the text of its line)"""
+    train_acc = train["extra_sums"][0] / max(train["images"], 1)
+    log.scalars({"cls/loss/train": train["loss"], "cls/loss/val": val["loss"], "cls/acc/train": train_acc,
+                 "cls/acc/val": val["acc"], "cls/acc5/val": val["acc5"], "cls/acc_flip/val": val.get("acc_flip"),
+                 "lr": train["lr"], "images_per_s": train["images_per_s"]}, epoch)
+    record = {"train_loss": train["loss"], "train_acc": train_acc, "val_loss": val["loss"], "val_acc": val["acc"],
+              "val_acc5": val["acc5"], "best_acc": best_acc,
+              **({"val_acc_flip": val["acc_flip"]} if "acc_flip" in val else {})}
+    return record, (f"train loss {train['loss']:.4f} acc {train_acc:.2%}, val loss {val['loss']:.4f} acc "
+                    f"{val['acc']:.2%} (best {best_acc:.2%})")
+
+
 def final_report(args, rt, log, eval_model, best, last_acc, test_loader, data, config):
     """The best weights on the test set: per-class table, confusion image, closing log line, timm export."""
     if args.val_size or last_acc is None:  # with --val_size no choice has looked at the test set
@@ -187,8 +199,9 @@ def start_note(args, rt, model, steps, micro_batch, selected_on, pretrained, pre
     if pretrained_note:
         print(pretrained_note, file=sys.stderr)
     print(f"training a classifier ({mode}), {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters "
-          f"on {rt.device} ({rt.world_size} process(es)), {steps} steps/epoch, micro-batch {micro_batch}, peak "
-          f"lr {peak_lr(args):.2e}, {rt.describe()}; the best epoch is picked on {selected_on}")
+          f"on {rt.device} ({rt.world_size} process(es)), {steps} steps/epoch, micro-batch {micro_batch}, peak lr "
+          f"{peak_lr(args.base_learning_rate, args.batch_size):.2e}, {rt.describe()}; the best epoch is picked on "
+          f"{selected_on}")
     if pretrained is not None:
         print(pretraining_note(args.pretrained_model_path, pretrained))
     note = ema_note(args.ema_decay, args.total_epoch * steps) if args.ema else None

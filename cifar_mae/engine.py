@@ -161,26 +161,26 @@ class Trainer:
         return stop.signum is not None
 
 
-def checkpoint_due(args, epoch):
+def checkpoint_due(epoch, save_every, total_epoch):
     """Whether the resumable checkpoint is written after `epoch` epochs (a stop writes one as well)."""
-    return epoch % args.save_every == 0 or epoch == args.total_epoch
+    return epoch % save_every == 0 or epoch == total_epoch
 
 
-def stop_reason(args, epoch, clock, rt):
-    """Why the run stops after `epoch` (1-based) epochs of its schedule, or None when it goes on (or is done):
-    --stop_after_epoch, or --stop_after_minutes when one more epoch, as long as the mean one so far, would end
-    past it. Rank 0's clock decides for every rank."""
-    if epoch >= args.total_epoch:
+def stop_reason(epoch, total_epoch, clock, rt, after_epoch=None, after_minutes=None):
+    """Why the run stops after `epoch` (1-based) of its `total_epoch` epochs, or None when it goes on (or is done):
+    after_epoch (--stop_after_epoch) is reached, or one more epoch, as long as the mean one so far, would end past
+    after_minutes (--stop_after_minutes). Rank 0's clock decides for every rank."""
+    if epoch >= total_epoch:
         return None
-    if args.stop_after_epoch is not None and epoch >= args.stop_after_epoch:
+    if after_epoch is not None and epoch >= after_epoch:
         return "as asked"
-    if args.stop_after_minutes is None:
+    if after_minutes is None:
         return None
     gone, epoch_seconds = clock.gone(), clock.epoch_seconds()
     reason = None
-    if gone + epoch_seconds > args.stop_after_minutes * 60:
+    if gone + epoch_seconds > after_minutes * 60:
         reason = (f"since another epoch (about {format_duration(epoch_seconds)}) would end past "
-                  f"--stop_after_minutes {args.stop_after_minutes:g} ({format_duration(gone)} gone)")
+                  f"--stop_after_minutes {after_minutes:g} ({format_duration(gone)} gone)")
     if rt.distributed:
         box = [reason]
         dist.broadcast_object_list(box, src=0)

@@ -239,9 +239,9 @@ def model_name(text):
 def resolve_model(args):
     """Each size flag not given (None) takes --model's value (timm's sizes, for timm:NAME); the decoder's only
     where the script has them."""
-    if timm_name(args):
+    if timm_name(args.model):
         with as_user_error("--model "):
-            sizes = timm_sizes(timm_name(args), **{k: getattr(args, k) for k in TIMM_KWARGS})
+            sizes = timm_sizes(timm_name(args.model), **{k: getattr(args, k) for k in TIMM_KWARGS})
     else:
         sizes = MODELS[args.model]
     for key, value in sizes.items():

@@ -52,9 +52,15 @@ def knn_accuracy(train_feats, train_labels, test_feats, test_labels, num_classes
     return float(correct) / test_feats.shape[0]
 
 
+def pooled_features(encoder, x):
+    """An encoder's image features (B, D), as timm's models give them: the ViT's cls token, the ResNet's pool."""
+    return encoder.forward_head(encoder.forward_features(x), pre_logits=True)
+
+
 def knn_monitor(encoder, train_loader, test_loader, num_classes, rt, k=200, temperature=0.07):
-    """kNN accuracy of the encoder's cls feature; no gradients, mode restored, no global RNG drawn."""
-    forward = lambda x: encoder.forward_features(x)[:, 0]
+    """kNN accuracy of the encoder's pooled features (pooled_features); no gradients, mode restored, no global
+    RNG drawn."""
+    forward = lambda x: pooled_features(encoder, x)
     with evaluating(encoder):
         train = extract_features(forward, train_loader, rt, "kNN: training-set features")
         test = extract_features(forward, test_loader, rt, "kNN: test-set features")

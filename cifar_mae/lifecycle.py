@@ -167,14 +167,17 @@ def run(task_class, args, parser):
     rt = setup_runtime(args)  # seeds every RNG, so the model's initial weights repeat
     if rt.is_main:
         task.claim_outputs(restarting)
-    _, micro_batch = split_batch(args, rt, task.gpu_micro_batch, even=task.even_micro_batch)
+    _, micro_batch = split_batch(args.batch_size, args.max_device_batch_size, rt, task.gpu_micro_batch,
+                                 even=task.even_micro_batch)
     data = load_data(args.data_dir, args.image_size, rt, labels_for=task.labels_for)
     data_record = data_info(args.data_dir, data) if rt.is_main else None
     model = task.build_model(rt, data).to(rt.device)
     loader = task.train_loader(rt, data)
     options, betas = task.trainer_options(model)
-    optimizer = make_optimizer(task.param_groups(model), peak_lr(args), rt, betas=betas)
-    trainer = Trainer(wrap_model(model, rt), task.loss(data), optimizer, schedule(args, len(loader)), rt,
+    lr = peak_lr(args.base_learning_rate, args.batch_size)
+    optimizer = make_optimizer(task.param_groups(model), lr, rt, betas=betas)
+    trainer = Trainer(wrap_model(model, rt), task.loss(data), optimizer,
+                      schedule(lr, args.warmup_epoch, args.total_epoch, len(loader)), rt,
                       micro_batch=micro_batch, skip_nonfinite=args.skip_nonfinite, **options)
     start_epoch, epoch_state = restore_training_state(ckpt, args.resume, model, trainer, loader, rt, data_record)
     log = MetricsLog(args.log_dir, rt, args, completed_epochs=start_epoch, resumed=ckpt is not None, data=data_record)
@@ -213,8 +216,9 @@ def run(task_class, args, parser):
                 record["compile_seconds"] = trainer.compile_seconds
                 text += f", compile {trainer.compile_seconds:.1f}s"
             log.line(record)
-            stopping = stop_reason(args, epoch + 1, clock, rt)
-            if checkpoint_due(args, epoch + 1) or stopping:
+            stopping = stop_reason(epoch + 1, args.total_epoch, clock, rt, args.stop_after_epoch,
+                                   args.stop_after_minutes)
+            if checkpoint_due(epoch + 1, args.save_every, args.total_epoch) or stopping:
                 save(epoch + 1, None)
             clock.lap()
             if rt.is_main:

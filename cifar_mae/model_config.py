@@ -26,7 +26,7 @@ class EncoderConfig:
         """The configuration a run's settings describe (each field from the flag of its name; --model timm:NAME
         gives timm_model), with `values` on top. -> a plain dict, as checkpoints hold it."""
         found = {f.name: getattr(args, f.name) for f in fields(cls) if getattr(args, f.name, None) is not None}
-        return asdict(cls(**{**found, "timm_model": timm_name(args), **values}))
+        return asdict(cls(**{**found, "timm_model": timm_name(args.model), **values}))
 
 
 @dataclass(frozen=True)
@@ -71,6 +71,6 @@ def output_stem(name):
     return "vit-t" if name == DEFAULT_MODEL else name.replace(":", "-").replace("_", "-")
 
 
-def timm_name(args):
-    """timm:NAME's NAME, or None for our own model."""
-    return args.model[len("timm:"):] if args.model.startswith("timm:") else None
+def timm_name(model):
+    """timm:NAME's NAME, or None for our own model (--model)."""
+    return model[len("timm:"):] if model.startswith("timm:") else None

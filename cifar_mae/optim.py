@@ -39,12 +39,12 @@ def make_optimizer(param_groups, lr, rt, betas=(0.9, 0.999)):
     return torch.optim.AdamW(param_groups, lr=lr, betas=betas, fused=fused)
 
 
-def peak_lr(args):
+def peak_lr(base_learning_rate, batch_size):
     """The linear scaling rule: base learning rate x batch size / 256."""
-    return args.base_learning_rate * args.batch_size / 256
+    return base_learning_rate * batch_size / 256
 
 
-def schedule(args, steps_per_epoch):
-    """The learning rate of each optimizer step: warmup and length counted in optimizer steps."""
-    return functools.partial(lr_at, peak_lr=peak_lr(args), warmup_steps=args.warmup_epoch * steps_per_epoch,
-                             total_steps=args.total_epoch * steps_per_epoch)
+def schedule(peak, warmup_epoch, total_epoch, steps_per_epoch):
+    """The learning rate of each optimizer step: warmup and length given in epochs, counted in optimizer steps."""
+    return functools.partial(lr_at, peak_lr=peak, warmup_steps=warmup_epoch * steps_per_epoch,
+                             total_steps=total_epoch * steps_per_epoch)

@@ -298,3 +298,11 @@ class DeviceRandAugment:
 
     def __call__(self, x, generator):
         return self.apply(x, *self.draw(len(x), generator, x.device))
+
+
+def check_policy(config, loader):
+    """A UserError for a --randaug policy that the loader's RandAugment (device: ours, torch: timm's) refuses."""
+    if loader == "device":
+        DeviceRandAugment(config)
+    else:
+        randaug_policy(config)

@@ -184,22 +184,23 @@ def wrap_model(model, rt):
 CPU_MICRO_BATCH = 64
 
 
-def split_batch(args, rt, gpu_micro_batch, even=False):
-    """(local batch per rank, micro-batch) with the checks gradient accumulation needs.
+def split_batch(batch_size, max_micro_batch, rt, gpu_micro_batch, even=False):
+    """(local batch per rank, micro-batch) of --batch_size and --max_device_batch_size, with the checks gradient
+    accumulation needs.
 
-    A --max_device_batch_size given is used as it is. Not given (None), the micro-batch is the largest divisor of
+    A max_micro_batch given is used as it is. Not given (None), the micro-batch is the largest divisor of
     the batch per process up to gpu_micro_batch on a GPU and CPU_MICRO_BATCH on the CPU (an even one if `even`
     and there is one: mixup pairs the images of a micro-batch)."""
-    if args.batch_size % rt.world_size:
-        raise UserError(f"--batch_size {args.batch_size} must be a multiple of the number of processes "
+    if batch_size % rt.world_size:
+        raise UserError(f"--batch_size {batch_size} must be a multiple of the number of processes "
                         f"({rt.world_size})")
-    local = args.batch_size // rt.world_size
-    if args.max_device_batch_size is None:
+    local = batch_size // rt.world_size
+    if max_micro_batch is None:
         ceiling = gpu_micro_batch if rt.device.type == "cuda" else min(gpu_micro_batch, CPU_MICRO_BATCH)
         divisors = [d for d in range(1, min(ceiling, local) + 1) if local % d == 0]
         return local, max([d for d in divisors if d % 2 == 0] if even and local % 2 == 0 else divisors)
-    micro = min(args.max_device_batch_size, local)
+    micro = min(max_micro_batch, local)
     if local % micro:
-        raise UserError(f"--batch_size {args.batch_size} ({local} per process) is not a multiple of the "
+        raise UserError(f"--batch_size {batch_size} ({local} per process) is not a multiple of the "
                         f"micro-batch {micro} (--max_device_batch_size); pick sizes that divide")
     return local, micro

@@ -94,12 +94,11 @@ def test_the_reconstruction_images_come_from_every_class_of_a_sorted_tree():
 
 
 def test_mix_prob_zero_leaves_targets_one_hot():
-    args = parse(train_classifier, "--mixup", 0.8, "--cutmix", 1.0, "--mix_prob", 0)
     images, labels = torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 3])
     np.random.seed(0)
-    mixed, targets = ClassificationLoss(args, 10).mixup(images.clone(), labels)
+    mixed, targets = ClassificationLoss(10, mixup=0.8, cutmix=1.0, mix_prob=0).mixup(images.clone(), labels)
     assert torch.equal(mixed, images) and torch.equal(targets, torch.nn.functional.one_hot(labels, 10).float())
-    half = ClassificationLoss(parse(train_classifier, "--mixup", 0.8, "--mix_prob", 0.5), 10).mixup
+    half = ClassificationLoss(10, mixup=0.8, mix_prob=0.5).mixup
     assert (half.mix_prob, half.switch_prob) == (0.5, 0.5)
 
 

@@ -1444,10 +1444,10 @@ def test_a_resume_from_an_older_checkpoint_drops_the_later_epochs_from_both_logs
                                                                                  capsys):
     due = checkpoint_due
 
-    def crash_after_epoch_3(args, epoch):  # the process dies after logging epoch 3, before its checkpoint
+    def crash_after_epoch_3(epoch, *settings):  # the process dies after logging epoch 3, before its checkpoint
         if epoch == 3:
             raise RuntimeError("simulated crash")
-        return due(args, epoch)
+        return due(epoch, *settings)
 
     monkeypatch.setattr(lifecycle, "checkpoint_due", crash_after_epoch_3)
     with pytest.raises(RuntimeError, match="simulated crash"):

@@ -75,8 +75,8 @@ def test_the_default_micro_batch_fits_the_device_and_divides_the_batch():
     """The GPU default of 1024 took about 24 GB of host memory on the CPU, where the kernel killed the run without
     a word; not given, the micro-batch is at most 64 there, and a divisor of the batch on either device."""
     def micro(batch, device, given=None, gpu_default=1024, even=False, world_size=1):
-        args = argparse.Namespace(batch_size=batch, max_device_batch_size=given)
-        return split_batch(args, Runtime(torch.device(device), world_size=world_size), gpu_default, even=even)[1]
+        return split_batch(batch, given, Runtime(torch.device(device), world_size=world_size), gpu_default,
+                           even=even)[1]
     assert [micro(b, "cpu") for b in (4096, 128, 100, 90, 16, 97)] == [64, 64, 50, 45, 16, 1]
     assert micro(90, "cpu", even=True) == 30 and micro(90, "cpu", gpu_default=256, even=True) == 30
     assert micro(4096, "cpu", world_size=4) == 64 and micro(96, "cpu", world_size=2) == 48
@@ -224,8 +224,7 @@ def test_drop_path_rises_linearly_over_blocks_and_acts_in_training_only():
 
 
 def test_mixup_mixes_images_and_targets_with_the_weight_timm_draws():
-    args = train_classifier.get_args_parser().parse_args(["--mixup", "0.8", "--label_smoothing", "0.1"])
-    loss = ClassificationLoss(args, 10)
+    loss = ClassificationLoss(10, mixup=0.8, label_smoothing=0.1)
     seen = {}
 
     def model(images):
@@ -247,7 +246,7 @@ def test_mixup_mixes_images_and_targets_with_the_weight_timm_draws():
 
 
 def test_cutmix_pastes_one_box_of_the_flipped_batch_and_mixes_the_targets_by_its_area():
-    loss = ClassificationLoss(train_classifier.get_args_parser().parse_args(["--cutmix", "1"]), 10)
+    loss = ClassificationLoss(10, cutmix=1.0)
     np.random.seed(0)  # timm's Mixup draws from numpy
     images, labels = torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 3])
     mixed, targets = loss.mixup(images.clone(), labels)
@@ -263,7 +262,7 @@ def test_cutmix_pastes_one_box_of_the_flipped_batch_and_mixes_the_targets_by_its
 
 
 def test_label_smoothing_without_mixup_spreads_epsilon_over_all_classes():
-    loss = ClassificationLoss(argparse.Namespace(mixup=0.0, cutmix=0.0, label_smoothing=0.1), 10)
+    loss = ClassificationLoss(10, label_smoothing=0.1)
     logits = torch.randn(4, 10)
     labels = torch.tensor([0, 3, 5, 9])
     value, correct = loss(lambda images: logits, torch.zeros(4, 3, 8, 8), labels)
@@ -1152,20 +1151,19 @@ def test_a_time_limit_stops_after_the_last_epoch_that_fits(monkeypatch):
     now = [1000.0]
     monkeypatch.setattr(time, "perf_counter", lambda: now[0])
     rt = Runtime(torch.device("cpu"))
-    args = argparse.Namespace(total_epoch=10, stop_after_epoch=None, stop_after_minutes=2.0)
     clock = EpochClock(started=990.0)  # 10 s of setup before the first epoch
     for end, epoch in ((1050.0, 1), (1070.0, 2), (1090.0, 3)):
         # epoch 1 (50 s, compiling) ends at 60 s: one more as long would end at 110 s. Epochs 2 and 3 take
         # 20 s: the first no longer counts, and the next would end at 100 s, then at exactly 120 s
         now[0] = end
-        assert stop_reason(args, epoch, clock, rt) is None
+        assert stop_reason(epoch, 10, clock, rt, None, 2.0) is None
         clock.lap()
     now[0] = 1110.0  # 120 s gone: a fifth epoch would end at 140 s
-    assert stop_reason(args, 4, clock, rt) == \
+    assert stop_reason(4, 10, clock, rt, None, 2.0) == \
         "since another epoch (about 20s) would end past --stop_after_minutes 2 (2m 0s gone)"
-    assert stop_reason(args, 10, clock, rt) is None  # the schedule's end is no stop
-    args.stop_after_minutes, args.stop_after_epoch = None, 4
-    assert stop_reason(args, 3, clock, rt) is None and stop_reason(args, 4, clock, rt) == "as asked"
+    assert stop_reason(10, 10, clock, rt, None, 2.0) is None  # the schedule's end is no stop
+    assert stop_reason(3, 10, clock, rt, after_epoch=4) is None and stop_reason(4, 10, clock, rt, after_epoch=4) == \
+        "as asked"
 
 
 def test_fine_tuning_points_out_an_unfinished_pretraining():
