@@ -14,7 +14,8 @@ from timm.layers import PatchEmbed, trunc_normal_
 from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
 from timm.models.vision_transformer import Block
 
-from cifar_mae.model_config import DEFAULT_MODEL, MODELS, ClassifierConfig, MAEConfig  # noqa: F401 (MODELS: as before)
+from cifar_mae.model_config import DEFAULT_MODEL, MODELS, ClassifierConfig, EncoderConfig, MAEConfig
+from cifar_mae.resnet import ResNetClassifier, cifar_resnet
 from cifar_mae.timm_vit import TIMM_KWARGS, timm_sizes, timm_vit
 
 LayerNorm = partial(nn.LayerNorm, eps=1e-6)  # the eps of timm's VisionTransformer, so exports match exactly
@@ -139,7 +140,7 @@ class MAE_Encoder(nn.Module):
             image_size, patch_size = vit.patch_embed.img_size[0], vit.patch_embed.patch_size[0]
             emb_dim, num_head = vit.embed_dim, vit.blocks[0].attn.num_heads
         check_config(image_size, patch_size, {"encoder": emb_dim}, {"encoder": num_head}, mask_ratio)
-        self.patch_size, self.in_chans = patch_size, in_chans
+        self.patch_size, self.in_chans, self.num_features = patch_size, in_chans, emb_dim
         self.patch_embed = vit.patch_embed if vit else PatchEmbed(img_size=image_size, patch_size=patch_size,
                                                                   in_chans=in_chans, embed_dim=emb_dim)
         self.num_patches = self.patch_embed.num_patches
@@ -216,10 +217,13 @@ class MAE_ViT(nn.Module):
 
     def __init__(self, image_size=None, patch_size=None, emb_dim=None, encoder_layer=None, encoder_head=None,
                  decoder_layer=None, decoder_head=None, mask_ratio=0.75, in_chans=3, decoder_emb_dim=None,
-                 pos_embed="learned", norm_pix_loss=False, timm_model=None):
+                 pos_embed="learned", norm_pix_loss=False, timm_model=None, resnet=None):
         """Sizes not given (None) are DEFAULT_MODEL's, or with timm_model (a timm VisionTransformer's name) timm's;
         the decoder's width defaults to the encoder's."""
         super().__init__()
+        if resnet:
+            raise ValueError(f"MAE hides patches from a ViT, and {resnet} is a ResNet: pretrain it with "
+                             "moco_pretrain.py, or pick a ViT (--model)")
         given = dict(image_size=image_size, patch_size=patch_size, emb_dim=emb_dim, encoder_layer=encoder_layer,
                      encoder_head=encoder_head, decoder_layer=decoder_layer, decoder_head=decoder_head)
         sizes = timm_sizes(timm_model, **{k: v for k, v in given.items() if k in TIMM_KWARGS}) if timm_model \
@@ -287,6 +291,7 @@ class ViT_Classifier(nn.Module):
     Parameter names follow timm's VisionTransformer (cls_token, pos_embed, patch_embed, blocks, norm or
     fc_norm, head), so exporting to timm is a rename-free copy.
     """
+    backbone_prefix = ""  # the encoder's weights are at the top level
 
     def __init__(self, encoder: MAE_Encoder, num_classes=10, global_pool=False, linear_probe=False):
         super().__init__()
@@ -341,9 +346,21 @@ class ViT_Classifier(nn.Module):
         return self.head(self.forward_features(imgs))
 
 
+def build_encoder(config, drop_path=0.0):
+    """The encoder a config dict (EncoderConfig's fields) describes, without masking: an MAE_Encoder, or the
+    CIFAR ResNet. Both give image features as timm's models do (forward_features, forward_head, num_features)."""
+    c = EncoderConfig.of(config)
+    if c.resnet:
+        return cifar_resnet(c.resnet, c.in_chans, drop_path)
+    return MAE_Encoder(c.image_size, c.patch_size, c.emb_dim, c.encoder_layer, c.encoder_head, mask_ratio=0.0,
+                       in_chans=c.in_chans, pos_embed=c.pos_embed, drop_path=drop_path, timm_model=c.timm_model)
+
+
 def build_classifier(config, drop_path=0.0):
-    """A ViT_Classifier from a plain config dict (ClassifierConfig's fields), as checkpoints save it."""
+    """A ViT_Classifier (or ResNetClassifier) from a plain config dict (ClassifierConfig's fields), as checkpoints
+    save it."""
     c = ClassifierConfig.of(config)
-    encoder = MAE_Encoder(c.image_size, c.patch_size, c.emb_dim, c.encoder_layer, c.encoder_head, mask_ratio=0.0,
-                          in_chans=c.in_chans, pos_embed=c.pos_embed, drop_path=drop_path, timm_model=c.timm_model)
+    encoder = build_encoder(config, drop_path)
+    if c.resnet:
+        return ResNetClassifier(encoder, c.num_classes, linear_probe=c.linear_probe)
     return ViT_Classifier(encoder, c.num_classes, global_pool=c.global_pool, linear_probe=c.linear_probe)

@@ -15,10 +15,10 @@ from cifar_mae.classification import ClassificationLoss, check_classes, evaluate
 from cifar_mae.cli import cli_main
 from cifar_mae.errors import UserError, as_user_error
 from cifar_mae.flags import ArgumentParser, add_augmentation_args, add_config_arg, add_encoder_args, add_runtime_args, \
-    add_training_args, check_interval, check_training_args, path_arg, plain_args
+    add_training_args, check_interval, check_resnet_args, check_training_args, path_arg, plain_args
 from cifar_mae.lifecycle import Task, run
 from cifar_mae.loaders import make_loader
-from cifar_mae.model_config import ClassifierConfig, output_stem
+from cifar_mae.model_config import ClassifierConfig, output_stem, resnet_arch
 from cifar_mae.optim import param_groups
 from cifar_mae.outputs import check_export_path, claim_outputs
 from cifar_mae.pretrained import load_encoder, read_pretrained
@@ -87,7 +87,9 @@ def check_args(args):
     check_interval(args, "(0, 1)", "ema_decay")
     if args.linear_probe and args.drop_path:
         raise UserError("--linear_probe keeps the encoder frozen; --drop_path would have nothing to act on")
-    if not args.pretrained_model_path:  # a bad configuration fails here, before the data is read
+    if resnet_arch(args.model):
+        check_resnet_args(args, "global_pool", "export_timm")
+    elif not args.pretrained_model_path:  # a bad configuration fails here, before the data is read
         with as_user_error():
             check_config(args.image_size, args.patch_size, {"encoder": args.emb_dim}, {"encoder": args.encoder_head})
     if args.randaug:  # a bad policy fails here, before the data is loaded

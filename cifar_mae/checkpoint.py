@@ -14,7 +14,8 @@ from cifar_mae.errors import UserError
 from cifar_mae.flags import plain_args, take_saved
 
 FORMAT = "cifar-mae/2"  # bumped whenever what a checkpoint holds changes
-KINDS = {"mae_pretrain": "an MAE pretraining", "classifier": "a classifier"}
+KINDS = {"mae_pretrain": "an MAE pretraining", "moco_pretrain": "a MoCo pretraining", "classifier": "a classifier"}
+PRETRAINING = ("mae_pretrain", "moco_pretrain")  # the kinds whose encoder a classifier starts from
 
 
 def make_checkpoint(kind, model_state, model_config, epoch, **fields):
@@ -52,16 +53,18 @@ def read_weights(path, what):
 
 
 def check_checkpoint(ckpt, path, kind=None, what="checkpoint"):
-    """What torch.load gave, if it is a checkpoint of this version of the project (of `kind`); else a UserError."""
+    """What torch.load gave, if it is a checkpoint of this version of the project (of `kind`, or one of the kinds
+    in a tuple); else a UserError."""
     if isinstance(ckpt, dict) and str(ckpt.get("format")).startswith("cifar-mae/") and ckpt["format"] != FORMAT:
         raise UserError(f"{what} {path} was written by an older version of this project ({ckpt['format']}, this "
                         f"one reads {FORMAT}); its run has to be done again with this version")
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise UserError(f"{what} {path} is not a checkpoint of this version of the project (no '{FORMAT}' "
                         "format tag)")
-    if kind is not None and ckpt.get("kind") != kind:
+    kinds = (kind,) if isinstance(kind, str) else kind
+    if kind is not None and ckpt.get("kind") not in kinds:
         raise UserError(f"{what} {path} is {KINDS.get(ckpt.get('kind'), repr(ckpt.get('kind')))} checkpoint, "
-                        f"but {KINDS[kind]} checkpoint is needed here")
+                        f"but {' or '.join(KINDS[k] for k in kinds)} checkpoint is needed here")
     return ckpt
 
 

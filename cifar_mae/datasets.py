@@ -335,13 +335,18 @@ def holdout_split(num_images, size, seed=0):
     return order[size:].sort().values, order[:size].sort().values
 
 
-def spread_test_images(data, count=16):
-    """`count` test images spread over the classes (the i-th of each class in turn), the same in every run."""
+def spread_test_indexes(data, count=16):
+    """The indexes of `count` test images spread over the classes (the i-th of each class in turn), the same in
+    every run."""
     if not data.classes:  # unlabelled: the held-out images as they are
-        return data.test_images[:count]
+        return torch.arange(min(count, len(data.test_images)))
     by_class = [torch.nonzero(data.test_labels == c)[:, 0] for c in range(len(data.classes))]
     order = torch.stack([ids[i] for i in range(max(map(len, by_class))) for ids in by_class if i < len(ids)])
-    return data.test_images[order[:count]]
+    return order[:count]
+
+
+def spread_test_images(data, count=16):
+    return data.test_images[spread_test_indexes(data, count)]
 
 
 def data_info(data_dir, data):

@@ -35,12 +35,13 @@ class Trainer:
     """One optimizer step per global batch: micro-batches, averaged gradients, amp, clipping, EMA, lr.
 
     loss_fn(model, images, labels) -> (mean loss over the micro-batch, extra per-sample sums (k,) float).
+    after_step(step): what the model does after each optimizer step besides the EMA (MoCo's key encoder).
     """
 
     def __init__(self, model, loss_fn, optimizer, lr_fn, rt, *, micro_batch, clip_grad=None, ema=None,
-                 skip_nonfinite=0, num_extra=0):
+                 skip_nonfinite=0, num_extra=0, after_step=None):
         self.model, self.loss_fn, self.optimizer, self.lr_fn, self.rt = model, loss_fn, optimizer, lr_fn, rt
-        self.micro_batch, self.clip_grad, self.ema = micro_batch, clip_grad, ema
+        self.micro_batch, self.clip_grad, self.ema, self.after_step = micro_batch, clip_grad, ema, after_step
         self.skip_nonfinite, self.skipped, self.num_extra = skip_nonfinite, 0, num_extra
         self.scaler = torch.amp.GradScaler(rt.device.type) if rt.amp_dtype == torch.float16 else None
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -99,6 +100,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=not self.cudagraphs)
         if self.ema is not None:
             self.ema.update(unwrap(self.model))  # ema = decay * ema + (1 - decay) * live, from the first step
+        if self.after_step is not None:
+            self.after_step(step)
         return sums
 
     def run_epoch(self, loader, state, *, epoch, first_step, log_interval, stop, desc, show):

@@ -158,7 +158,20 @@ def check_training_args(args, *positive):
                    "stop_after_epoch", "stop_after_minutes", *positive)
     if not 0 < args.crop_scale[0] <= args.crop_scale[1] <= 1:
         raise UserError(f"--crop_scale needs 0 < MIN <= MAX <= 1, got {args.crop_scale}")
+    check_interval(args, "[0, 1)", "momentum")
     check_schedule(args)
+
+
+VIT_FLAGS = ("patch_size", "emb_dim", "encoder_layer", "encoder_head")
+
+
+def check_resnet_args(args, *vit_only):
+    """With a ResNet (--model): no ViT size flag, nor the job's flags `vit_only` that act on a ViT only."""
+    given = [name for name in VIT_FLAGS if getattr(args, name) is not None]
+    given += [name for name in vit_only if getattr(args, name)]
+    given += ["pos_embed"] if args.pos_embed != "learned" else []
+    if given:
+        raise UserError(f"--{given[0]} acts on a ViT, and --model {args.model} is a ResNet")
 
 
 def check_schedule(args):
@@ -191,7 +204,7 @@ DATA_DIR_HELP = ("a folder holding cifar-10-batches-py/, cifar-100-python/, trai
 
 
 def add_training_args(parser, *, seed, batch_size, base_learning_rate, weight_decay, total_epoch, warmup_epoch,
-                      gpu_micro_batch, checkpoint_flag, weight_decay_help="weight matrices only"):
+                      gpu_micro_batch, checkpoint_flag, weight_decay_help="weight matrices only", optimizer="adamw"):
     """The flags every training job has, with the job's defaults: seeds, batch, learning rate and schedule, data
     and log folders (--log_dir's default named after the job's `checkpoint_flag`)."""
     parser.add_argument("--seed", type=int, default=seed, help="seeds every RNG (process k of a run takes seed + k)")
@@ -204,7 +217,10 @@ def add_training_args(parser, *, seed, batch_size, base_learning_rate, weight_de
     parser.add_argument("--base_learning_rate", type=float, default=base_learning_rate,
                         help="lr = base * batch_size / 256")
     parser.add_argument("--weight_decay", type=float, default=weight_decay,
-                        help=f"AdamW weight decay ({weight_decay_help})")
+                        help=f"weight decay ({weight_decay_help})")
+    parser.add_argument("--optimizer", default=optimizer, choices=["adamw", "sgd"],
+                        help="adamw, or sgd with --momentum")
+    parser.add_argument("--momentum", type=float, default=0.9, help="SGD's momentum (--optimizer sgd)")
     parser.add_argument("--total_epoch", type=int, default=total_epoch,
                         help="epochs; the cosine schedule ends with the last")
     parser.add_argument("--warmup_epoch", type=int, default=warmup_epoch, help="epochs of linear lr warmup")

@@ -144,7 +144,8 @@ def evaluate_saved(task_class, args, parser):
     ckpt = load_checkpoint(args.eval_only, task_class.kind, "--eval_only")
     config = ckpt["model_config"]
     sizes = {k: v for k, v in config.items() if k != "mask_ratio"}  # an MAE is evaluated at --mask_ratio if given
-    take_saved(args, parser, config, f"--eval_only {args.eval_only}", fixed=sizes)
+    saved = {**config, "model": ckpt.get("args", {}).get("model", args.model)}  # its name, for its kind of model
+    take_saved(args, parser, saved, f"--eval_only {args.eval_only}", fixed=sizes)
     resolve_model(args)
     task_class.check_eval_args(args)
     note = data_dir_from(args, ckpt, args.eval_only)
@@ -175,7 +176,7 @@ def run(task_class, args, parser):
     loader = task.train_loader(rt, data)
     options, betas = task.trainer_options(model)
     lr = peak_lr(args.base_learning_rate, args.batch_size)
-    optimizer = make_optimizer(task.param_groups(model), lr, rt, betas=betas)
+    optimizer = make_optimizer(task.param_groups(model), lr, rt, betas, args.optimizer, args.momentum)
     trainer = Trainer(wrap_model(model, rt), task.loss(data), optimizer,
                       schedule(lr, args.warmup_epoch, args.total_epoch, len(loader)), rt,
                       micro_batch=micro_batch, skip_nonfinite=args.skip_nonfinite, **options)

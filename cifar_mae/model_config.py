@@ -5,7 +5,8 @@ from dataclasses import asdict, dataclass, fields
 
 @dataclass(frozen=True)
 class EncoderConfig:
-    """The ViT encoder: sizes, input channels, position embedding, and the timm model it comes from (None: ours)."""
+    """The encoder: a ViT (its sizes, input channels, position embedding, and the timm model it comes from; None:
+    ours), or with `resnet` timm's ResNet of that name with the CIFAR stem (image size and channels only)."""
     image_size: int = 32
     patch_size: int = 2
     emb_dim: int = 192
@@ -14,6 +15,7 @@ class EncoderConfig:
     in_chans: int = 3
     pos_embed: str = "learned"
     timm_model: str = None
+    resnet: str = None
 
     @classmethod
     def of(cls, config):
@@ -26,7 +28,11 @@ class EncoderConfig:
         """The configuration a run's settings describe (each field from the flag of its name; --model timm:NAME
         gives timm_model), with `values` on top. -> a plain dict, as checkpoints hold it."""
         found = {f.name: getattr(args, f.name) for f in fields(cls) if getattr(args, f.name, None) is not None}
-        return asdict(cls(**{**found, "timm_model": timm_name(args.model), **values}))
+        config = asdict(cls(**{**found, "timm_model": timm_name(args.model), **values}))
+        resnet = resnet_arch(args.model)
+        if resnet:  # a ResNet has none of the ViT's sizes
+            config = {k: v for k, v in config.items() if k not in VIT_ONLY} | {"resnet": resnet}
+        return config
 
 
 @dataclass(frozen=True)
@@ -37,6 +43,24 @@ class MAEConfig(EncoderConfig):
     decoder_emb_dim: int = None
     mask_ratio: float = 0.75
     norm_pix_loss: bool = False
+
+
+VIT_ONLY = {"patch_size", "emb_dim", "encoder_layer", "encoder_head", "pos_embed", "timm_model"}
+
+
+@dataclass(frozen=True)
+class MoCoConfig(EncoderConfig):
+    """MoCo on the encoder: its version, projection (and v3's predictor) widths, queue, temperature, momentum,
+    symmetric loss (v2), and the BatchNorm groups of a ResNet (bn_splits)."""
+    moco_version: int = 2
+    moco_dim: int = 128
+    moco_mlp_dim: int = 2048
+    moco_k: int = 4096
+    moco_t: float = 0.1
+    moco_m: float = 0.99
+    symmetric: bool = False
+    bn_splits: int = 8
+    freeze_patch_embed: bool = False
 
 
 @dataclass(frozen=True)
@@ -55,6 +79,7 @@ MODELS = {
                             decoder_layer=2, decoder_head=2),  # the CPU recipe's
     "vit_small_patch4": dict(image_size=32, patch_size=4, emb_dim=384, encoder_layer=12, encoder_head=6,
                              decoder_layer=4, decoder_head=6),
+    "resnet18_cifar": dict(image_size=32, resnet="resnet18"),  # ResNet-18, 3x3 stride-1 stem, no max-pool
     "vit_tiny_patch8_96": dict(image_size=96, patch_size=8, emb_dim=192, encoder_layer=12, encoder_head=3,
                                decoder_layer=4, decoder_head=3),  # STL-10's 96 x 96 images: 144 patches
     # ViT-T/2 with smaller decoders, which move fewer bytes per step
@@ -74,3 +99,8 @@ def output_stem(name):
 def timm_name(model):
     """timm:NAME's NAME, or None for our own model (--model)."""
     return model[len("timm:"):] if model.startswith("timm:") else None
+
+
+def resnet_arch(model):
+    """The timm ResNet a named size (--model) builds, or None for a ViT."""
+    return MODELS.get(model, {}).get("resnet")

@@ -33,9 +33,12 @@ def param_groups(model, weight_decay, no_weight_decay=(), layer_decay=None):
     return param_groups_weight_decay(model, weight_decay, no_weight_decay_list=no_weight_decay)
 
 
-def make_optimizer(param_groups, lr, rt, betas=(0.9, 0.999)):
-    """AdamW (fused on CUDA) over groups that carry their own weight decay (and lr_scale)."""
+def make_optimizer(param_groups, lr, rt, betas=(0.9, 0.999), kind="adamw", momentum=0.9):
+    """AdamW, or SGD with momentum (`kind`, --optimizer; fused on CUDA), over groups that carry their own weight
+    decay (and lr_scale)."""
     fused = rt.device.type == "cuda"
+    if kind == "sgd":
+        return torch.optim.SGD(param_groups, lr=lr, momentum=momentum, fused=fused)
     return torch.optim.AdamW(param_groups, lr=lr, betas=betas, fused=fused)
 
 

@@ -5,14 +5,15 @@ import shlex
 
 from timm.layers import resample_abs_pos_embed, resample_patch_embed
 
-from cifar_mae.checkpoint import check_checkpoint, read_weights
+from cifar_mae.checkpoint import PRETRAINING, check_checkpoint, read_weights
 from cifar_mae.console import script_command
 from cifar_mae.errors import UserError
 from cifar_mae.flags import take_saved
 from cifar_mae.outputs import data_dir_from
 
 TIMM_KEYS = ("cls_token", "pos_embed", "patch_embed.proj.weight")  # what a timm ViT's state_dict holds
-MAE_SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "mae_pretrain.py")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPTS = {"mae_pretrain": ("MAE", "mae_pretrain.py"), "moco_pretrain": ("MoCo", "moco_pretrain.py")}
 
 
 def timm_state_dict(weights):
@@ -36,7 +37,7 @@ def read_pretrained(args, parser):
     if not isinstance(weights, dict) or "format" not in weights:
         raise UserError(f"{what} {path} is neither a checkpoint of this project nor a timm VisionTransformer "
                         f"state_dict (with {', '.join(TIMM_KEYS)})")
-    pretrained = check_checkpoint(weights, path, "mae_pretrain", what)
+    pretrained = check_checkpoint(weights, path, PRETRAINING, what)
     config = pretrained["model_config"]
     saved = {**config, "model": pretrained.get("args", {}).get("model", args.model)}  # its name, for file names
     take_saved(args, parser, saved, f"{what} {path}", fixed=config)
@@ -64,7 +65,8 @@ def load_encoder(model, pretrained, what):
     if "timm_state" in pretrained:
         state, pretrained["resampled"] = resampled_timm_state(pretrained["timm_state"], model)
     else:
-        state = {k[len("encoder."):]: v for k, v in pretrained["model"].items() if k.startswith("encoder.")}
+        state = {model.backbone_prefix + k[len("encoder."):]: v for k, v in pretrained["model"].items()
+                 if k.startswith("encoder.")}
     wanted = [k for k in model.state_dict() if not k.startswith(("head.", "fc_norm."))]
     missing = [k for k in wanted if k not in state]
     hint = "pass the --model and size flags it was trained with"
@@ -87,8 +89,9 @@ def pretraining_note(path, pretrained):
     if "converted_from" in pretrained:
         return f"encoder from {path}: converted from {pretrained['converted_from']}, whose epochs are not recorded"
     done, total = pretrained["epoch"], pretrained.get("args", {}).get("total_epoch")
-    note = f"encoder from {path}: MAE pretraining after epoch {done}" + (f" of {total}" if total else "")
+    method, script = SCRIPTS[pretrained["kind"]]
+    note = f"encoder from {path}: {method} pretraining after epoch {done}" + (f" of {total}" if total else "")
     if total and done < total:
         note += f" (an unfinished run: its learning rate had not yet decayed; resume it with python " \
-                f"{script_command(MAE_SCRIPT)} --resume {shlex.quote(path)})"
+                f"{script_command(os.path.join(ROOT, script))} --resume {shlex.quote(path)})"
     return note

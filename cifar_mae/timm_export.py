@@ -13,10 +13,11 @@ def timm_vit_kwargs(config, num_classes, global_pool):
                 num_heads=c.encoder_head, num_classes=num_classes, global_pool=global_pool)
 
 
-def encoder_export(model):
-    """(state_dict, create_model kwargs) of the encoder as timm's VisionTransformer without a head."""
-    state = {k: v.detach().clone() for k, v in model.encoder.state_dict().items()}
-    return state, timm_vit_kwargs(model.config, 0, "token")
+def encoder_export(encoder, config):
+    """(state_dict, create_model kwargs) of a ViT encoder (its model's config) as timm's VisionTransformer without
+    a head."""
+    state = {k: v.detach().clone() for k, v in encoder.state_dict().items()}
+    return state, timm_vit_kwargs(config, 0, "token")
 
 
 def classifier_export(model, config):

@@ -103,6 +103,14 @@ def cls_features(path, images):
         return model.encoder.eval().forward_features(images.float().div(127.5).sub(1.0))[:, 0]
 
 
+def projector(folder):
+    """What TensorBoard's projector shows from a folder add_embedding wrote: (features, labels); a sprite too."""
+    assert (folder / "sprite.png").is_file()
+    table = torch.tensor([[float(v) for v in line.split("\t")] for line in
+                          (folder / "tensors.tsv").read_text().splitlines()])
+    return table, (folder / "metadata.tsv").read_text().split()
+
+
 @pytest.fixture
 def cifar_dir(tmp_path):
     return write_cifar_batches(str(tmp_path / "data"))

@@ -14,11 +14,11 @@ from PIL import Image
 import mae_pretrain
 import train_classifier
 from cifar_mae.augment import random_erase
-from cifar_mae.datasets import load_data
+from cifar_mae.datasets import load_data, spread_test_indexes
 from cifar_mae.knn import knn_accuracy
 from cifar_mae.loaders import DeviceLoader, TorchLoader
 from cifar_mae.randaug import DeviceRandAugment
-from conftest import TINY_MAE, TINY_MODEL, brute_force_knn, cls_features, write_cifar_batches
+from conftest import TINY_MAE, TINY_MODEL, brute_force_knn, cls_features, projector, write_cifar_batches
 from model import MAE_ViT, build_classifier
 
 
@@ -127,6 +127,10 @@ def test_the_knn_monitor_and_eval_only_vote_with_knn_k_and_knn_t(tmp_path, capsy
     expected = brute_force_knn(train, split.train_labels, test, split.test_labels, 10, 3, 0.5)
     assert jsonl(tmp_path / "l" / "metrics.jsonl")[0]["knn_acc"] == expected
     assert brute_force_knn(train, split.train_labels, test, split.test_labels, 10, 200, 0.07) != expected
+    table, names = projector(tmp_path / "l" / "00001" / "test_features")  # the end of the run: all 60 test images
+    index = spread_test_indexes(split, 60)
+    torch.testing.assert_close(table, test[index], rtol=1e-4, atol=1e-5)
+    assert names == [split.classes[i] for i in split.test_labels[index]]
     result = run_main(mae_pretrain, "--eval_only", tmp_path / "m.pth", "--knn_k", 7, "--knn_t", 0.1,
                       "--device", "cpu")
     assert result["knn_acc"] == brute_force_knn(train, split.train_labels, test, split.test_labels, 10, 7, 0.1)

@@ -239,7 +239,7 @@ def test_mae_eval_only_gives_the_knn_accuracy_of_training_and_the_test_loss(tmp_
     assert f"test reconstruction loss {out['test_loss']:.4f} at mask ratio 0.75" in result.stdout
     # the encoder as a timm backbone, loaded with the printed call
     import timm
-    _, kwargs = encoder_export(model)
+    _, kwargs = encoder_export(model.encoder, model.config)
     call = ", ".join(f"{k}={v!r}" for k, v in kwargs.items() if k not in ("model_name", "pretrained"))
     assert f"timm.create_model('vit_tiny_patch16_224', pretrained=False, {call})" in result.stdout
     backbone = timm.create_model(**kwargs)
@@ -1041,7 +1041,8 @@ BAD_INPUTS = {  # name: (script, argv from (world, tmp_path), what the error lin
                                                   *CLS_OUT(w, t)], lambda w: "truncated"),
     "classifier as pretrained": ("cls", lambda w, t: ["--data_dir", w["data"], "--pretrained_model_path", w["cls"],
                                                       *CLS_OUT(w, t)],
-                                 lambda w: "is a classifier checkpoint, but an MAE pretraining checkpoint is needed"),
+                                 lambda w: "is a classifier checkpoint, but an MAE pretraining or a MoCo pretraining "
+                                           "checkpoint is needed"),
     "sizes differ from flags": ("cls", lambda w, t: ["--data_dir", w["data"], "--pretrained_model_path", w["mae"],
                                                      "--emb_dim", 32, *CLS_OUT(w, t)],
                                 lambda w: "--emb_dim 32 conflicts"),

@@ -1046,7 +1046,7 @@ def test_mae_encoder_export_gives_timm_the_same_features(pos_embed):
     import timm
     torch.manual_seed(0)
     mae = MAE_ViT(**TINY, pos_embed=pos_embed).eval()
-    state, kwargs = encoder_export(mae)
+    state, kwargs = encoder_export(mae.encoder, mae.config)
     assert kwargs["num_classes"] == 0 and kwargs["global_pool"] == "token"
     backbone = timm.create_model(**kwargs)
     backbone.load_state_dict(state, strict=True)
@@ -1167,10 +1167,10 @@ def test_a_time_limit_stops_after_the_last_epoch_that_fits(monkeypatch):
 
 
 def test_fine_tuning_points_out_an_unfinished_pretraining():
-    note = pretraining_note("m.pth", {"epoch": 500, "args": {"total_epoch": 2000}})
+    note = pretraining_note("m.pth", {"kind": "mae_pretrain", "epoch": 500, "args": {"total_epoch": 2000}})
     assert note.startswith("encoder from m.pth: MAE pretraining after epoch 500 of 2000 (an unfinished run")
     assert "resume it with python mae_pretrain.py --resume m.pth)" in note
-    assert pretraining_note("m.pth", {"epoch": 2000, "args": {"total_epoch": 2000}}) == \
+    assert pretraining_note("m.pth", {"kind": "mae_pretrain", "epoch": 2000, "args": {"total_epoch": 2000}}) == \
         "encoder from m.pth: MAE pretraining after epoch 2000 of 2000"
     assert pretraining_note("m.pth", {"epoch": 0, "converted_from": "old.pt"}) == \
         "encoder from m.pth: converted from old.pt, whose epochs are not recorded"

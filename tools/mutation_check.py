@@ -22,7 +22,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # the files where most mutants die, first: a run stops at its first kill
-FIRST_TESTS = ["tests/test_references.py", "tests/test_schedule_evaluation_monitors.py", "tests/test_model.py",
+FIRST_TESTS = ["tests/test_moco.py", "tests/test_references.py", "tests/test_schedule_evaluation_monitors.py", "tests/test_model.py",
                "tests/test_training.py", "tests/test_randaug.py"]
 # fails on every mutant by design (each mutant's text must stand in the unmutated code)
 NOT_RUN = "tests/test_benchmarks.py::test_every_mutant_of_the_mutation_check_still_finds_its_text"
@@ -90,7 +90,7 @@ MUTANTS = {
                                     "    was_training = model.training\n"),
     "kNN features not normalised": ("cifar_mae/knn.py", "F.normalize(train_feats.float(), dim=1)",
                                     "train_feats.float()"),
-    "--knn_k and --knn_t ignored": ("mae_pretrain.py", "rt, k=args.knn_k, temperature=args.knn_t)", "rt)"),
+    "--knn_k and --knn_t ignored": ("cifar_mae/pretraining.py", "rt, k=args.knn_k, temperature=args.knn_t)", "rt)"),
     "kNN monitor reads the last token": ("model.py", "        return features[:, 0]",
                                          "        return features[:, -1]"),
     "RandAugment skips with probability p": ("cifar_mae/randaug.py", "u[..., 0] < self.prob",
@@ -108,6 +108,20 @@ MUTANTS = {
     "resume leaves the EMA at the live weights": ("cifar_mae/checkpoint.py",
                                                   'trainer.ema.module.load_state_dict(ckpt["ema"])',
                                                   'trainer.ema.module.load_state_dict(ckpt["model"])'),
+    # MoCo
+    "MoCo temperature dropped": ("cifar_mae/moco.py",
+                                 "logits = torch.cat([positive, negative], dim=1) / self.temperature",
+                                 "logits = torch.cat([positive, negative], dim=1)"),
+    "momentum update reversed": ("cifar_mae/moco.py", "query, 1 - momentum)", "query, momentum)"),
+    "queue pointer not advanced": ("cifar_mae/moco.py",
+                                   "self.queue_ptr.copy_((self.queue_ptr + keys.shape[0]) % self.queue.shape[0])",
+                                   "self.queue_ptr.copy_(self.queue_ptr)"),
+    "key encoder trainable": ("cifar_mae/moco.py", "param.requires_grad_(False)", "param.requires_grad_(True)"),
+    "positive logit at the wrong index": ("cifar_mae/moco.py", "torch.cat([positive, negative], dim=1)",
+                                          "torch.cat([negative, positive], dim=1)"),
+    "both views the same": ("cifar_mae/views.py",
+                            "torch.stack([self.view(images), self.view(images)], dim=1)",
+                            "self.view(images)[:, None].expand(-1, 2, -1, -1, -1)"),
 }
 
 

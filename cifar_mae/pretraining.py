@@ -1,0 +1,118 @@
+"""What the pretraining jobs (MAE, MoCo) share: their checkpoint (--model_path), the kNN monitor of the encoder,
+its test-set features in TensorBoard's embedding projector, and the command that fine-tunes what they learned."""
+import os
+import shlex
+import sys
+
+import torch
+
+from cifar_mae.augment import normalize
+from cifar_mae.console import script_command
+from cifar_mae.datasets import spread_test_indexes
+from cifar_mae.knn import knn_monitor, pooled_features
+from cifar_mae.lifecycle import Task
+from cifar_mae.loaders import unaugmented_loaders
+from cifar_mae.model_config import output_stem
+from cifar_mae.outputs import claim_outputs
+from cifar_mae.runtime import evaluating
+from cifar_mae.timm_export import encoder_export, write_timm_state
+
+CLASSIFIER_SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "train_classifier.py")
+
+
+def add_monitor_args(group, knn_every, knn_t):
+    group.add_argument("--knn_every", type=int, default=knn_every, help="kNN accuracy every N epochs (0: never)")
+    group.add_argument("--knn_k", type=int, default=200, help="neighbours that vote")
+    group.add_argument("--knn_t", type=float, default=knn_t, help="temperature of the votes, exp(similarity / T)")
+    group.add_argument("--embedding_images", type=int, default=2000,
+                       help="test images (spread over the classes) whose features, labels and thumbnails go to "
+                            "TensorBoard's embedding projector at the end of a run and with --eval_only (0: none)")
+    return group
+
+
+def knn(args, encoder, loaders, data, rt):
+    """kNN accuracy of the encoder's pooled features with --knn_k and --knn_t, the training set as memory."""
+    return knn_monitor(encoder, *loaders, len(data.classes), rt, k=args.knn_k, temperature=args.knn_t)
+
+
+@torch.no_grad()
+def write_embedding(writer, encoder, data, rt, count, step):
+    """The pooled features of `count` test images, with their class names and thumbnails, to TensorBoard's
+    embedding projector (PCA, t-SNE and UMAP are then a click away in the browser)."""
+    index = spread_test_indexes(data, count)
+    images, feats = data.test_images[index], []
+    with evaluating(encoder):
+        for batch in images.split(1024):
+            with rt.autocast():
+                feats.append(pooled_features(encoder, normalize(batch.to(rt.device))).float().cpu())
+    labels = [data.classes[i] for i in data.test_labels[index].tolist()] if data.classes else None
+    writer.add_embedding(torch.cat(feats), metadata=labels, label_img=images.float() / 255, global_step=step,
+                         tag="test_features")
+
+
+class PretrainingTask(Task):
+    """A pretraining job: its checkpoint is --model_path (MODEL-<suffix>.pth unless given), the encoder (the
+    model's `encoder`) is watched by the kNN monitor every --knn_every epochs, and a finished run writes its
+    test-set features for the projector and prints the command that fine-tunes it."""
+    suffix = build = None  # the checkpoint's name ends in -<suffix>.pth; build(model config) -> the model
+
+    def __init__(self, args, ckpt, defaults):
+        super().__init__(args, ckpt, defaults)
+        self.labels_for = f"the kNN monitor (--knn_every {args.knn_every}; pass 0)" if args.knn_every else None
+
+    @classmethod
+    def default_checkpoint(cls, args):
+        return args.model_path or f"{output_stem(args.model)}-{cls.suffix}.pth"
+
+    @classmethod
+    def name_outputs(cls, args):
+        args.model_path = cls.default_checkpoint(args)
+        return args.model_path
+
+    def claim_outputs(self, restarting):
+        claim_outputs(self.args, self.args.model_path, "--model_path", restarting, resume_path=self.args.model_path)
+
+    def start(self, rt, data, model, trainer, log, steps, micro_batch):
+        self.rt, self.data, self.model, self.log = rt, data, model, log
+        self.knn_loaders = unaugmented_loaders(self.args, rt, data) if self.args.knn_every else None
+
+    def monitor(self, epoch, record, text):
+        """The kNN accuracy when due after `epoch`, into the epoch's record and line. -> (record, text)"""
+        if self.args.knn_every and epoch % self.args.knn_every == 0:
+            record["knn_acc"] = knn(self.args, self.model.encoder, self.knn_loaders, self.data, self.rt)
+            text += f", kNN {record['knn_acc']:.2%}"
+        return record, text
+
+    def finish(self, done):
+        args = self.args
+        if not (done and self.rt.is_main):
+            return
+        if args.embedding_images:
+            write_embedding(self.log.writer, self.model.encoder, self.data, self.rt, args.embedding_images,
+                            args.total_epoch)
+        print(f"pretrained {args.model_path}; fine-tune it with: python {script_command(CLASSIFIER_SCRIPT)} "
+              f"--pretrained_model_path {shlex.quote(args.model_path)}")
+
+    # ---- --eval_only
+    @classmethod
+    def saved_model(cls, ckpt, rt):
+        model = cls.build(ckpt["model_config"])
+        model.load_state_dict(ckpt["model"])
+        return model
+
+    @classmethod
+    def write_saved(cls, args, rt, ckpt, encoder, data):
+        """What --eval_only writes beside its scores: the encoder for timm (--export_timm), and the test-set
+        features for the projector, in --log_dir or the run's own logs."""
+        if not rt.is_main:
+            return
+        if args.export_timm:
+            write_timm_state(*encoder_export(encoder, ckpt["model_config"]), args.export_timm)
+        log_dir = args.log_dir or ckpt.get("args", {}).get("log_dir")
+        if not (args.embedding_images and log_dir):
+            return
+        from torch.utils.tensorboard import SummaryWriter
+        with SummaryWriter(log_dir) as writer:
+            write_embedding(writer, encoder, data, rt, args.embedding_images, ckpt["epoch"])
+        print(f"the test-set features are in TensorBoard's projector: tensorboard --logdir {shlex.quote(log_dir)}",
+              file=sys.stderr)
