@@ -15,7 +15,7 @@ from cifar_mae.flags import ArgumentParser, add_augmentation_args, add_config_ar
     add_training_args, check_interval, check_training_args, path_arg
 from cifar_mae.lifecycle import run
 from cifar_mae.loaders import make_loader, unaugmented_loaders
-from cifar_mae.model_config import MAEConfig
+from cifar_mae.model_config import MAEConfig, is_vil
 from cifar_mae.optim import param_groups, peak_lr
 from cifar_mae.pretraining import PretrainingTask, add_monitor_args, knn
 from cifar_mae.reconstruction import mae_loss, reconstruction_grid, reconstruction_loss
@@ -57,6 +57,9 @@ def get_args_parser():
 
 
 def check_args(args):
+    if is_vil(args.model):
+        raise UserError(f"--model {args.model} is a Vision-LSTM, whose 2-D convolution needs the whole patch grid, "
+                        "which masking removes (docs/your_data_your_backbone.md); train it with train_classifier.py")
     if args.export_timm and not args.eval_only:
         raise UserError("--export_timm writes a saved MAE's encoder: give the checkpoint with --eval_only")
     check_training_args(args, "decoder_layer", "decoder_head", "decoder_emb_dim", "knn_k", "knn_t", "image_every")

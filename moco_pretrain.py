@@ -15,7 +15,7 @@ from cifar_mae.flags import ArgumentParser, add_augmentation_args, add_config_ar
     add_training_args, check_interval, check_resnet_args, check_training_args, path_arg
 from cifar_mae.lifecycle import run
 from cifar_mae.loaders import unaugmented_loaders
-from cifar_mae.model_config import MoCoConfig, resnet_arch
+from cifar_mae.model_config import MoCoConfig, is_vil, resnet_arch
 from cifar_mae.moco import MoCo
 from cifar_mae.optim import param_groups, peak_lr
 from cifar_mae.pretraining import PretrainingTask, add_monitor_args, knn
@@ -79,6 +79,9 @@ def check_args(args):
         raise UserError("moco_pretrain.py makes its two views on the device; --loader torch is not supported")
     if resnet_arch(args.model):
         check_resnet_args(args, "freeze_patch_embed", "export_timm")
+    if is_vil(args.model):
+        raise UserError(f"--model {args.model} is a Vision-LSTM: MoCo here pretrains a ViT or a ResNet; train a ViL "
+                        "with train_classifier.py")
     with torch.device("meta"):  # a configuration that cannot work fails here, before the data is read
         build_moco(moco_config(args))
 

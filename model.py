@@ -17,6 +17,7 @@ from timm.models.vision_transformer import Block
 from cifar_mae.model_config import DEFAULT_MODEL, MODELS, ClassifierConfig, EncoderConfig, MAEConfig
 from cifar_mae.resnet import ResNetClassifier, cifar_resnet
 from cifar_mae.timm_vit import TIMM_KWARGS, timm_sizes, timm_vit
+from cifar_mae.vil import VisionLSTM
 
 LayerNorm = partial(nn.LayerNorm, eps=1e-6)  # the eps of timm's VisionTransformer, so exports match exactly
 
@@ -357,9 +358,12 @@ def build_encoder(config, drop_path=0.0):
 
 
 def build_classifier(config, drop_path=0.0):
-    """A ViT_Classifier (or ResNetClassifier) from a plain config dict (ClassifierConfig's fields), as checkpoints
-    save it."""
+    """A ViT_Classifier (or ResNetClassifier, or VisionLSTM) from a plain config dict (ClassifierConfig's fields),
+    as checkpoints save it."""
     c = ClassifierConfig.of(config)
+    if c.vil:
+        return VisionLSTM(c.image_size, c.patch_size, c.emb_dim, c.encoder_layer, c.num_classes, c.in_chans,
+                          c.vil_pooling, c.vil_conv, drop_path, c.linear_probe)
     encoder = build_encoder(config, drop_path)
     if c.resnet:
         return ResNetClassifier(encoder, c.num_classes, linear_probe=c.linear_probe)

@@ -15,10 +15,11 @@ from cifar_mae.classification import ClassificationLoss, check_classes, evaluate
 from cifar_mae.cli import cli_main
 from cifar_mae.errors import UserError, as_user_error
 from cifar_mae.flags import ArgumentParser, add_augmentation_args, add_config_arg, add_encoder_args, add_runtime_args, \
-    add_training_args, check_interval, check_resnet_args, check_training_args, path_arg, plain_args
+    add_training_args, check_backbone_args, check_interval, check_resnet_args, check_training_args, path_arg, \
+    plain_args
 from cifar_mae.lifecycle import Task, run
 from cifar_mae.loaders import make_loader
-from cifar_mae.model_config import ClassifierConfig, output_stem, resnet_arch
+from cifar_mae.model_config import ClassifierConfig, is_vil, output_stem, resnet_arch
 from cifar_mae.optim import param_groups
 from cifar_mae.outputs import check_export_path, claim_outputs
 from cifar_mae.pretrained import load_encoder, read_pretrained
@@ -48,6 +49,12 @@ def get_args_parser():
     model = add_encoder_args(
         parser.add_argument_group("model (from scratch; a pretrained checkpoint brings its own sizes)"))
     model.add_argument("--global_pool", action="store_true", help="mean of patch tokens + norm instead of cls")
+    model.add_argument("--vil_pooling", default=None, choices=["bilateral_flatten", "bilateral_avg"],
+                       help="a Vision-LSTM's pooling: its first and last token side by side, or their mean "
+                            "(default: bilateral_flatten, the reference's)")
+    model.add_argument("--vil_conv", default=None, choices=["2d", "causal1d"],
+                       help="a Vision-LSTM's convolution: 3x3 over the patch grid, or causal over the sequence "
+                            "(default: 2d, the reference's)")
     model.add_argument("--drop_path", type=float, default=0.0, help="stochastic depth rate of the last block")
     model.add_argument("--linear_probe", action="store_true",
                        help="freeze the encoder (eval mode, no gradient); train BatchNorm + linear head")
@@ -75,6 +82,9 @@ def get_args_parser():
                          help="evaluate a saved classifier on the test set and exit")
     actions.add_argument("--export_timm", type=path_arg, default=None, metavar="PATH",
                          help="also write the classifier as a state_dict for timm's VisionTransformer")
+    actions.add_argument("--export_vil", type=path_arg, default=None, metavar="PATH",
+                         help="also write a Vision-LSTM classifier as a state_dict for the reference's VisionLSTM2 "
+                              "(NX-AI/vision-lstm)")
     return add_runtime_args(parser)
 
 
@@ -87,8 +97,13 @@ def check_args(args):
     check_interval(args, "(0, 1)", "ema_decay")
     if args.linear_probe and args.drop_path:
         raise UserError("--linear_probe keeps the encoder frozen; --drop_path would have nothing to act on")
+    vil_flags = [name for name in ("vil_pooling", "vil_conv", "export_vil") if getattr(args, name) is not None]
+    if vil_flags and not is_vil(args.model):
+        raise UserError(f"--{vil_flags[0]} acts on a Vision-LSTM, and --model {args.model} is not one")
     if resnet_arch(args.model):
         check_resnet_args(args, "global_pool", "export_timm")
+    elif is_vil(args.model):
+        check_backbone_args(args, "a Vision-LSTM", "encoder_head", "pos_embed", "global_pool", "export_timm")
     elif not args.pretrained_model_path:  # a bad configuration fails here, before the data is read
         with as_user_error():
             check_config(args.image_size, args.patch_size, {"encoder": args.emb_dim}, {"encoder": args.encoder_head})
@@ -127,7 +142,7 @@ class Classification(Task):
     """A classifier: cross-entropy with mixup/cutmix; after an epoch the evaluation that picks the best weights
     (the EMA's with --ema), which go to --output_model_path; the full state to NAME-last.pth beside it."""
     kind, script, labels_for = "classifier", __file__, "a classifier"
-    check_args = staticmethod(check_args)
+    check_args = check_eval_args = staticmethod(check_args)
     gpu_micro_batch = GPU_MICRO_BATCH
 
     def __init__(self, args, ckpt, defaults):
@@ -155,7 +170,7 @@ class Classification(Task):
     def claim_outputs(self, restarting):
         args, last_path = self.args, last_checkpoint_path(self.args.output_model_path)
         check_export_path(args, run_outputs=(args.output_model_path, last_path),
-                          resumed_export=self.ckpt["args"].get("export_timm") if self.ckpt is not None else None)
+                          resumed_args=self.ckpt["args"] if self.ckpt is not None else None)
         claim_outputs(args, args.output_model_path, "--output_model_path", restarting, last_path, beside=[last_path])
 
     def build_model(self, rt, data):

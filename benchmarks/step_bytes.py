@@ -2,6 +2,7 @@
 memory-bound), measurable on any machine and the same on every run, so a fair before/after.
 
     python benchmarks/step_bytes.py                                   # ViT-T/2: pretraining and fine-tuning
+    python benchmarks/step_bytes.py --cases moco                      # MoCo v3 on ViT-T/2 (two views)
     python benchmarks/step_bytes.py --cases pretrain --model decoder_layer=2 decoder_emb_dim=128 decoder_head=4
     python benchmarks/step_bytes.py --fp32_stream                     # the residual stream as it was before
 
@@ -18,20 +19,23 @@ import time
 import torch
 
 import mae_pretrain
+import moco_pretrain
 from cifar_mae.classification import ClassificationLoss
 from cifar_mae.cli import cli_main
 from cifar_mae.errors import UserError, as_user_error
 from cifar_mae.flags import ArgumentParser
+from cifar_mae.moco import MoCo
 import model as model_module
 from model import MAE_Decoder, MAE_ViT, MODELS, ViT_Classifier
 
 SIZE_KEYS = list(MODELS["vit_tiny_patch2"]) + ["decoder_emb_dim"]
+VIEWS = {"pretrain": 0, "finetune": 0, "moco": 2}  # the views per image a case's batch holds (0: plain images)
 
 
 def get_args_parser():
     parser = ArgumentParser("bytes per image of the compiled training step")
-    parser.add_argument("--cases", nargs="+", default=["pretrain", "finetune"], choices=["pretrain", "finetune"],
-                        help="which training steps to count")
+    parser.add_argument("--cases", nargs="+", default=["pretrain", "finetune"], choices=list(VIEWS),
+                        help="which training steps to count (moco: MoCo v3 on the encoder, as configs/moco_vit.yaml)")
     parser.add_argument("--fp32_stream", action="store_true",
                         help="count the model as before the bf16 residual stream (fp32 tokens promote the stream)")
     parser.add_argument("--model", nargs="+", default=[], metavar="KEY=VALUE",
@@ -72,13 +76,16 @@ def build(case, sizes):
         mae = MAE_ViT(**sizes)
     if case == "pretrain":
         return mae, mae_pretrain.mae_loss
+    if case == "moco":
+        return MoCo(mae.encoder, sizes["emb_dim"], version=3, dim=256, mlp_dim=4096), moco_pretrain.moco_loss
     loss = ClassificationLoss(10)
     return ViT_Classifier(mae.encoder, 10), loss
 
 
-def count_step(model, loss_fn, batch, image_size):
+def count_step(model, loss_fn, batch, image_size, views=0):
     """Bytes inductor's kernels read and write, kernels generated and dynamo graph breaks, for one step at
-    `batch` on the CPU: the forward and loss compiled (as the Trainer compiles the model), then backward."""
+    `batch` (of `views` views per image, 0: plain images) on the CPU: the forward and loss compiled (as the
+    Trainer compiles the model), then backward."""
     from torch._inductor import metrics
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
@@ -86,13 +93,14 @@ def count_step(model, loss_fn, batch, image_size):
     torch.manual_seed(0)
     forward = torch.compile(lambda images, labels: loss_fn(model, images, labels)[0])
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = forward(torch.randn(batch, 3, image_size, image_size), torch.arange(batch) % 10)
+        shape = (batch, views, 3, image_size, image_size) if views else (batch, 3, image_size, image_size)
+        loss = forward(torch.randn(shape), torch.arange(batch) % 10)
     loss.backward()  # inductor compiles the backward graph here
     breaks = sum(torch._dynamo.utils.counters["graph_break"].values())
     return metrics.num_bytes_accessed, metrics.generated_kernel_count, breaks
 
 
-def bytes_per_image(model, loss_fn, image_size):
+def bytes_per_image(model, loss_fn, image_size, views=0):
     """-> dict: MB per image of the compiled step, kernels generated, dynamo graph breaks."""
     torch._inductor.config.fx_graph_cache = False  # a cached graph would count no bytes
     torch._functorch.config.enable_autograd_cache = False
@@ -101,8 +109,8 @@ def bytes_per_image(model, loss_fn, image_size):
     drop = lambda record: False  # the metrics log's lines (thousands of characters each) are not shown
     quiet.addFilter(drop)
     try:
-        small, _, _ = count_step(model, loss_fn, 4, image_size)
-        large, kernels, breaks = count_step(model, loss_fn, 8, image_size)
+        small, _, _ = count_step(model, loss_fn, 4, image_size, views)
+        large, kernels, breaks = count_step(model, loss_fn, 8, image_size, views)
     finally:
         torch._logging.set_logs()
         quiet.removeFilter(drop)
@@ -124,7 +132,7 @@ def main(args):
         start = time.perf_counter()
         model, loss_fn = build(case, sizes)
         with fp32_stream(args.fp32_stream):
-            traffic = bytes_per_image(model, loss_fn, sizes["image_size"])
+            traffic = bytes_per_image(model, loss_fn, sizes["image_size"], VIEWS[case])
         line = {"case": case, **traffic, "fp32_stream": args.fp32_stream, "model": sizes,
                 "torch": torch.__version__, "seconds": round(time.perf_counter() - start, 1)}
         print(json.dumps(line), flush=True)

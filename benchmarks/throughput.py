@@ -7,6 +7,7 @@
     python benchmarks/throughput.py --compile_mode max-autotune-no-cudagraphs              # another compile mode
     python benchmarks/throughput.py --cases pretrain --paths fast --profile 3             # where the time goes
     python benchmarks/throughput.py --cases pretrain --paths fast --model decoder_emb_dim=128   # another model
+    python benchmarks/throughput.py --cases moco --paths fast      # MoCo v3 on the encoder (configs/moco_vit.yaml)
 
 Cases, interleaved: data-only pipelines (images/s of the loaders alone, augmentation on), then pretraining
 and fine-tuning steps, each on the plain and the fast path. A training step is a whole optimizer step of
@@ -21,6 +22,7 @@ top operators. Under CUDA graphs (--compile_mode reduce-overhead) the profiler s
 """
 import argparse
 import collections
+import functools
 import json
 import os
 import statistics
@@ -31,8 +33,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 import mae_pretrain
+import moco_pretrain
 
-from benchmarks.step_bytes import SIZE_KEYS, build as build_cpu, bytes_per_image, fp32_stream
+from benchmarks.step_bytes import SIZE_KEYS, VIEWS, build as build_cpu, bytes_per_image, fp32_stream
 from model import MAE_ViT, ViT_Classifier
 from cifar_mae.classification import ClassificationLoss
 from cifar_mae.engine import Trainer
@@ -40,17 +43,21 @@ from cifar_mae.cli import cli_main
 from cifar_mae.errors import UserError, as_user_error
 from cifar_mae.flags import ArgumentParser, COMPILE_MODES, INTERPOLATIONS, check_positive, path_arg
 from cifar_mae.loaders import DeviceLoader, TorchLoader
+from cifar_mae.moco import MoCo
 from cifar_mae.optim import make_optimizer
 from cifar_mae.runtime import setup_runtime, synchronize, wrap_model
+from cifar_mae.views import TwoViewLoader
 
 PRESETS = {
     # the project's default ViT-T/2; fine-tuning measured at a GPU-sized batch (the recipe's 128 is launch-bound)
     "vit-t": dict(image_size=32, patch_size=2, emb_dim=192, encoder_layer=12, encoder_head=3, decoder_layer=4,
                   decoder_head=3, images=50000, pretrain_batch=4096, pretrain_micro=1024, finetune_batch=1024,
-                  finetune_micro=1024, steps=20, warmup=5),
+                  finetune_micro=1024, moco_batch=512, moco_micro=512, moco_dim=256, moco_mlp_dim=4096, steps=20,
+                  warmup=5),
     "tiny": dict(image_size=16, patch_size=2, emb_dim=64, encoder_layer=2, encoder_head=2, decoder_layer=1,
                  decoder_head=2, images=4096, pretrain_batch=256, pretrain_micro=256, finetune_batch=256,
-                 finetune_micro=256, steps=5, warmup=2),
+                 finetune_micro=256, moco_batch=256, moco_micro=256, moco_dim=64, moco_mlp_dim=256, steps=5,
+                 warmup=2),
 }
 # the model sizes --model may change (the numbers of mae_pretrain's model config)
 MODEL_KEYS = ["image_size", "patch_size", "emb_dim", "encoder_layer", "encoder_head", "decoder_layer", "decoder_head",
@@ -127,9 +134,12 @@ def runtime(device, path, compile_mode="default"):
     return setup_runtime(args)
 
 
-def make_loader(rt, images, labels, batch, fast, num_workers, aug=None, seed=0):
-    """aug: randaug and interpolation, as the loaders take them."""
+def make_loader(rt, images, labels, batch, fast, num_workers, aug=None, seed=0, views=False):
+    """aug: randaug and interpolation, as the loaders take them; views: MoCo's two views (on the device, both
+    paths)."""
     common = dict(device=rt.device, train=True, seed=seed, crop_scale=(0.2, 1.0), flip=True, **(aug or {}))
+    if views:
+        return TwoViewLoader(images, labels, batch, **{k: v for k, v in common.items() if k != "train"})
     if fast:
         return DeviceLoader(images, labels, batch, **common)
     return TorchLoader(images, labels, batch, num_workers=num_workers, **common)
@@ -179,6 +189,10 @@ def build(case, cfg, rt):
     if case == "pretrain":
         model, loss_fn, betas = mae, mae_pretrain.mae_loss, (0.9, 0.95)
         batch, micro = cfg["pretrain_batch"], cfg["pretrain_micro"]
+    elif case == "moco":  # v3, as configs/moco_vit.yaml
+        model = MoCo(mae.encoder, mae.config["emb_dim"], version=3, dim=cfg["moco_dim"], mlp_dim=cfg["moco_mlp_dim"])
+        loss_fn, betas = moco_pretrain.moco_loss, (0.9, 0.999)
+        batch, micro = cfg["moco_batch"], cfg["moco_micro"]
     else:
         model, betas = ViT_Classifier(mae.encoder, 10), (0.9, 0.999)
         loss_fn = ClassificationLoss(10)
@@ -245,14 +259,18 @@ PEAK_TBPS = {"H100": 3.35, "H200": 4.8}  # HBM bandwidth of the SXM parts, NVIDI
 
 def time_training(case, cfg, rt, images, labels, fast, num_workers, aug, profile=0, trace_path=None, repeats=3):
     model, loss_fn, betas, batch, micro = build(case, cfg, rt)
-    loader = make_loader(rt, images, labels, batch, fast, num_workers, aug)
+    loader = make_loader(rt, images, labels, batch, fast, num_workers, aug, views=case == "moco")
     x, y = next(loader.batches(loader.order.new_epoch()))
     flops, flop_shares = flops_per_image(model, loss_fn, x[:min(micro, 64)], y[:min(micro, 64)])
-    optimizer = make_optimizer([{"params": list(model.parameters()), "weight_decay": 0.05}], 1e-4, rt, betas)
+    if case == "moco":  # its modules run once per view, and the flop counter's module tracker then gives their
+        flop_shares = None  # backward to the wrong module (the total is right)
+    trained = [p for p in model.parameters() if p.requires_grad]  # not MoCo's key encoder
+    optimizer = make_optimizer([{"params": trained, "weight_decay": 0.05}], 1e-4, rt, betas)
     if not fast and rt.device.type == "cuda":  # the plain path: the optimizer as a user would first write it
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=betas, weight_decay=0.05)
+        optimizer = torch.optim.AdamW(trained, lr=1e-4, betas=betas, weight_decay=0.05)
+    after_step = functools.partial(model.after_step, total_steps=10 ** 9) if case == "moco" else None
     trainer = Trainer(wrap_model(model, rt), loss_fn, optimizer, lambda step: 1e-4, rt, micro_batch=micro,
-                      num_extra=1 if case == "finetune" else 0)
+                      num_extra={"finetune": 1, "moco": 2}.get(case, 0), after_step=after_step)
     batches = endless_batches(loader)
     if rt.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(rt.device)
@@ -286,7 +304,7 @@ def memory_traffic(case, cfg, line, rt, peak_tbps):
     """Inductor's bytes per image of the case's step (counted on the CPU) and, on a GPU, the TB/s they make at the
     measured images/s and the share of the device's peak bandwidth."""
     model, loss_fn = build_cpu(case, {key: cfg[key] for key in SIZE_KEYS if key in cfg})
-    traffic = bytes_per_image(model, loss_fn, cfg["image_size"])
+    traffic = bytes_per_image(model, loss_fn, cfg["image_size"], VIEWS[case])
     if rt.device.type == "cuda":
         name = torch.cuda.get_device_name(rt.device)
         peak = peak_tbps or next((tbps for part, tbps in PEAK_TBPS.items() if part in name), None)
@@ -317,7 +335,7 @@ def main(args):
     if cfg["finetune_batch"] % cfg["finetune_micro"] or cfg["pretrain_batch"] % cfg["pretrain_micro"]:
         raise UserError("each batch must be a multiple of its micro-batch (--finetune_batch, --finetune_micro, "
                         f"--pretrain_micro; the pretraining batch is {cfg['pretrain_batch']})")
-    cases = parse_subset(args.cases, "--cases", ["data", "pretrain", "finetune"])
+    cases = parse_subset(args.cases, "--cases", ["data", "pretrain", "finetune", "moco"])
     paths = parse_subset(args.paths, "--paths", ["plain", "plain_bf16", "fast"])
     generator = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (cfg["images"], 3, cfg["image_size"], cfg["image_size"]), dtype=torch.uint8,
@@ -336,8 +354,8 @@ def main(args):
                         if rt.device.type == "cuda" else "cpu", preset=args.preset,
                         amp=rt.amp,
                         compile=rt.compile, compile_mode=rt.compile_mode if rt.compile else None,
-                        loader="device" if fast else f"torch({args.num_workers} workers)")
-            randaug = args.randaug if case != "pretrain" else None  # MAE pretraining crops and flips only
+                        loader="device" if fast or case == "moco" else f"torch({args.num_workers} workers)")
+            randaug = args.randaug if case in ("data", "finetune") else None  # pretraining: its own augmentation
             aug = dict(randaug=randaug, interpolation=args.interpolation)
             line.update(aug)
             if case == "data":

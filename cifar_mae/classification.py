@@ -16,7 +16,7 @@ from cifar_mae.loaders import eval_batches, make_loader
 from cifar_mae.optim import peak_lr
 from cifar_mae.pretrained import pretraining_note
 from cifar_mae.runtime import all_reduce_sum, evaluating
-from cifar_mae.timm_export import classifier_export, write_timm_state
+from cifar_mae.timm_export import classifier_export, write_timm_state, write_vil_state
 
 
 class ClassificationLoss:
@@ -187,6 +187,8 @@ def final_report(args, rt, log, eval_model, best, last_acc, test_loader, data, c
                   **({"acc_flip": result["acc_flip"]} if "acc_flip" in result else {})})
         if args.export_timm:
             write_timm_state(*classifier_export(eval_model, config), args.export_timm)
+        if args.export_vil:
+            write_vil_state(eval_model, config, args.export_vil)
     return {"best_acc": best["acc"], "best_epoch": best["epoch"], "last_epoch_acc": last_acc, "final": result}
 
 
@@ -218,4 +220,6 @@ def report_saved_classifier(args, rt, ckpt, model, data):
         print(per_class_table(result, data.classes))
         if args.export_timm:
             write_timm_state(*classifier_export(model, ckpt["model_config"]), args.export_timm)
+        if args.export_vil:
+            write_vil_state(model, ckpt["model_config"], args.export_vil)
     return result

@@ -162,16 +162,20 @@ def check_training_args(args, *positive):
     check_schedule(args)
 
 
-VIT_FLAGS = ("patch_size", "emb_dim", "encoder_layer", "encoder_head")
+VIT_FLAGS = ("patch_size", "emb_dim", "encoder_layer", "encoder_head", "pos_embed")
+
+
+def check_backbone_args(args, kind, *refused):
+    """--model names `kind` of backbone ("a ResNet", "a Vision-LSTM"), which none of the ViT's flags `refused`
+    acts on: each must be unset (pos_embed: learned)."""
+    given = [name for name in refused if getattr(args, name) not in (None, False, "learned")]
+    if given:
+        raise UserError(f"--{given[0]} acts on a ViT, and --model {args.model} is {kind}")
 
 
 def check_resnet_args(args, *vit_only):
     """With a ResNet (--model): no ViT size flag, nor the job's flags `vit_only` that act on a ViT only."""
-    given = [name for name in VIT_FLAGS if getattr(args, name) is not None]
-    given += [name for name in vit_only if getattr(args, name)]
-    given += ["pos_embed"] if args.pos_embed != "learned" else []
-    if given:
-        raise UserError(f"--{given[0]} acts on a ViT, and --model {args.model} is a ResNet")
+    check_backbone_args(args, "a ResNet", *VIT_FLAGS, *vit_only)
 
 
 def check_schedule(args):

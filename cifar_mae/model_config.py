@@ -29,9 +29,13 @@ class EncoderConfig:
         gives timm_model), with `values` on top. -> a plain dict, as checkpoints hold it."""
         found = {f.name: getattr(args, f.name) for f in fields(cls) if getattr(args, f.name, None) is not None}
         config = asdict(cls(**{**found, "timm_model": timm_name(args.model), **values}))
-        resnet = resnet_arch(args.model)
-        if resnet:  # a ResNet has none of the ViT's sizes
-            config = {k: v for k, v in config.items() if k not in VIT_ONLY} | {"resnet": resnet}
+        named = MODELS.get(args.model, {})
+        if named.get("resnet"):  # a ResNet has none of the ViT's sizes
+            config = {k: v for k, v in config.items() if k not in VIT_ONLY | VIL_ONLY} | {"resnet": named["resnet"]}
+        elif named.get("vil") and "vil" in config:
+            config = {k: v for k, v in config.items() if k not in VIT_ONLY - VIL_SIZES} | {"vil": True}
+        else:
+            config = {k: v for k, v in config.items() if k not in VIL_ONLY}
         return config
 
 
@@ -46,6 +50,8 @@ class MAEConfig(EncoderConfig):
 
 
 VIT_ONLY = {"patch_size", "emb_dim", "encoder_layer", "encoder_head", "pos_embed", "timm_model"}
+VIL_SIZES = {"patch_size", "emb_dim", "encoder_layer"}  # the ViT's sizes a ViL has too (its heads are fixed)
+VIL_ONLY = {"vil", "vil_pooling", "vil_conv"}
 
 
 @dataclass(frozen=True)
@@ -65,10 +71,15 @@ class MoCoConfig(EncoderConfig):
 
 @dataclass(frozen=True)
 class ClassifierConfig(EncoderConfig):
-    """A classifier on the encoder: classes, pooling (cls token or mean of patch tokens), linear probe or not."""
+    """A classifier on the encoder: classes, pooling (cls token or mean of patch tokens), linear probe or not;
+    with `vil` the encoder is a Vision-LSTM (image and patch size, width, encoder_layer block pairs), with its
+    pooling and convolution."""
     num_classes: int = 10
     global_pool: bool = False
     linear_probe: bool = False
+    vil: bool = False
+    vil_pooling: str = "bilateral_flatten"
+    vil_conv: str = "2d"
 
 
 # a size flag given overrides one value of the named size
@@ -80,6 +91,12 @@ MODELS = {
     "vit_small_patch4": dict(image_size=32, patch_size=4, emb_dim=384, encoder_layer=12, encoder_head=6,
                              decoder_layer=4, decoder_head=6),
     "resnet18_cifar": dict(image_size=32, resnet="resnet18"),  # ResNet-18, 3x3 stride-1 stem, no max-pool
+    # Vision-LSTM (NX-AI/vision-lstm's VisionLSTM2): encoder_layer block pairs of width emb_dim
+    "vil_tiny": dict(image_size=224, patch_size=16, emb_dim=192, encoder_layer=12, vil=True),  # ViL-T, 6.4M
+    "vil_small": dict(image_size=224, patch_size=16, emb_dim=384, encoder_layer=12, vil=True),
+    "vil_cifar_patch4": dict(image_size=32, patch_size=4, emb_dim=192, encoder_layer=12, vil=True),  # the tutorial's
+    "vil_cifar_patch2": dict(image_size=32, patch_size=2, emb_dim=192, encoder_layer=12, vil=True),
+    "vil_mini_patch4": dict(image_size=32, patch_size=4, emb_dim=64, encoder_layer=4, vil=True),  # CPU, 0.26M
     "vit_tiny_patch8_96": dict(image_size=96, patch_size=8, emb_dim=192, encoder_layer=12, encoder_head=3,
                                decoder_layer=4, decoder_head=3),  # STL-10's 96 x 96 images: 144 patches
     # ViT-T/2 with smaller decoders, which move fewer bytes per step
@@ -102,5 +119,10 @@ def timm_name(model):
 
 
 def resnet_arch(model):
-    """The timm ResNet a named size (--model) builds, or None for a ViT."""
+    """The timm ResNet a named size (--model) builds, or None."""
     return MODELS.get(model, {}).get("resnet")
+
+
+def is_vil(model):
+    """Whether a named size (--model) is a Vision-LSTM."""
+    return MODELS.get(model, {}).get("vil", False)

@@ -47,17 +47,20 @@ def check_new_file(path, flag, overwrite):
     check_writable(path, flag)
 
 
-def check_export_path(args, run_outputs=(), resumed_export=None):
-    """--export_timm names a new file (or --overwrite), and none the run itself writes (run_outputs), which the
-    export at the end would replace. A resumed run's own export (resumed_export: the checkpoint's --export_timm)
-    may be there already: a finished run resumed again writes it again."""
-    if args.export_timm is None:
-        return
-    if os.path.realpath(args.export_timm) in map(os.path.realpath, run_outputs):  # links: as write_atomic
-        raise UserError(f"--export_timm {args.export_timm} names this run's own checkpoint; give another file (the "
-                        "export is written at the end)")
-    own = resumed_export is not None and os.path.realpath(resumed_export) == os.path.realpath(args.export_timm)
-    check_new_file(args.export_timm, "--export_timm", args.overwrite or own)
+def check_export_path(args, run_outputs=(), resumed_args=None):
+    """Each export (--export_timm, --export_vil) names a new file (or --overwrite), and none the run itself writes
+    (run_outputs), which the export at the end would replace. A resumed run's own export (resumed_args: the
+    checkpoint's settings) may be there already: a finished run resumed again writes it again."""
+    for name in ("export_timm", "export_vil"):
+        path, flag = getattr(args, name, None), "--" + name
+        if path is None:
+            continue
+        if os.path.realpath(path) in map(os.path.realpath, run_outputs):  # links: as write_atomic
+            raise UserError(f"{flag} {path} names this run's own checkpoint; give another file (the export is "
+                            "written at the end)")
+        resumed = (resumed_args or {}).get(name)
+        own = resumed is not None and os.path.realpath(resumed) == os.path.realpath(path)
+        check_new_file(path, flag, args.overwrite or own)
 
 
 def auto_resume(args, path):

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import mae_pretrain
+import moco_pretrain
 import train_classifier
 from cifar_mae import lifecycle
 from cifar_mae.classification import ClassificationLoss, confusion_image, confusion_table, evaluate
@@ -131,18 +132,22 @@ def test_the_readmes_recipes_run_as_pasted(tmp_path, monkeypatch, capsys):
     assert len(lines) >= 7
     data = write_cifar_batches(str(tmp_path / "data"), per_batch=4, test=10)
     monkeypatch.chdir(tmp_path)
+    scripts = {"mae_pretrain.py": mae_pretrain, "moco_pretrain.py": moco_pretrain,
+               "train_classifier.py": train_classifier}
+    tiny_models = {mae_pretrain: [*TINY_MAE, "--knn_every", 0], train_classifier: TINY_MODEL,
+                   moco_pretrain: [*TINY_MODEL, "--moco_k", 32, "--knn_every", 0, "--embedding_images", 0]}
     for argv in lines:
-        script = mae_pretrain if argv[1] == "mae_pretrain.py" else train_classifier
+        script = scripts[argv[1]]
         argv = argv[2:]
         argv[argv.index("--data_dir") + 1] = data
         argv[argv.index("-c") + 1] = os.path.join(ROOT, argv[argv.index("-c") + 1])  # the recipe, from here
         tiny = ["-bs", 16, "--max_device_batch_size", 8, "--total_epoch", 1, "--warmup_epoch", 0, "--device", "cpu"]
-        tiny += [*TINY_MAE, "--knn_every", 0] if script is mae_pretrain else TINY_MODEL
-        args = parse(script, *argv, *tiny)
+        args = parse(script, *argv, *tiny, *tiny_models[script])
         script.main(args)
-        assert os.path.isfile(args.model_path if script is mae_pretrain else args.output_model_path)
+        assert os.path.isfile(args.output_model_path if script is train_classifier else args.model_path)
         if script is mae_pretrain:  # it ends by naming its checkpoint and the command that fine-tunes it
             assert capsys.readouterr().out.splitlines()[-1] == (
                 f"pretrained {args.model_path}; fine-tune it with: python {os.path.join(ROOT, 'train_classifier.py')} "
                 f"--pretrained_model_path {args.model_path}")
-    assert {"vit-mini-patch4-mae.pth", "vit-t-mae-250.pth", "vit-t-ft-1000.pth"} <= set(os.listdir(tmp_path))
+    assert {"vit-mini-patch4-mae.pth", "vit-mini-patch4-moco.pth", "vit-t-mae-250.pth",
+            "vit-t-ft-1000.pth"} <= set(os.listdir(tmp_path))

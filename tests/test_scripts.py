@@ -1377,6 +1377,7 @@ def test_throughput_benchmark_tiny_preset_runs(capsys):
     assert set(shares) == {"encoder", "decoder", "attention"} and shares["attention"] == pytest.approx(
         attention / pretrain, rel=1e-12)
     assert shares["encoder"] + shares["decoder"] == pytest.approx(1.0)
+
     assert sum(v for k, v in lines[5]["flop_shares"].items() if k != "attention") == pytest.approx(1.0)
     assert lines[5]["flop_shares"]["blocks"] > 0.9  # fine-tuning: the 2 blocks, called one by one
     assert set(lines[-1]) == {"summary", "data", "pretrain", "finetune"}
@@ -1401,6 +1402,26 @@ def test_throughput_benchmark_tiny_preset_runs(capsys):
     assert narrow["gflop_per_image"] != pytest.approx(pretrain_fast["gflop_per_image"])
     for bad in ("emb_dim=31", "foo=1", "decoder_layer=0"):
         assert_clean_error(bench("--preset", "tiny", "--model", bad), 2, "--model")
+
+
+def test_throughput_benchmark_counts_the_moco_step():
+    """MoCo v3's step per image: two views, each through the query encoder, projector and predictor (forward and
+    backward) and the key encoder and projector (forward only); then q . k over the batch both ways."""
+    result = run("benchmarks/throughput.py", "--preset", "tiny", "--cases", "moco", "--paths", "fast", "--steps", 1,
+                 "--warmup", 1, "--repeats", 1, "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    line = json.loads(result.stdout.splitlines()[0])
+    c = line["config"]
+    n, d, pix, h, out = (c["image_size"] // c["patch_size"]) ** 2, c["emb_dim"], 3 * c["patch_size"] ** 2, \
+        c["moco_mlp_dim"], c["moco_dim"]
+    block = lambda t: 24 * t * d * d + 4 * t * t * d
+    encoder = c["encoder_layer"] * block(n + 1) + 2 * n * pix * d
+    projector, predictor = 2 * (d * h + h * h + h * out), 2 * (out * h + h * out)
+    query = 3 * (encoder + projector + predictor) - 2 * n * pix * d  # no gradient for the images
+    batch = min(c["moco_micro"], 64)  # FLOPs are counted on one micro-batch of at most 64
+    loss = 2 * 2 * (2 * batch * out)  # both directions; q . k forward and its gradient for q
+    assert line["case"] == "moco-fast" and line["images_per_s"] > 0 and line["flop_shares"] is None
+    assert line["gflop_per_image"] == pytest.approx((2 * (query + encoder + projector) + loss) / 1e9, rel=1e-12)
 
 
 def test_gpu_throughput_script_runs_its_stages_and_refuses_unknown_ones(tmp_path):
