@@ -15,6 +15,7 @@ from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
 from timm.models.vision_transformer import Block
 
 from cifar_mae.model_config import DEFAULT_MODEL, MODELS, ClassifierConfig, EncoderConfig, MAEConfig
+from cifar_mae.heads import classifier_head, freeze_all_but_head
 from cifar_mae.resnet import ResNetClassifier, cifar_resnet
 from cifar_mae.timm_vit import TIMM_KWARGS, timm_sizes, timm_vit
 from cifar_mae.vil import VisionLSTM
@@ -307,14 +308,9 @@ class ViT_Classifier(nn.Module):
             self.fc_norm = LayerNorm(emb_dim)
         else:
             self.norm = encoder.norm
-        head = nn.Linear(emb_dim, num_classes)
-        trunc_normal_(head.weight, std=0.01 if linear_probe else 2e-5)
-        nn.init.zeros_(head.bias)
-        # linear probe (official MAE): a BatchNorm without affine parameters before the linear head
-        self.head = nn.Sequential(nn.BatchNorm1d(emb_dim, affine=False, eps=1e-6), head) if linear_probe else head
+        self.head = classifier_head(emb_dim, num_classes, linear_probe)
         if linear_probe:
-            for name, param in self.named_parameters():
-                param.requires_grad_(name.startswith("head."))
+            freeze_all_but_head(self)
 
     def backbone_modules(self):
         """The modules that hold the encoder's weights."""

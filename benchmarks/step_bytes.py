@@ -3,6 +3,7 @@ memory-bound), measurable on any machine and the same on every run, so a fair be
 
     python benchmarks/step_bytes.py                                   # ViT-T/2: pretraining and fine-tuning
     python benchmarks/step_bytes.py --cases moco                      # MoCo v3 on ViT-T/2 (two views)
+    python benchmarks/step_bytes.py --cases finetune vil              # ViT-T/2 and a ViL of its sizes
     python benchmarks/step_bytes.py --cases pretrain --model decoder_layer=2 decoder_emb_dim=128 decoder_head=4
     python benchmarks/step_bytes.py --fp32_stream                     # the residual stream as it was before
 
@@ -25,17 +26,19 @@ from cifar_mae.cli import cli_main
 from cifar_mae.errors import UserError, as_user_error
 from cifar_mae.flags import ArgumentParser
 from cifar_mae.moco import MoCo
+from cifar_mae.vil import VisionLSTM
 import model as model_module
 from model import MAE_Decoder, MAE_ViT, MODELS, ViT_Classifier
 
 SIZE_KEYS = list(MODELS["vit_tiny_patch2"]) + ["decoder_emb_dim"]
-VIEWS = {"pretrain": 0, "finetune": 0, "moco": 2}  # the views per image a case's batch holds (0: plain images)
+VIEWS = {"pretrain": 0, "finetune": 0, "moco": 2, "vil": 0}  # the views per image a case's batch holds (0: plain images)
 
 
 def get_args_parser():
     parser = ArgumentParser("bytes per image of the compiled training step")
     parser.add_argument("--cases", nargs="+", default=["pretrain", "finetune"], choices=list(VIEWS),
-                        help="which training steps to count (moco: MoCo v3 on the encoder, as configs/moco_vit.yaml)")
+                        help="which training steps to count (moco: MoCo v3 on the encoder, as configs/moco_vit.yaml; "
+                             "vil: fine-tuning a Vision-LSTM of the ViT's image and patch size, width and depth)")
     parser.add_argument("--fp32_stream", action="store_true",
                         help="count the model as before the bf16 residual stream (fp32 tokens promote the stream)")
     parser.add_argument("--model", nargs="+", default=[], metavar="KEY=VALUE",
@@ -79,6 +82,8 @@ def build(case, sizes):
     if case == "moco":
         return MoCo(mae.encoder, sizes["emb_dim"], version=3, dim=256, mlp_dim=4096), moco_pretrain.moco_loss
     loss = ClassificationLoss(10)
+    if case == "vil":
+        return VisionLSTM(sizes["image_size"], sizes["patch_size"], sizes["emb_dim"], sizes["encoder_layer"]), loss
     return ViT_Classifier(mae.encoder, 10), loss
 
 

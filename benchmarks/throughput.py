@@ -8,6 +8,7 @@
     python benchmarks/throughput.py --cases pretrain --paths fast --profile 3             # where the time goes
     python benchmarks/throughput.py --cases pretrain --paths fast --model decoder_emb_dim=128   # another model
     python benchmarks/throughput.py --cases moco --paths fast      # MoCo v3 on the encoder (configs/moco_vit.yaml)
+    python benchmarks/throughput.py --cases finetune,vil           # a Vision-LSTM of the ViT's sizes beside it
 
 Cases, interleaved: data-only pipelines (images/s of the loaders alone, augmentation on), then pretraining
 and fine-tuning steps, each on the plain and the fast path. A training step is a whole optimizer step of
@@ -47,6 +48,7 @@ from cifar_mae.moco import MoCo
 from cifar_mae.optim import make_optimizer
 from cifar_mae.runtime import setup_runtime, synchronize, wrap_model
 from cifar_mae.views import TwoViewLoader
+from cifar_mae.vil import VisionLSTM
 
 PRESETS = {
     # the project's default ViT-T/2; fine-tuning measured at a GPU-sized batch (the recipe's 128 is launch-bound)
@@ -189,6 +191,11 @@ def build(case, cfg, rt):
     if case == "pretrain":
         model, loss_fn, betas = mae, mae_pretrain.mae_loss, (0.9, 0.95)
         batch, micro = cfg["pretrain_batch"], cfg["pretrain_micro"]
+    elif case == "vil":  # fine-tuning a Vision-LSTM of the ViT's sizes
+        model, betas = VisionLSTM(cfg["image_size"], cfg["patch_size"], cfg["emb_dim"], cfg["encoder_layer"]), \
+            (0.9, 0.999)
+        loss_fn = ClassificationLoss(10)
+        batch, micro = cfg["finetune_batch"], cfg["finetune_micro"]
     elif case == "moco":  # v3, as configs/moco_vit.yaml
         model = MoCo(mae.encoder, mae.config["emb_dim"], version=3, dim=cfg["moco_dim"], mlp_dim=cfg["moco_mlp_dim"])
         loss_fn, betas = moco_pretrain.moco_loss, (0.9, 0.999)
@@ -270,7 +277,7 @@ def time_training(case, cfg, rt, images, labels, fast, num_workers, aug, profile
         optimizer = torch.optim.AdamW(trained, lr=1e-4, betas=betas, weight_decay=0.05)
     after_step = functools.partial(model.after_step, total_steps=10 ** 9) if case == "moco" else None
     trainer = Trainer(wrap_model(model, rt), loss_fn, optimizer, lambda step: 1e-4, rt, micro_batch=micro,
-                      num_extra={"finetune": 1, "moco": 2}.get(case, 0), after_step=after_step)
+                      num_extra={"finetune": 1, "vil": 1, "moco": 2}.get(case, 0), after_step=after_step)
     batches = endless_batches(loader)
     if rt.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(rt.device)
@@ -335,7 +342,7 @@ def main(args):
     if cfg["finetune_batch"] % cfg["finetune_micro"] or cfg["pretrain_batch"] % cfg["pretrain_micro"]:
         raise UserError("each batch must be a multiple of its micro-batch (--finetune_batch, --finetune_micro, "
                         f"--pretrain_micro; the pretraining batch is {cfg['pretrain_batch']})")
-    cases = parse_subset(args.cases, "--cases", ["data", "pretrain", "finetune", "moco"])
+    cases = parse_subset(args.cases, "--cases", ["data", "pretrain", "finetune", "moco", "vil"])
     paths = parse_subset(args.paths, "--paths", ["plain", "plain_bf16", "fast"])
     generator = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (cfg["images"], 3, cfg["image_size"], cfg["image_size"]), dtype=torch.uint8,
@@ -355,7 +362,7 @@ def main(args):
                         amp=rt.amp,
                         compile=rt.compile, compile_mode=rt.compile_mode if rt.compile else None,
                         loader="device" if fast or case == "moco" else f"torch({args.num_workers} workers)")
-            randaug = args.randaug if case in ("data", "finetune") else None  # pretraining: its own augmentation
+            randaug = args.randaug if case in ("data", "finetune", "vil") else None  # pretraining: its own augmentation
             aug = dict(randaug=randaug, interpolation=args.interpolation)
             line.update(aug)
             if case == "data":

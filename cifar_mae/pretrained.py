@@ -60,6 +60,16 @@ def read_pretrained(args, parser):
     return pretrained, data_dir_from(args, pretrained, path)
 
 
+def resample_patch_projection(state, model, done):
+    """The patch projection resampled (timm's resample_patch_embed) to the model's patch size where it differs.
+    -> (state, done with what was resampled)"""
+    proj, new_proj = state["patch_embed.proj.weight"], model.patch_embed.proj.weight
+    if proj.shape[2:] != new_proj.shape[2:] and proj.shape[:2] == new_proj.shape[:2]:
+        state["patch_embed.proj.weight"] = resample_patch_embed(proj, new_size=list(new_proj.shape[2:]))
+        done.append(f"patch projection from {proj.shape[-1]} to {new_proj.shape[-1]} pixels a side")
+    return state, done
+
+
 def resampled_timm_state(state, model):
     """A timm state_dict with its position embedding and patch projection resampled (as timm does) to the
     model's patch grid and patch size where they differ. -> (state, what was resampled)."""
@@ -68,11 +78,7 @@ def resampled_timm_state(state, model):
     if pos.shape[1] != new_pos.shape[1] and pos.shape[2] == new_pos.shape[2]:
         state["pos_embed"] = resample_abs_pos_embed(pos, new_size=list(model.patch_embed.grid_size))
         done.append(f"position embedding from {pos.shape[1] - 1} to {new_pos.shape[1] - 1} patches")
-    proj, new_proj = state["patch_embed.proj.weight"], model.patch_embed.proj.weight
-    if proj.shape[2:] != new_proj.shape[2:] and proj.shape[:2] == new_proj.shape[:2]:
-        state["patch_embed.proj.weight"] = resample_patch_embed(proj, new_size=list(new_proj.shape[2:]))
-        done.append(f"patch projection from {proj.shape[-1]} to {new_proj.shape[-1]} pixels a side")
-    return state, done
+    return resample_patch_projection(state, model, done)
 
 
 def resampled_vil_state(state, model):
@@ -85,11 +91,7 @@ def resampled_vil_state(state, model):
                                       num_prefix_tokens=0)
         state["pos_embed.embed"] = flat.unflatten(1, grid)
         done.append(f"position embedding from {pos.shape[1]}x{pos.shape[2]} to {grid[0]}x{grid[1]} patches")
-    proj, new_proj = state["patch_embed.proj.weight"], model.patch_embed.proj.weight
-    if proj.shape[2:] != new_proj.shape[2:] and proj.shape[:2] == new_proj.shape[:2]:
-        state["patch_embed.proj.weight"] = resample_patch_embed(proj, new_size=list(new_proj.shape[2:]))
-        done.append(f"patch projection from {proj.shape[-1]} to {new_proj.shape[-1]} pixels a side")
-    return state, done
+    return resample_patch_projection(state, model, done)
 
 
 def load_encoder(model, pretrained, what):

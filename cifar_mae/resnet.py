@@ -3,9 +3,9 @@ BatchNorm that keeps a contrastive batch from cheating through its statistics on
 import timm
 import torch
 import torch.nn.functional as F
-from timm.layers import trunc_normal_
 from torch import nn
 
+from cifar_mae.heads import classifier_head, freeze_all_but_head
 from cifar_mae.knn import pooled_features
 
 
@@ -63,13 +63,9 @@ class ResNetClassifier(nn.Module):
     def __init__(self, encoder, num_classes=10, linear_probe=False):
         super().__init__()
         self.encoder, self.linear_probe = encoder, linear_probe
-        head = nn.Linear(encoder.num_features, num_classes)
-        trunc_normal_(head.weight, std=0.01 if linear_probe else 2e-5)
-        nn.init.zeros_(head.bias)
-        self.head = nn.Sequential(nn.BatchNorm1d(encoder.num_features, affine=False, eps=1e-6), head) \
-            if linear_probe else head
+        self.head = classifier_head(encoder.num_features, num_classes, linear_probe)
         if linear_probe:
-            self.encoder.requires_grad_(False)
+            freeze_all_but_head(self)
 
     def train(self, mode=True):
         super().train(mode)

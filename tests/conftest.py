@@ -2,6 +2,7 @@
 import math
 import os
 import pickle
+import signal
 import sys
 
 import numpy as np
@@ -101,6 +102,21 @@ def cls_features(path, images):
     model.load_state_dict(ckpt["model"])
     with torch.no_grad():
         return model.encoder.eval().forward_features(images.float().div(127.5).sub(1.0))[:, 0]
+
+
+def interrupt_at_step(monkeypatch, count):
+    """Ctrl-C right after the count-th optimizer step: the run's handler finishes that step, saves and exits."""
+    from cifar_mae.engine import Trainer
+    step, steps = Trainer.step, []
+
+    def step_then_interrupt(self, *args):
+        sums = step(self, *args)
+        steps.append(1)
+        if len(steps) == count:
+            signal.raise_signal(signal.SIGINT)
+        return sums
+
+    monkeypatch.setattr(Trainer, "step", step_then_interrupt)
 
 
 def projector(folder):

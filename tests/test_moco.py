@@ -4,7 +4,6 @@ import copy
 import functools
 import math
 import os
-import signal
 
 import pytest
 import timm
@@ -24,7 +23,7 @@ from cifar_mae.resnet import SplitBatchNorm2d, cifar_resnet, split_batch_norms
 from cifar_mae.runtime import Runtime
 from cifar_mae.views import COLOR_OPS, TwoViewLoader, color_jitter, grayscale, sample_jitter
 from cifar_mae.timm_export import encoder_export
-from conftest import brute_force_knn, projector, write_cifar_batches
+from conftest import brute_force_knn, interrupt_at_step, projector, write_cifar_batches
 from model import build_encoder
 from test_scripts import assert_same_tensors, classify, events, load, metrics, one_and_two_processes, run_here
 
@@ -298,16 +297,7 @@ def test_a_resnet_moco_stopped_mid_epoch_resumes_bit_identical(tmp_path, cifar_d
     split BatchNorms' statistics and every RNG stream (the views' generator, the key shuffle's) carry over."""
     result, full, full_logs = moco(tmp_path, cifar_dir, *RESNET, name="full", capsys=capsys)
     assert result.returncode == 0, result.stderr
-    step, steps = Trainer.step, []
-
-    def step_then_interrupt(self, *args):
-        sums = step(self, *args)
-        steps.append(1)
-        if len(steps) == 3:
-            signal.raise_signal(signal.SIGINT)
-        return sums
-
-    monkeypatch.setattr(Trainer, "step", step_then_interrupt)
+    interrupt_at_step(monkeypatch, 3)
     result, part, part_logs = moco(tmp_path, cifar_dir, *RESNET, name="part", capsys=capsys)
     monkeypatch.undo()
     assert result.returncode == 130 and "Resume with: python moco_pretrain.py --resume" in result.stderr

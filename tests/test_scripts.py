@@ -18,14 +18,14 @@ import pytest
 
 import torch
 
-from conftest import ROOT, TINY_MAE, TINY_MODEL, brute_force_knn, cls_features, write_cifar100, write_cifar_batches, \
-    write_image_folder
+from conftest import ROOT, TINY_MAE, TINY_MODEL, brute_force_knn, cls_features, interrupt_at_step, write_cifar100, \
+    write_cifar_batches, write_image_folder
 from cifar_mae.atomic import save_atomic
 from cifar_mae.augment import normalize
 from cifar_mae.classification import evaluate
 from cifar_mae.console import progress_bar
 from cifar_mae.datasets import holdout_split, load_data
-from cifar_mae.engine import Trainer, checkpoint_due
+from cifar_mae.engine import checkpoint_due
 from cifar_mae import lifecycle
 from cifar_mae.flags import take_saved
 from cifar_mae.loaders import make_loader
@@ -300,7 +300,6 @@ def test_default_log_dirs_keep_runs_apart_and_a_new_run_needs_overwrite_to_repla
     assert go("--output_model_path", "other.pth", "--log_dir", logs / "ft", "--overwrite", "--seed", 7).returncode == 0
     assert (logs / "ft" / "metrics.jsonl").read_text() != ft_lines
     assert json.loads((logs / "ft" / "runs.jsonl").read_text())["args"]["seed"] == 7
-
 
 
 def test_a_running_run_keeps_a_second_run_off_its_checkpoint(tmp_path, cifar_dir, monkeypatch, capsys):
@@ -857,16 +856,7 @@ def test_classifier_interrupted_mid_epoch_resumes_bit_identical(tmp_path, cifar_
              "--randaug", "rand-m9-mstd0.5-inc1", "--reprob", 0.25, "--loader", loader, "--num_workers", 0]
     result, _, full_logs = classify(tmp_path, cifar_dir, *flags, name="full", capsys=capsys)
     assert result.returncode == 0, result.stderr
-    step, steps = Trainer.step, []
-
-    def step_then_interrupt(self, *args):
-        sums = step(self, *args)
-        steps.append(1)
-        if len(steps) == at_step:
-            signal.raise_signal(signal.SIGINT)  # caught by the run's handler: it finishes this step and saves
-        return sums
-
-    monkeypatch.setattr(Trainer, "step", step_then_interrupt)
+    interrupt_at_step(monkeypatch, at_step)
     result, best, part_logs = classify(tmp_path, cifar_dir, *flags, name="part", capsys=capsys)
     monkeypatch.undo()
     assert result.returncode == 130 and "Resume with: python train_classifier.py --resume" in result.stderr

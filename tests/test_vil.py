@@ -1,18 +1,16 @@
 """The Vision-LSTM backbone (cifar_mae/vil.py): the mLSTM cell against its recurrent form, direction, causality,
 the reference's state_dict layout, and training with train_classifier.py."""
 import math
-import signal
 
 import pytest
 import torch
 import torch.nn.functional as F
 from timm.layers import resample_abs_pos_embed
 
-from cifar_mae.engine import Trainer
 from cifar_mae.pretrained import resampled_vil_state
 from cifar_mae.vil import ViLLayer, VisionLSTM, mlstm_parallel
-from conftest import write_cifar_batches
-from test_scripts import assert_same_tensors, classify, load, metrics, run_here
+from conftest import interrupt_at_step, write_cifar_batches
+from test_scripts import assert_same_tensors, classify, load, metrics, one_and_two_processes, run_here
 
 VIL = ["--model", "vil_mini_patch4", "--image_size", 8, "--emb_dim", 16, "--encoder_layer", 1]
 
@@ -142,16 +140,7 @@ def test_a_vil_trains_resumes_bit_identical_and_loads_its_export(tmp_path, cifar
                                        name="full", capsys=capsys)
     assert result.returncode == 0, result.stderr
     assert "VisionLSTM2(dim=16, input_shape=(3, 8, 8), patch_size=4, depth=1" in result.stdout
-    step, steps = Trainer.step, []
-
-    def step_then_interrupt(self, *args):
-        sums = step(self, *args)
-        steps.append(1)
-        if len(steps) == 4:
-            signal.raise_signal(signal.SIGINT)
-        return sums
-
-    monkeypatch.setattr(Trainer, "step", step_then_interrupt)
+    interrupt_at_step(monkeypatch, 4)
     result, _, part_logs = classify(tmp_path, cifar_dir, *flags, name="part", capsys=capsys)
     monkeypatch.undo()
     assert result.returncode == 130, result.stderr
@@ -201,3 +190,15 @@ def test_a_vil_classifier_fine_tunes_from_a_reference_state_dict(tmp_path, capsy
     trained = load(tmp_path / "cls-last.pth")["model"]
     assert torch.equal(trained["blocks.0.rowwise_from_bot_right.layer.proj_up.weight"],
                        published["blocks.0.rowwise_from_bot_right.layer.proj_up.weight"])
+
+
+def test_two_processes_train_a_vil_as_one_does(tmp_path, cifar_dir):
+    """The same global batch of 16 in micro-batches of 4: two per process under torchrun, four in one process."""
+    flags = ["--data_dir", cifar_dir, *VIL, "--batch_size", 16, "--max_device_batch_size", 4, "--total_epoch", 1,
+             "--warmup_epoch", 0, "--crop_scale", 1, 1, "--no-flip", "--device", "cpu"]
+    one_and_two_processes(tmp_path, "train_classifier.py", flags, "--output_model_path")
+    a, b = load(tmp_path / "one-last.pth"), load(tmp_path / "two-last.pth")
+    for key in a["model"]:
+        torch.testing.assert_close(a["model"][key], b["model"][key], rtol=1e-4, atol=1e-5, msg=key)
+    assert b["world_size"] == 2
+    assert metrics(tmp_path / "logs-one")[0]["val_acc"] == metrics(tmp_path / "logs-two")[0]["val_acc"]
