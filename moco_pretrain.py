@@ -12,10 +12,10 @@ from cifar_mae.checkpoint import make_checkpoint
 from cifar_mae.cli import cli_main
 from cifar_mae.errors import UserError, as_user_error
 from cifar_mae.flags import ArgumentParser, add_augmentation_args, add_config_arg, add_encoder_args, add_runtime_args, \
-    add_training_args, check_interval, check_resnet_args, check_training_args, path_arg
+    add_training_args, check_backbone_flags, check_interval, check_training_args, path_arg
 from cifar_mae.lifecycle import run
 from cifar_mae.loaders import unaugmented_loaders
-from cifar_mae.model_config import MoCoConfig, is_vil, resnet_arch
+from cifar_mae.model_config import MoCoConfig, is_vil
 from cifar_mae.moco import MoCo
 from cifar_mae.optim import param_groups, peak_lr
 from cifar_mae.pretraining import PretrainingTask, add_monitor_args, knn
@@ -77,11 +77,10 @@ def check_args(args):
         raise UserError(f"--jitter needs strengths of at least 0 and a hue of at most 0.5, got {args.jitter}")
     if args.loader != "device":
         raise UserError("moco_pretrain.py makes its two views on the device; --loader torch is not supported")
-    if resnet_arch(args.model):
-        check_resnet_args(args, "freeze_patch_embed", "export_timm")
     if is_vil(args.model):
         raise UserError(f"--model {args.model} is a Vision-LSTM: MoCo here pretrains a ViT or a ResNet; train a ViL "
                         "with train_classifier.py")
+    check_backbone_flags(args, "freeze_patch_embed", "export_timm")
     with torch.device("meta"):  # a configuration that cannot work fails here, before the data is read
         build_moco(moco_config(args))
 

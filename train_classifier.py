@@ -15,8 +15,7 @@ from cifar_mae.classification import ClassificationLoss, check_classes, evaluate
 from cifar_mae.cli import cli_main
 from cifar_mae.errors import UserError, as_user_error
 from cifar_mae.flags import ArgumentParser, add_augmentation_args, add_config_arg, add_encoder_args, add_runtime_args, \
-    add_training_args, check_backbone_args, check_interval, check_resnet_args, check_training_args, path_arg, \
-    plain_args
+    add_training_args, check_backbone_flags, check_interval, check_training_args, path_arg, plain_args
 from cifar_mae.lifecycle import Task, run
 from cifar_mae.loaders import make_loader
 from cifar_mae.model_config import ClassifierConfig, is_vil, output_stem, resnet_arch
@@ -97,14 +96,8 @@ def check_args(args):
     check_interval(args, "(0, 1)", "ema_decay")
     if args.linear_probe and args.drop_path:
         raise UserError("--linear_probe keeps the encoder frozen; --drop_path would have nothing to act on")
-    vil_flags = [name for name in ("vil_pooling", "vil_conv", "export_vil") if getattr(args, name) is not None]
-    if vil_flags and not is_vil(args.model):
-        raise UserError(f"--{vil_flags[0]} acts on a Vision-LSTM, and --model {args.model} is not one")
-    if resnet_arch(args.model):
-        check_resnet_args(args, "global_pool", "export_timm")
-    elif is_vil(args.model):
-        check_backbone_args(args, "a Vision-LSTM", "encoder_head", "pos_embed", "global_pool", "export_timm")
-    elif not args.pretrained_model_path:  # a bad configuration fails here, before the data is read
+    check_backbone_flags(args, "global_pool", "export_timm")
+    if not (args.pretrained_model_path or resnet_arch(args.model) or is_vil(args.model)):  # fails before the data
         with as_user_error():
             check_config(args.image_size, args.patch_size, {"encoder": args.emb_dim}, {"encoder": args.encoder_head})
     if args.randaug:  # a bad policy fails here, before the data is loaded
