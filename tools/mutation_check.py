@@ -55,7 +55,7 @@ MUTANTS = {
                                                                    "norm_pre(tokens)", "return tokens"),
     "norm_pix_loss ignored": ("model.py", "        if self.norm_pix_loss:\n            mean",
                               "        if False:\n            mean"),
-    "head initialisations swapped": ("model.py", "std=0.01 if linear_probe else 2e-5",
+    "head initialisations swapped": ("cifar_mae/heads.py", "std=0.01 if linear_probe else 2e-5",
                                      "std=2e-5 if linear_probe else 0.01"),
     "CIFAR channels in BGR order": ("cifar_mae/datasets.py", "torch.from_numpy(ds.data).permute(0, 3, 1, 2)",
                                     "torch.from_numpy(ds.data).permute(0, 3, 1, 2).flip(1)"),
