@@ -140,6 +140,9 @@ class Pretraining(PretrainingTask):
     def start(self, rt, data, model, trainer, log, steps, micro_batch):
         super().start(rt, data, model, trainer, log, steps, micro_batch)
         args = self.args
+        if self.config.get("resnet") and micro_batch % args.bn_splits:
+            raise UserError(f"--bn_splits {args.bn_splits} must divide the micro-batch ({micro_batch} images): pick "
+                            "a --batch_size (or --max_device_batch_size) it divides, or another --bn_splits")
         if rt.is_main:
             encoder = sum(p.numel() for p in model.encoder.parameters()) / 1e6
             print(f"MoCo v{args.moco_version} pretraining of a {encoder:.2f}M-parameter encoder on {rt.device} "

@@ -375,6 +375,13 @@ BAD_INPUTS = {  # script, flags, what the one line on stderr says
 }
 
 
+def test_batch_norm_groups_that_do_not_divide_the_micro_batch_end_with_one_line(tmp_path, cifar_dir, capsys):
+    result, _, _ = moco(tmp_path, cifar_dir, *RESNET[:-4], "--bn_splits", 3, capsys=capsys)
+    assert result.returncode == 2 and result.stderr.strip().splitlines()[-1] == (
+        "error: --bn_splits 3 must divide the micro-batch (8 images): pick a --batch_size (or "
+        "--max_device_batch_size) it divides, or another --bn_splits")
+
+
 @pytest.mark.parametrize("case", sorted(BAD_INPUTS))
 def test_bad_input_ends_with_one_clear_line_before_the_data(case, tmp_path, capsys, monkeypatch):
     script, flags, fragment = BAD_INPUTS[case]
