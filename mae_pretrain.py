@@ -14,10 +14,10 @@ from cifar_mae.errors import UserError, as_user_error
 from cifar_mae.flags import ArgumentParser, add_augmentation_args, add_config_arg, add_encoder_args, add_runtime_args, \
     add_training_args, check_interval, check_training_args, path_arg
 from cifar_mae.lifecycle import run
-from cifar_mae.loaders import make_loader, unaugmented_loaders
+from cifar_mae.loaders import make_loader
 from cifar_mae.model_config import MAEConfig, is_vil
 from cifar_mae.optim import param_groups, peak_lr
-from cifar_mae.pretraining import PretrainingTask, add_monitor_args, knn
+from cifar_mae.pretraining import PretrainingTask, add_monitor_args
 from cifar_mae.reconstruction import mae_loss, reconstruction_grid, reconstruction_loss
 from model import MAE_ViT
 
@@ -87,6 +87,7 @@ def image_due(args, epoch):
 class Pretraining(PretrainingTask):
     """MAE pretraining: the masked-patch loss; after an epoch the kNN monitor and the reconstruction figure."""
     kind, script, suffix, gpu_micro_batch = "mae_pretrain", __file__, "mae", GPU_MICRO_BATCH
+    feature = "cls feature"
     check_args = check_eval_args = staticmethod(check_args)
     build = staticmethod(build_mae)
 
@@ -95,8 +96,8 @@ class Pretraining(PretrainingTask):
 
     def train_loader(self, rt, data):
         images = data.pretraining_images(self.args.pretrain_split)  # labels play no part
-        return make_loader(self.args, rt, images, torch.zeros(len(images), dtype=torch.int64), self.args.batch_size,
-                           train=True, crop_scale=self.args.crop_scale, flip=self.args.flip)
+        return make_loader(rt, images, torch.zeros(len(images), dtype=torch.int64), self.args.batch_size, train=True,
+                           crop_scale=self.args.crop_scale, flip=self.args.flip, **self.loader_options())
 
     def loss(self, data):
         return mae_loss
@@ -128,20 +129,11 @@ class Pretraining(PretrainingTask):
         return make_checkpoint("mae_pretrain", self.model.state_dict(), self.model.config, epoch, **state)
 
     # ---- --eval_only
-    @classmethod
-    def report_saved(cls, args, rt, ckpt, model, data):
-        """kNN accuracy (with labels) and the test set's reconstruction loss at --mask_ratio."""
-        loaders = unaugmented_loaders(args, rt, data)
-        result = {"epoch": ckpt["epoch"], "mask_ratio": args.mask_ratio,
-                  "test_loss": reconstruction_loss(model, loaders[1], rt, args.mask_ratio),
-                  "knn_acc": knn(args, model.encoder, loaders, data, rt) if data.classes else None}
-        if rt.is_main:
-            knn_text = "" if result["knn_acc"] is None else f"kNN accuracy {result['knn_acc']:.2%} (k {args.knn_k}, " \
-                f"T {args.knn_t}, cls feature, training set as memory), "
-            print(f"{args.eval_only} (epoch {ckpt['epoch']}): {knn_text}test reconstruction loss "
-                  f"{result['test_loss']:.4f} at mask ratio {args.mask_ratio}")
-        cls.write_saved(args, rt, ckpt, model.encoder, data)
-        return result
+    def saved_scores(self, rt, model, loaders, result):
+        """The test set's reconstruction loss at --mask_ratio."""
+        ratio = self.args.mask_ratio
+        result.update(mask_ratio=ratio, test_loss=reconstruction_loss(model, loaders[1], rt, ratio))
+        return [f"test reconstruction loss {result['test_loss']:.4f} at mask ratio {ratio}"]
 
 
 @cli_main

@@ -14,11 +14,10 @@ from cifar_mae.errors import UserError, as_user_error
 from cifar_mae.flags import ArgumentParser, add_augmentation_args, add_config_arg, add_encoder_args, add_runtime_args, \
     add_training_args, check_backbone_flags, check_interval, check_training_args, path_arg
 from cifar_mae.lifecycle import run
-from cifar_mae.loaders import unaugmented_loaders
 from cifar_mae.model_config import MoCoConfig, is_vil
 from cifar_mae.moco import MoCo
 from cifar_mae.optim import param_groups, peak_lr
-from cifar_mae.pretraining import PretrainingTask, add_monitor_args, knn
+from cifar_mae.pretraining import PretrainingTask, add_monitor_args
 from cifar_mae.resnet import split_batch_norms
 from cifar_mae.views import TwoViewLoader
 from model import build_encoder
@@ -110,6 +109,7 @@ class Pretraining(PretrainingTask):
     """MoCo pretraining: InfoNCE over two views; the key encoder and queue move after each optimizer step; after
     an epoch the kNN monitor of the query encoder."""
     kind, script, suffix, gpu_micro_batch = "moco_pretrain", __file__, "moco", GPU_MICRO_BATCH
+    feature, labels_for = "pooled features", "--eval_only's kNN accuracy"  # training: the kNN monitor's, where on
     check_args = check_eval_args = staticmethod(check_args)
     build = staticmethod(build_moco)
 
@@ -162,21 +162,6 @@ class Pretraining(PretrainingTask):
 
     def checkpoint(self, epoch, state):
         return make_checkpoint("moco_pretrain", self.model.state_dict(), self.config, epoch, **state)
-
-    # ---- --eval_only
-    @classmethod
-    def report_saved(cls, args, rt, ckpt, model, data):
-        """kNN accuracy of the query encoder."""
-        if not data.classes:
-            raise UserError(f"--eval_only {args.eval_only} scores kNN accuracy, which needs labelled data")
-        result = {"epoch": ckpt["epoch"],
-                  "knn_acc": knn(args, model.encoder, unaugmented_loaders(args, rt, data), data, rt)}
-        if rt.is_main:
-            print(f"{args.eval_only} (epoch {ckpt['epoch']}): kNN accuracy {result['knn_acc']:.2%} (k {args.knn_k}, "
-                  f"T {args.knn_t}, pooled features, training set as memory)")
-        cls.write_saved(args, rt, ckpt, model.encoder, data)
-        return result
-
 
 @cli_main
 def main(args):

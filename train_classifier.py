@@ -9,20 +9,20 @@ import os
 from timm.utils import ModelEmaV3
 
 from cifar_mae.atomic import save_atomic
-from cifar_mae.checkpoint import last_checkpoint_path, make_checkpoint
-from cifar_mae.classification import ClassificationLoss, check_classes, evaluate, final_report, \
-    log_epoch, report_saved_classifier, selection_split, start_note
+from cifar_mae.checkpoint import evaluated_weights, last_checkpoint_path, make_checkpoint
+from cifar_mae.classification import BestEpoch, ClassificationLoss, check_classes, evaluate, final_report, log_epoch, \
+    report_saved_classifier, selection_split, start_note
 from cifar_mae.cli import cli_main
 from cifar_mae.errors import UserError, as_user_error
 from cifar_mae.flags import ArgumentParser, add_augmentation_args, add_config_arg, add_encoder_args, add_runtime_args, \
-    add_training_args, check_backbone_flags, check_interval, check_training_args, path_arg, plain_args
+    add_training_args, check_backbone_flags, check_interval, check_training_args, path_arg
 from cifar_mae.lifecycle import Task, run
 from cifar_mae.loaders import make_loader
 from cifar_mae.model_config import ClassifierConfig, is_vil, output_stem, resnet_arch
-from cifar_mae.optim import param_groups
-from cifar_mae.outputs import check_export_path, claim_outputs
+from cifar_mae.optim import param_groups, peak_lr
 from cifar_mae.pretrained import load_encoder, read_pretrained
 from cifar_mae.randaug import check_policy
+from cifar_mae.settings import plain_args
 from model import build_classifier, check_config
 
 GPU_MICRO_BATCH = 256  # the micro-batch ceiling on a GPU when --max_device_batch_size is not given
@@ -104,37 +104,10 @@ def check_args(args):
         check_policy(args.randaug, args.loader)
 
 
-def new_classifier(config, drop_path=0.0):
-    """build_classifier, with a configuration that cannot work as a UserError."""
-    with as_user_error():
-        return build_classifier(config, drop_path)
-
-
-def default_output_path(args):
-    """Where a run writes its weights when not told: a name that says whether the encoder started pretrained."""
-    return args.output_model_path or \
-        f"{output_stem(args.model)}-classifier-from_{'pretrained' if args.pretrained_model_path else 'scratch'}.pth"
-
-
-def saved_classifier(ckpt, rt):
-    """The classifier a checkpoint holds, with the weights its run evaluates: a NAME-last.pth training state's
-    EMA when it kept one."""
-    model = build_classifier(ckpt["model_config"])
-    weights = ckpt["model"]
-    if "optimizer" in ckpt:
-        ema = ckpt.get("ema") is not None
-        weights = ckpt["ema"] if ema else weights
-        if rt.is_main:
-            print(f"note: this is a training state; evaluating its {'EMA' if ema else 'live'} weights after "
-                  f"epoch {ckpt['epoch']} (the best epoch's are in the file without -last)")
-    model.load_state_dict(weights)
-    return model
-
-
 class Classification(Task):
     """A classifier: cross-entropy with mixup/cutmix; after an epoch the evaluation that picks the best weights
     (the EMA's with --ema), which go to --output_model_path; the full state to NAME-last.pth beside it."""
-    kind, script, labels_for = "classifier", __file__, "a classifier"
+    kind, script, labels_for, output_setting = "classifier", __file__, "a classifier", "output_model_path"
     check_args = check_eval_args = staticmethod(check_args)
     gpu_micro_batch = GPU_MICRO_BATCH
 
@@ -142,51 +115,42 @@ class Classification(Task):
         super().__init__(args, ckpt, defaults)
         self.pretrained, self.pretrained_note = defaults or (None, None)
         self.even_micro_batch = bool(args.mixup or args.cutmix)  # mixup pairs the images of a micro-batch
-        self.selected_on = f"{args.val_size} held-out training images" if args.val_size else "the test set"
-        self.best = {"acc": 0.0, "epoch": None, "model": None} if ckpt is None else \
-            {"acc": ckpt["best_acc"], "epoch": ckpt["best_epoch"], "model": ckpt["best_model"]}
-        self.last_acc = None
+        self.best = BestEpoch(args.val_size, ckpt)
+
+    @classmethod
+    def output_path(cls, args):
+        """A name that says whether the encoder started pretrained, when not given."""
+        return args.output_model_path or \
+            f"{output_stem(args.model)}-classifier-from_{'pretrained' if args.pretrained_model_path else 'scratch'}.pth"
 
     @classmethod
     def default_checkpoint(cls, args):
-        return last_checkpoint_path(default_output_path(args))
+        return last_checkpoint_path(cls.output_path(args))
 
     @classmethod
     def take_defaults(cls, args, parser, ckpt):
         return read_pretrained(args, parser)
-
-    @classmethod
-    def name_outputs(cls, args):
-        args.output_model_path = default_output_path(args)
-        return args.output_model_path
-
-    def claim_outputs(self, restarting):
-        args, last_path = self.args, last_checkpoint_path(self.args.output_model_path)
-        check_export_path(args, run_outputs=(args.output_model_path, last_path),
-                          resumed_args=self.ckpt["args"] if self.ckpt is not None else None)
-        claim_outputs(args, args.output_model_path, "--output_model_path", restarting, last_path, beside=[last_path])
 
     def build_model(self, rt, data):
         """Resumed, from a pretrained encoder, or from scratch."""
         args, self.data = self.args, data
         if self.ckpt is not None:
             check_classes(self.ckpt, data, f"--resume {args.resume}")
-            self.config = self.ckpt["model_config"]
-            return new_classifier(self.config, args.drop_path)
-        self.config = ClassifierConfig.from_settings(args, num_classes=len(data.classes))
-        model = new_classifier(self.config, args.drop_path)
-        if self.pretrained is not None:
+        self.config = self.ckpt["model_config"] if self.ckpt is not None else \
+            ClassifierConfig.from_settings(args, num_classes=len(data.classes))
+        with as_user_error():  # a configuration that cannot work
+            model = build_classifier(self.config, args.drop_path)
+        if self.pretrained is not None:  # only on a start that is not a resume
             load_encoder(model, self.pretrained, f"--pretrained_model_path {args.pretrained_model_path}")
         return model
 
     def train_loader(self, rt, data):
         args = self.args
         train_images, train_labels, val_images, val_labels = selection_split(data, args.val_size)
-        self.test_loader = make_loader(args, rt, data.test_images, data.test_labels, 1024, train=False)
-        self.val_loader = make_loader(args, rt, val_images, val_labels, 1024, train=False) if args.val_size \
-            else self.test_loader
-        return make_loader(args, rt, train_images, train_labels, args.batch_size, train=True,
-                           crop_scale=args.crop_scale, flip=args.flip, randaug=args.randaug, reprob=args.reprob)
+        self.test = self.eval_loader(rt, data.test_images, data.test_labels)
+        self.val = self.eval_loader(rt, val_images, val_labels) if args.val_size else self.test
+        return make_loader(rt, train_images, train_labels, args.batch_size, train=True, crop_scale=args.crop_scale,
+                           flip=args.flip, randaug=args.randaug, reprob=args.reprob, **self.loader_options())
 
     def loss(self, data):
         args = self.args
@@ -201,47 +165,49 @@ class Classification(Task):
         return dict(clip_grad=self.args.clip_grad, ema=ema, num_extra=1), (0.9, 0.999)
 
     def start(self, rt, data, model, trainer, log, steps, micro_batch):
-        self.rt, self.model, self.log = rt, model, log
-        self.eval_model = trainer.ema.module if self.args.ema else model  # the weights evaluated and saved
+        args, self.rt, self.model, self.log = self.args, rt, model, log
+        self.eval_model = trainer.ema.module if args.ema else model  # the weights evaluated and saved
         if rt.is_main:
-            start_note(self.args, rt, model, steps, micro_batch, self.selected_on, self.pretrained,
-                       self.pretrained_note)
+            start_note(rt, model, steps, micro_batch, peak_lr(args.base_learning_rate, args.batch_size),
+                       self.best.selected_on, pretrained_path=args.pretrained_model_path, pretrained=self.pretrained,
+                       linear_probe=args.linear_probe, ema_decay=args.ema_decay if args.ema else None,
+                       total_epoch=args.total_epoch, data_note=self.pretrained_note)
 
     def after_epoch(self, epoch, train):
-        args, best = self.args, self.best
-        val = evaluate(self.eval_model, self.val_loader, self.rt, len(self.data.classes), args.tta)
-        self.last_acc = val["acc"]
-        if val["acc"] > best["acc"] or best["model"] is None:
-            best.update(acc=val["acc"], epoch=epoch,
-                        model={k: v.detach().clone() for k, v in self.eval_model.state_dict().items()})
-            if self.rt.is_main:
-                self.save_best()
-        return log_epoch(self.log, epoch, train, val, best["acc"])
+        val = evaluate(self.eval_model, self.val, self.rt, len(self.data.classes), self.args.tta)
+        if self.best.update(val["acc"], epoch, self.eval_model) and self.rt.is_main:
+            self.save_best()
+        return log_epoch(self.log, epoch, train, val, self.best.acc)
 
     def save_best(self):
         best = self.best
-        save_atomic(make_checkpoint("classifier", best["model"], self.config, best["epoch"],
-                                    classes=list(self.data.classes), acc=best["acc"], selected_on=self.selected_on,
-                                    args=plain_args(self.args)), self.args.output_model_path)
+        save_atomic(make_checkpoint("classifier", best.model, self.config, best.epoch, classes=list(self.data.classes),
+                                    acc=best.acc, selected_on=best.selected_on, args=plain_args(self.args)),
+                    self.args.output_model_path)
 
     def checkpoint(self, epoch, state):
         """The best weights too: a resume needs no other file, on any machine."""
-        best = self.best
         return make_checkpoint("classifier", self.model.state_dict(), self.config, epoch,
-                               classes=list(self.data.classes), best_acc=best["acc"], best_model=best["model"],
-                               best_epoch=best["epoch"], **state)
+                               classes=list(self.data.classes), **self.best.state(), **state)
 
     def finish(self, done):
+        args = self.args
         if not done:
-            return {"best_acc": self.best["acc"]}
-        if self.rt.is_main and not os.path.isfile(self.args.output_model_path):  # gone since an earlier start
+            return {"best_acc": self.best.acc}
+        if self.rt.is_main and not os.path.isfile(args.output_model_path):  # gone since an earlier start
             self.save_best()
-        return final_report(self.args, self.rt, self.log, self.eval_model,
-                            dict(self.best, selected_on=self.selected_on), self.last_acc, self.test_loader, self.data,
-                            self.config)
+        return final_report(self.rt, self.log, self.eval_model, self.best, self.test, self.data, self.config,
+                            tta=args.tta, step=args.total_epoch, exports=(args.export_timm, args.export_vil))
 
-    # ---- --eval_only
-    saved_model, report_saved = staticmethod(saved_classifier), staticmethod(report_saved_classifier)
+    # ---- --eval_only: the model from saved_model (build, saved_weights)
+    build, saved_weights = staticmethod(build_classifier), staticmethod(evaluated_weights)
+
+    def report_saved(self, rt, ckpt, model, data):
+        """Top-1, top-5 and the per-class table on the test set; the exports."""
+        args = self.args
+        check_classes(ckpt, data, f"--eval_only {args.eval_only}")
+        loader = self.eval_loader(rt, data.test_images, data.test_labels)
+        return report_saved_classifier(rt, ckpt, model, loader, data, args.tta, (args.export_timm, args.export_vil))
 
 
 @cli_main

@@ -131,9 +131,7 @@ def runtime(device, path, compile_mode="default"):
     it (CUDA), eager."""
     cuda = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
     amp = {"fast": None, "plain": "off", "plain_bf16": "bf16" if cuda else "off"}[path]
-    args = argparse.Namespace(device=device, amp=amp, compile=None if path == "fast" else False, seed=0,
-                              compile_mode=compile_mode)
-    return setup_runtime(args)
+    return setup_runtime(0, device, amp, None if path == "fast" else False, compile_mode)
 
 
 def make_loader(rt, images, labels, batch, fast, num_workers, aug=None, seed=0, views=False):

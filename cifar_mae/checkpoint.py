@@ -11,7 +11,6 @@ import torch.distributed as dist
 
 from cifar_mae.engine import EpochState
 from cifar_mae.errors import UserError
-from cifar_mae.flags import plain_args, take_saved
 
 FORMAT = "cifar-mae/2"  # bumped whenever what a checkpoint holds changes
 KINDS = {"mae_pretrain": "an MAE pretraining", "moco_pretrain": "a MoCo pretraining", "classifier": "a classifier"}
@@ -22,6 +21,18 @@ def make_checkpoint(kind, model_state, model_config, epoch, **fields):
     """A checkpoint of `kind`: weights, the config that rebuilds their model, completed epochs, plain fields."""
     return {"format": FORMAT, "kind": kind, "model": model_state, "model_config": model_config, "epoch": epoch,
             **fields}
+
+
+def evaluated_weights(ckpt, rt):
+    """The weights a classifier's checkpoint is evaluated with: a NAME-last.pth training state's EMA when it kept
+    one (said in a note), else its model's."""
+    if "optimizer" not in ckpt:
+        return ckpt["model"]
+    ema = ckpt.get("ema") is not None
+    if rt.is_main:
+        print(f"note: this is a training state; evaluating its {'EMA' if ema else 'live'} weights after "
+              f"epoch {ckpt['epoch']} (the best epoch's are in the file without -last)")
+    return ckpt["ema"] if ema else ckpt["model"]
 
 
 LEGACY_HELP = ("it is a whole pickled model (torch.save(model)) like the original repository wrote; loading it "
@@ -68,26 +79,15 @@ def check_checkpoint(ckpt, path, kind=None, what="checkpoint"):
     return ckpt
 
 
-def training_state(trainer, loader, rt, args, epoch_state=None, data=None):
+def training_state(trainer, loader, rt, settings, epoch_state=None, data=None):
     """What --resume needs beyond the weights, as plain values and tensors (a collective under torchrun);
-    data: the data_info of what the run trains on, which a resume compares (note_resumed_data)."""
+    settings: the run's, as plain_args gives them; data: the data_info of what the run trains on, which a resume
+    compares (note_resumed_data)."""
     return {"data": data, "optimizer": trainer.optimizer.state_dict(),
             "scaler": trainer.scaler.state_dict() if trainer.scaler else None,
             "ema": trainer.ema.module.state_dict() if trainer.ema is not None else None,
             "epoch_state": epoch_state.state_dict(rt) if epoch_state is not None else None,
-            "rng": rng_state(rt, loader), "args": plain_args(args), "world_size": rt.world_size}
-
-
-def resume_checkpoint(args, parser, kind):
-    """--resume PATH: its checkpoint, whose settings the run takes as defaults (take_saved), or None."""
-    if not args.resume:
-        return None
-    ckpt = load_checkpoint(args.resume, kind, "--resume")
-    if "optimizer" not in ckpt:
-        raise UserError(f"--resume {args.resume} holds only weights; resume from the training state written "
-                        f"beside it ({last_checkpoint_path(args.resume)})")
-    take_saved(args, parser, ckpt["args"], f"--resume {args.resume}", fixed=ckpt["model_config"])
-    return ckpt
+            "rng": rng_state(rt, loader), "args": settings, "world_size": rt.world_size}
 
 
 def restore_training_state(ckpt, path, model, trainer, loader, rt, data):

@@ -12,11 +12,10 @@ from timm.loss import SoftTargetCrossEntropy
 
 from cifar_mae.datasets import holdout_split
 from cifar_mae.errors import UserError
-from cifar_mae.loaders import eval_batches, make_loader
-from cifar_mae.optim import peak_lr
+from cifar_mae.loaders import eval_batches
 from cifar_mae.pretrained import pretraining_note
 from cifar_mae.runtime import all_reduce_sum, evaluating
-from cifar_mae.timm_export import classifier_export, write_timm_state, write_vil_state
+from cifar_mae.timm_export import write_classifier_exports
 
 
 class ClassificationLoss:
@@ -163,63 +162,82 @@ def log_epoch(log, epoch, train, val, best_acc):
                     f"{val['acc']:.2%} (best {best_acc:.2%})")
 
 
-def final_report(args, rt, log, eval_model, best, last_acc, test_loader, data, config):
-    """The best weights on the test set: per-class table, confusion image, closing log line, timm export."""
-    if args.val_size or last_acc is None:  # with --val_size no choice has looked at the test set
+class BestEpoch:
+    """The best epoch so far by accuracy on the images it is picked on: val_size held-out training images
+    (--val_size), or the test set (0). Its weights are kept on every rank (no shared disk needed) for the closing
+    report and the resumable checkpoint (ckpt: the one resumed)."""
+
+    def __init__(self, val_size, ckpt=None):
+        self.held_out, self.last_acc = bool(val_size), None  # last_acc: of the last epoch this start trained
+        self.selected_on = f"{val_size} held-out training images" if val_size else "the test set"
+        self.acc, self.epoch, self.model = (0.0, None, None) if ckpt is None else \
+            (ckpt["best_acc"], ckpt["best_epoch"], ckpt["best_model"])
+
+    def update(self, acc, epoch, model):
+        """-> whether `epoch`, with accuracy `acc`, is the best so far; then the model's weights are kept."""
+        self.last_acc = acc
+        if acc <= self.acc and self.model is not None:
+            return False
+        self.acc, self.epoch = acc, epoch
+        self.model = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        return True
+
+    def state(self):
+        """What the resumable checkpoint keeps of it."""
+        return {"best_acc": self.acc, "best_model": self.model, "best_epoch": self.epoch}
+
+
+def final_report(rt, log, eval_model, best, test_loader, data, config, *, tta, step, exports):
+    """The best weights on the test set: per-class table, confusion image and closing log line (at `step`, the last
+    epoch); then the exports (write_classifier_exports)."""
+    last_acc = best.last_acc
+    if best.held_out or last_acc is None:  # with --val_size no choice has looked at the test set
         last_acc = evaluate(eval_model, test_loader, rt, config["num_classes"])["acc"]
-    eval_model.load_state_dict(best["model"])  # every rank kept a copy: no shared disk needed
-    result = evaluate(eval_model, test_loader, rt, config["num_classes"], args.tta)
+    eval_model.load_state_dict(best.model)  # every rank kept a copy: no shared disk needed
+    result = evaluate(eval_model, test_loader, rt, config["num_classes"], tta)
     if rt.is_main:
         # without --val_size the best epoch is picked on the test set, as the original repository did, so the
         # last epoch's accuracy is printed beside it: it is the unbiased one
-        if args.val_size:
-            print(f"best held-out accuracy {best['acc']:.2%} (epoch {best['epoch']}); on the test set: those "
+        if best.held_out:
+            print(f"best held-out accuracy {best.acc:.2%} (epoch {best.epoch}); on the test set: those "
                   f"weights {result['acc']:.2%}, last epoch {last_acc:.2%}")
         else:
-            print(f"best accuracy {best['acc']:.2%} (epoch {best['epoch']}), last epoch {last_acc:.2%}")
+            print(f"best accuracy {best.acc:.2%} (epoch {best.epoch}), last epoch {last_acc:.2%}")
         print(per_class_table(result, data.classes))
         if not log.reported:  # a finished run resumed again: TensorBoard has this image at this step already
-            log.image("cls/confusion", confusion_image(result["confusion"], data.classes), args.total_epoch)
-            log.text("cls/confusion", confusion_table(result["confusion"], data.classes), args.total_epoch)
-        log.line({"final": True, "epoch": args.total_epoch, "acc": result["acc"], "acc5": result["acc5"],
-                  "best_epoch": best["epoch"], "best_acc": best["acc"], "selected_on": best["selected_on"],
+            log.image("cls/confusion", confusion_image(result["confusion"], data.classes), step)
+            log.text("cls/confusion", confusion_table(result["confusion"], data.classes), step)
+        log.line({"final": True, "epoch": step, "acc": result["acc"], "acc5": result["acc5"],
+                  "best_epoch": best.epoch, "best_acc": best.acc, "selected_on": best.selected_on,
                   "last_epoch_acc": last_acc, "per_class": dict(zip(data.classes, result["per_class"])),
                   **({"acc_flip": result["acc_flip"]} if "acc_flip" in result else {})})
-        if args.export_timm:
-            write_timm_state(*classifier_export(eval_model, config), args.export_timm)
-        if args.export_vil:
-            write_vil_state(eval_model, config, args.export_vil)
-    return {"best_acc": best["acc"], "best_epoch": best["epoch"], "last_epoch_acc": last_acc, "final": result}
+        write_classifier_exports(eval_model, config, *exports)
+    return {"best_acc": best.acc, "best_epoch": best.epoch, "last_epoch_acc": last_acc, "final": result}
 
 
-def start_note(args, rt, model, steps, micro_batch, selected_on, pretrained, pretrained_note):
-    """The start-up lines of a classifier's run (main process): what it trains, on what, and its notes."""
-    mode = "fine-tuning" if args.pretrained_model_path else "scratch"
-    if args.linear_probe:  # a probe of random features is a baseline, or a forgotten --pretrained_model_path
-        mode = "linear probe" + ("" if args.pretrained_model_path else
+def start_note(rt, model, steps, micro_batch, lr, selected_on, *, pretrained_path, pretrained, linear_probe,
+               ema_decay, total_epoch, data_note):
+    """The start-up lines of a classifier's run (main process): what it trains, on what, and its notes: on the
+    pretrained encoder, an EMA too slow for the run (ema_decay: None without --ema), and to stderr the data folder."""
+    mode = "fine-tuning" if pretrained_path else "scratch"
+    if linear_probe:  # a probe of random features is a baseline, or a forgotten --pretrained_model_path
+        mode = "linear probe" + ("" if pretrained_path else
                                  " of a randomly initialised encoder: no --pretrained_model_path")
-    if pretrained_note:
-        print(pretrained_note, file=sys.stderr)
+    if data_note:
+        print(data_note, file=sys.stderr)
     print(f"training a classifier ({mode}), {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters "
           f"on {rt.device} ({rt.world_size} process(es)), {steps} steps/epoch, micro-batch {micro_batch}, peak lr "
-          f"{peak_lr(args.base_learning_rate, args.batch_size):.2e}, {rt.describe()}; the best epoch is picked on "
-          f"{selected_on}")
-    if pretrained is not None:
-        print(pretraining_note(args.pretrained_model_path, pretrained))
-    note = ema_note(args.ema_decay, args.total_epoch * steps) if args.ema else None
-    if note:
+          f"{lr:.2e}, {rt.describe()}; the best epoch is picked on {selected_on}")
+    notes = [pretrained is not None and pretraining_note(pretrained_path, pretrained),
+             ema_decay is not None and ema_note(ema_decay, total_epoch * steps)]
+    for note in filter(None, notes):
         print(note)
 
 
-def report_saved_classifier(args, rt, ckpt, model, data):
-    """Top-1, top-5 and the per-class table of a saved classifier on the test set (and its timm export)."""
-    check_classes(ckpt, data, f"--eval_only {args.eval_only}")
-    loader = make_loader(args, rt, data.test_images, data.test_labels, 1024, train=False)
-    result = evaluate(model, loader, rt, ckpt["model_config"]["num_classes"], args.tta)
+def report_saved_classifier(rt, ckpt, model, loader, data, tta, exports):
+    """Top-1, top-5 and the per-class table of a saved classifier on the test set (loader); then the exports."""
+    result = evaluate(model, loader, rt, ckpt["model_config"]["num_classes"], tta)
     if rt.is_main:
         print(per_class_table(result, data.classes))
-        if args.export_timm:
-            write_timm_state(*classifier_export(model, ckpt["model_config"]), args.export_timm)
-        if args.export_vil:
-            write_vil_state(model, ckpt["model_config"], args.export_vil)
+        write_classifier_exports(model, ckpt["model_config"], *exports)
     return result

@@ -1,4 +1,4 @@
-"""Command-line flags both scripts share, their checks, and settings taken from a checkpoint."""
+"""The command-line flags every training job shares, and the checks of their values."""
 import argparse
 import math
 import os
@@ -7,9 +7,8 @@ import sys
 import torch
 import yaml
 
-from cifar_mae.errors import UserError, as_user_error
-from cifar_mae.timm_vit import TIMM_KWARGS, timm_sizes
-from cifar_mae.model_config import DEFAULT_MODEL, MODELS, timm_name
+from cifar_mae.errors import UserError
+from cifar_mae.model_config import DEFAULT_MODEL, MODELS
 
 
 def finite_float(text):
@@ -103,32 +102,6 @@ def add_config_arg(parser):
     parser.add_argument("-c", "--config", type=path_arg, default=None, metavar="FILE.yaml",
                         help="a recipe (configs/): flag names and values that become this run's defaults; flags "
                              "given on the command line win")
-
-
-def plain_args(args):
-    """argparse values as plain types, safe for weights_only checkpoints."""
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()
-            if v is None or isinstance(v, (bool, int, float, str, list, tuple))}
-
-
-# settings that belong to one start of a job, never taken from a checkpoint
-PER_START = {"resume", "overwrite", "device", "stop_after_epoch", "stop_after_minutes", "eval_only"}
-
-
-def take_saved(args, parser, saved, what, fixed=()):
-    """Take a checkpoint's settings as defaults, as timm's config files set a parser's defaults: a flag left at
-    its default takes the saved value, a flag given with another value wins, except those in `fixed` (the
-    model's sizes, which the saved weights need), which are an error."""
-    plain = lambda v: list(v) if isinstance(v, tuple) else v
-    for key, value in saved.items():
-        if key in PER_START or not hasattr(args, key):
-            continue
-        current = plain(getattr(args, key))
-        if current == plain(parser.get_default(key)) or current == plain(value):
-            setattr(args, key, value)
-        elif key in fixed:
-            raise UserError(f"--{key} {current} conflicts with {what}, which has {value}; drop the flag: the "
-                            "model's sizes come from the checkpoint")
 
 
 def check_positive(args, *names):
@@ -262,19 +235,6 @@ def model_name(text):
     if text in MODELS or (text.startswith("timm:") and len(text) > 5):
         return text
     raise argparse.ArgumentTypeError(f"{text!r} is neither a named size ({', '.join(MODELS)}) nor timm:NAME")
-
-
-def resolve_model(args):
-    """Each size flag not given (None) takes --model's value (timm's sizes, for timm:NAME); the decoder's only
-    where the script has them."""
-    if timm_name(args.model):
-        with as_user_error("--model "):
-            sizes = timm_sizes(timm_name(args.model), **{k: getattr(args, k) for k in TIMM_KWARGS})
-    else:
-        sizes = MODELS[args.model]
-    for key, value in sizes.items():
-        if hasattr(args, key) and getattr(args, key) is None:
-            setattr(args, key, value)
 
 
 INTERPOLATIONS = ["bilinear", "bicubic"]

@@ -1,48 +1,38 @@
-"""The run lifecycle every training job goes through, top to bottom: settings resolved once (resolve_settings),
-then run(): outputs claimed, runtime, data, model, optimizer and trainer, resume, the epoch loop, the report.
+"""The run lifecycle every training job goes through, top to bottom: settings resolved once (settings.py), then
+run(): outputs claimed, runtime, data, model, optimizer and trainer, resume, the epoch loop, the report.
 
 A job is its flags plus a Task: what it trains (model, loss, loader, parameter groups), what it evaluates after
 an epoch, what its checkpoint holds, and its closing report. The lifecycle calls a task's methods in this order:
 
-    resolution:  default_checkpoint, take_defaults, check_args, name_outputs (on the settings, before the freeze)
-    run:         claim_outputs, build_model, train_loader, loss, param_groups, trainer_options, start,
+    resolution:  default_checkpoint, take_defaults, check_args, output_path (on the settings, before the freeze)
+    run:         build_model, train_loader, loss, param_groups, trainer_options, start,
                  then after_epoch and checkpoint every epoch, and finish
-    --eval_only: check_eval_args, saved_model, report_saved (evaluate_saved)
+    --eval_only: check_eval_args, saved_model, then report_saved of a task made without a checkpoint to resume
 """
-import argparse
 import sys
 
 from cifar_mae.atomic import save_atomic
-from cifar_mae.checkpoint import load_checkpoint, restore_training_state, resume_checkpoint, training_state
+from cifar_mae.checkpoint import restore_training_state, training_state
 from cifar_mae.console import format_rate, resume_command, script_command
-from cifar_mae.datasets import data_info, default_log_dir, load_data
+from cifar_mae.datasets import data_info, load_data
 from cifar_mae.engine import EpochClock, Trainer, checkpoint_due, stop_reason
-from cifar_mae.flags import resolve_model, take_saved
+from cifar_mae.loaders import make_loader
 from cifar_mae.metrics import MetricsLog
 from cifar_mae.optim import make_optimizer, peak_lr, schedule
-from cifar_mae.outputs import auto_resume, check_export_path, data_dir_from
+from cifar_mae.outputs import check_export_path, claim_outputs
 from cifar_mae.runtime import note_devices, setup_runtime, split_batch, wrap_model
+from cifar_mae.settings import plain_args, resolve_eval_settings, resolve_settings
 from cifar_mae.stopping import StopRequest
-
-
-class Settings(argparse.Namespace):
-    """A run's settings once resolved: the library reads them and never assigns to them."""
-
-    def __init__(self, args):
-        for key, value in vars(args).items():
-            object.__setattr__(self, key, value)
-
-    def __setattr__(self, name, value):
-        raise AttributeError(f"settings are resolved once, at the start of a run; {name} cannot change after that")
 
 
 class Task:
     """What a training job supplies to the lifecycle; one object per run, made from the resolved settings.
 
     Class attributes: kind (the checkpoint's kind), script (the script's file, for the commands a run prints),
+    output_setting (the flag that names its checkpoint), build (model config -> the model),
     labels_for (what needs labels, for the error on unlabelled data; None: nothing), gpu_micro_batch (the
     micro-batch ceiling on a GPU), even_micro_batch (micro-batches of an even size: mixup pairs images)."""
-    kind = script = labels_for = None
+    kind = script = labels_for = output_setting = build = None
     gpu_micro_batch, even_micro_batch = 1024, False
 
     def __init__(self, args, ckpt, defaults):
@@ -51,9 +41,14 @@ class Task:
 
     # ---- settings: class methods on the args being resolved, in this order
     @classmethod
+    def output_path(cls, args):
+        """The checkpoint the run writes: the flag output_setting names, or the name the run gives it."""
+        raise NotImplementedError
+
+    @classmethod
     def default_checkpoint(cls, args):
         """The run's own resumable checkpoint, for --resume auto."""
-        raise NotImplementedError
+        return cls.output_path(args)
 
     @classmethod
     def take_defaults(cls, args, parser, ckpt):
@@ -64,16 +59,7 @@ class Task:
     def check_args(cls, args):
         raise NotImplementedError
 
-    @classmethod
-    def name_outputs(cls, args):
-        """Fill in the output paths not given. -> the checkpoint that names the log folder."""
-        raise NotImplementedError
-
     # ---- the run
-    def claim_outputs(self, restarting):
-        """On the main process, before any data is read: every output can be written and is this run's."""
-        raise NotImplementedError
-
     def build_model(self, rt, data):
         raise NotImplementedError
 
@@ -86,6 +72,15 @@ class Task:
 
     def param_groups(self, model):
         raise NotImplementedError
+
+    def loader_options(self):
+        """make_loader's options that the common flags set."""
+        args = self.args
+        return dict(kind=args.loader, seed=args.seed, interpolation=args.interpolation, num_workers=args.num_workers)
+
+    def eval_loader(self, rt, images, labels):
+        """Unaugmented batches of 1024 in dataset order, for evaluation."""
+        return make_loader(rt, images, labels, 1024, train=False, **self.loader_options())
 
     def trainer_options(self, model):
         """Keyword arguments of Trainer beyond the common ones (clip_grad, ema, num_extra) and AdamW's betas."""
@@ -107,55 +102,53 @@ class Task:
         """The closing report (done: the schedule ran to its end). -> the job's result."""
         return None
 
-    # ---- --eval_only: class methods
+    # ---- --eval_only
     @classmethod
     def check_eval_args(cls, args):
-        """Checks of the settings an evaluation of a saved model reads."""
+        """Checks of the settings an evaluation of a saved model reads (a class method: before the freeze)."""
 
     @classmethod
     def saved_model(cls, ckpt, rt):
-        """The model a checkpoint of this kind holds, with the weights its run evaluated."""
-        raise NotImplementedError
+        """The model a checkpoint of this kind holds (built by the class's `build`), with the weights its run
+        evaluated (saved_weights)."""
+        model = cls.build(ckpt["model_config"])
+        model.load_state_dict(cls.saved_weights(ckpt, rt))
+        return model
 
-    @classmethod
-    def report_saved(cls, args, rt, ckpt, model, data):
+    @staticmethod
+    def saved_weights(ckpt, rt):
+        return ckpt["model"]
+
+    def report_saved(self, rt, ckpt, model, data):
         """Evaluate the saved model on `data` and print what it scores (main process). -> the scores."""
         raise NotImplementedError
 
 
-def resolve_settings(args, parser, task):
-    """Parse -> recipe file -> checkpoint defaults -> named size -> checks -> output names, once.
-    -> (frozen Settings, the checkpoint resumed or None, whether --resume auto starts afresh, the task's defaults)"""
-    restarting = auto_resume(args, task.default_checkpoint(args))
-    ckpt = resume_checkpoint(args, parser, task.kind)
-    defaults = task.take_defaults(args, parser, ckpt) if ckpt is None else None
-    resolve_model(args)
-    task.check_args(args)
-    log_name = task.name_outputs(args)
-    args.data_dir = args.data_dir or "data"
-    args.log_dir = args.log_dir or default_log_dir(args.data_dir, log_name)
-    return Settings(args), ckpt, restarting, defaults
+def claim_run_outputs(task, args, ckpt, restarting):
+    """Before any data is read: the checkpoints (the one output_setting names and the resumable one, where that
+    is another file), the log folder and any export can be written and are this run's; then they are locked."""
+    path, resume_path = getattr(args, task.output_setting), task.default_checkpoint(args)
+    beside = [resume_path] if resume_path != path else []
+    check_export_path(args, run_outputs=(path, *beside), resumed_args=ckpt["args"] if ckpt is not None else None)
+    claim_outputs(path, "--" + task.output_setting, args.log_dir, resume_path, resumed=bool(args.resume),
+                  overwrite=args.overwrite, restarting=restarting, beside=beside)
+
+
+def start_runtime(args):
+    return setup_runtime(args.seed, args.device, args.amp, args.compile, args.compile_mode)
 
 
 def evaluate_saved(task_class, args, parser):
     """--eval_only CHECKPOINT: the saved model at its own sizes, on the data its run used (or --data_dir), scored
     by the task. -> the scores."""
+    args, ckpt, note = resolve_eval_settings(args, parser, task_class)
     check_export_path(args)
-    ckpt = load_checkpoint(args.eval_only, task_class.kind, "--eval_only")
-    config = ckpt["model_config"]
-    sizes = {k: v for k, v in config.items() if k != "mask_ratio"}  # an MAE is evaluated at --mask_ratio if given
-    saved = {**config, "model": ckpt.get("args", {}).get("model", args.model)}  # its name, for its kind of model
-    take_saved(args, parser, saved, f"--eval_only {args.eval_only}", fixed=sizes)
-    resolve_model(args)
-    task_class.check_eval_args(args)
-    note = data_dir_from(args, ckpt, args.eval_only)
-    args = Settings(args)
-    rt = setup_runtime(args)
+    rt = start_runtime(args)
     if rt.is_main and note:
         print(note, file=sys.stderr)
     model = task_class.saved_model(ckpt, rt).to(rt.device)
-    data = load_data(args.data_dir, config["image_size"], rt, labels_for=task_class.labels_for)
-    return task_class.report_saved(args, rt, ckpt, model, data)
+    data = load_data(args.data_dir, ckpt["model_config"]["image_size"], rt, labels_for=task_class.labels_for)
+    return task_class(args, None, None).report_saved(rt, ckpt, model, data)
 
 
 def run(task_class, args, parser):
@@ -165,9 +158,9 @@ def run(task_class, args, parser):
         return evaluate_saved(task_class, args, parser)
     args, ckpt, restarting, defaults = resolve_settings(args, parser, task_class)
     task = task_class(args, ckpt, defaults)
-    rt = setup_runtime(args)  # seeds every RNG, so the model's initial weights repeat
+    rt = start_runtime(args)  # seeds every RNG, so the model's initial weights repeat
     if rt.is_main:
-        task.claim_outputs(restarting)
+        claim_run_outputs(task, args, ckpt, restarting)
     _, micro_batch = split_batch(args.batch_size, args.max_device_batch_size, rt, task.gpu_micro_batch,
                                  even=task.even_micro_batch)
     data = load_data(args.data_dir, args.image_size, rt, labels_for=task.labels_for)
@@ -181,16 +174,18 @@ def run(task_class, args, parser):
                       schedule(lr, args.warmup_epoch, args.total_epoch, len(loader)), rt,
                       micro_batch=micro_batch, skip_nonfinite=args.skip_nonfinite, **options)
     start_epoch, epoch_state = restore_training_state(ckpt, args.resume, model, trainer, loader, rt, data_record)
-    log = MetricsLog(args.log_dir, rt, args, completed_epochs=start_epoch, resumed=ckpt is not None, data=data_record)
+    settings = plain_args(args)  # as runs.jsonl and each checkpoint keep them
+    log = MetricsLog(args.log_dir, rt, settings, completed_epochs=start_epoch, resumed=ckpt is not None,
+                     data=data_record)
     task.start(rt, data, model, trainer, log, len(loader), micro_batch)
     script = script_command(task.script)
     path = task.default_checkpoint(args)
     command = resume_command(script, path, rt, args.device)
     if rt.is_main:
-        note_devices(args, rt, script)
+        note_devices(rt, args.device, script)
 
     def save(epoch, epoch_state):
-        state = training_state(trainer, loader, rt, args, epoch_state, data_record)  # a collective
+        state = training_state(trainer, loader, rt, settings, epoch_state, data_record)  # a collective
         if rt.is_main:
             save_atomic(task.checkpoint(epoch, state), path)
 

@@ -244,21 +244,15 @@ def eval_batches(loader, rt, desc):
                         disable=not rt.is_main)
 
 
-def make_loader(args, rt, images, labels, batch_size, *, train, crop_scale=None, flip=False, randaug=None,
-                reprob=0.0):
-    """The loader that --loader names, for one split (augmentation for training only; a crop scale of 1 1: none)."""
+def make_loader(rt, images, labels, batch_size, *, train, kind="device", seed=0, interpolation="bilinear",
+                num_workers=0, crop_scale=None, flip=False, randaug=None, reprob=0.0):
+    """The loader of `kind` (--loader) for one split (augmentation for training only; a crop scale of 1 1: none)."""
     if train and batch_size > len(images):
         raise UserError(f"--batch_size {batch_size} is larger than the training set ({len(images)} images)")
     crop_scale = crop_scale if train and list(crop_scale or [1, 1]) != [1, 1] else None
-    common = dict(device=rt.device, train=train, seed=args.seed, crop_scale=crop_scale,
+    common = dict(device=rt.device, train=train, seed=seed, crop_scale=crop_scale,
                   flip=flip and train, randaug=randaug if train else None, reprob=reprob if train else 0.0,
-                  interpolation=args.interpolation, rank=rt.rank, world_size=rt.world_size)
-    if args.loader == "torch":
-        return TorchLoader(images, labels, batch_size, num_workers=args.num_workers, **common)
+                  interpolation=interpolation, rank=rt.rank, world_size=rt.world_size)
+    if kind == "torch":
+        return TorchLoader(images, labels, batch_size, num_workers=num_workers, **common)
     return DeviceLoader(images, labels, batch_size, **common)
-
-
-def unaugmented_loaders(args, rt, data):
-    """The training and test sets without augmentation, for the kNN monitor and evaluation."""
-    return [make_loader(args, rt, x, y, 1024, train=False)
-            for x, y in ((data.train_images, data.train_labels), (data.test_images, data.test_labels))]

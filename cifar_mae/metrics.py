@@ -11,7 +11,6 @@ from datetime import datetime, timezone
 import torch
 
 from cifar_mae.errors import UserError
-from cifar_mae.flags import plain_args
 
 
 def source_version():
@@ -28,12 +27,12 @@ def source_version():
     return commit.stdout.strip() + ("-dirty" if dirty else "")
 
 
-def run_info(args, rt, data=None):
-    """What one start of a job ran: when, the command, every setting, the code and software, the hardware, and
-    which data (data: its data_info)."""
+def run_info(settings, rt, data=None):
+    """What one start of a job ran: when, the command, every setting (a plain dict), the code and software, the
+    hardware, and which data (data: its data_info)."""
     import timm
     info = {"started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "argv": sys.argv,
-            "args": plain_args(args), "commit": source_version(), "python": platform.python_version(),
+            "args": settings, "commit": source_version(), "python": platform.python_version(),
             "torch": torch.__version__, "timm": timm.__version__,
             "device": torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else rt.device.type,
             "processes": rt.world_size, "amp": rt.amp,
@@ -75,7 +74,7 @@ class MetricsLog:
     TensorBoard the same as text. A write that fails (a full disk), of either, is a UserError with exit code 1.
     """
 
-    def __init__(self, log_dir, rt, args, completed_epochs=0, resumed=False, data=None):
+    def __init__(self, log_dir, rt, settings, completed_epochs=0, resumed=False, data=None):
         self.writer, self.log_dir = None, log_dir
         self.reported = False  # whether the closing report of this run, up to completed_epochs, was logged
         if not rt.is_main:
@@ -95,7 +94,7 @@ class MetricsLog:
         write_log(self.path, "".join(kept), "w")
         with self.writing_events():
             self.writer = SummaryWriter(log_dir, purge_step=completed_epochs + 1)
-        info = run_info(args, rt, data)
+        info = run_info(settings, rt, data)
         write_log(os.path.join(log_dir, "runs.jsonl"), json.dumps(info) + "\n", "a" if resumed else "w")
         with self.writing_events():
             self.writer.add_text("run", "```\n" + json.dumps(info, indent=1) + "\n```", global_step=completed_epochs)

@@ -63,30 +63,6 @@ def check_export_path(args, run_outputs=(), resumed_args=None):
         check_new_file(path, flag, args.overwrite or own)
 
 
-def auto_resume(args, path):
-    """--resume auto: resume from `path`, the run's own checkpoint, when it is there; else start afresh.
-    -> True when it starts afresh: logs already in the log dir are then this job's, from an attempt that ended
-    before its first checkpoint (preempted with --save_every N), and may be replaced."""
-    if args.resume != "auto":
-        return False
-    args.resume = path if os.path.isfile(path) else None
-    return args.resume is None
-
-
-def data_dir_from(args, ckpt, path):
-    """A job on a saved model (--resume, --eval_only, --pretrained_model_path, tools/reconstruct.py) given no
-    --data_dir takes the data its run trained on, where it is still there, else `data`. -> a note, or None."""
-    if args.data_dir is not None:
-        return None
-    saved = ckpt.get("args", {}).get("data_dir")
-    args.data_dir = saved if saved and os.path.exists(saved) else "data"
-    if not saved or saved == "data":
-        return None
-    if args.data_dir == saved:
-        return f"note: no --data_dir given: using {saved}, the data {path} was trained on"
-    return f"note: no --data_dir given, and the data {path} was trained on ({saved}) is not there: using data"
-
-
 def lock_output(path, flag):
     """Hold a lock (.NAME.lock beside the checkpoint) until the command ends, so that a second run given the same
     checkpoint (a job started twice, a resume of a run still going) stops with one line instead of both writing
@@ -109,24 +85,26 @@ def release_output_locks():
         _held_locks.pop().release()
 
 
-def claim_outputs(args, path, flag, restarting, resume_path, beside=()):
+def claim_outputs(path, flag, log_dir, resume_path, *, resumed, overwrite, restarting, beside=()):
     """On the main process, before anything is written: the checkpoint `path` (with the files `beside` it, which
-    the run also writes) and args.log_dir can be written, a new run does not replace another run's, and no other
-    running run writes them (then it is locked); resume_path: the file that resumes it."""
+    the run also writes) and log_dir can be written, a new run does not replace another run's, and no other
+    running run writes them (then it is locked); resume_path: the file that resumes it. resumed, overwrite: the
+    run is resumed, or given --overwrite; restarting: --resume auto found no checkpoint (auto_resume)."""
     check_writable(path, flag)
-    check_writable(args.log_dir, "--log_dir", is_dir=True)
+    check_writable(log_dir, "--log_dir", is_dir=True)
     for output in (path, *beside):
-        if os.path.isfile(output) and not args.resume and not args.overwrite:  # a folder: check_writable says so
+        if os.path.isfile(output) and not resumed and not overwrite:  # a folder: check_writable says so
             raise UserError(f"{flag} {output} already exists; pass --resume {shlex.quote(resume_path)} to continue "
                             "that run or --overwrite to start over")
-    check_fresh_log_dir(args.log_dir, args, restarting)
+    check_fresh_log_dir(log_dir, resumed or overwrite or restarting)
     lock_output(path, flag)  # last: a refused start leaves no lock file
 
 
-def check_fresh_log_dir(log_dir, args, restarting=False):
+def check_fresh_log_dir(log_dir, may_replace):
     """A new run does not wipe the logs of another: MetricsLog restarts metrics.jsonl and TensorBoard's curves.
-    restarting: --resume auto found no checkpoint, so the logs there are the same job's (auto_resume)."""
+    may_replace: the run is resumed, given --overwrite, or --resume auto found no checkpoint, so the logs there are
+    the same job's (auto_resume)."""
     path = os.path.join(log_dir, "metrics.jsonl")
-    if os.path.isfile(path) and os.path.getsize(path) and not (args.resume or args.overwrite or restarting):
+    if os.path.isfile(path) and os.path.getsize(path) and not may_replace:
         raise UserError(f"--log_dir {log_dir} already holds the logs of a run (metrics.jsonl); pass --overwrite to "
                         "replace them, --resume CHECKPOINT to continue that run, or another --log_dir")

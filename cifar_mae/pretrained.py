@@ -8,9 +8,8 @@ from timm.layers import resample_abs_pos_embed, resample_patch_embed
 from cifar_mae.checkpoint import PRETRAINING, check_checkpoint, read_weights
 from cifar_mae.console import script_command
 from cifar_mae.errors import UserError
-from cifar_mae.flags import take_saved
 from cifar_mae.model_config import is_vil
-from cifar_mae.outputs import data_dir_from
+from cifar_mae.settings import data_dir_from, take_saved
 
 TIMM_KEYS = ("cls_token", "pos_embed", "patch_embed.proj.weight")  # what a timm ViT's state_dict holds
 VIL_KEYS = ("pos_embed.embed", "patch_embed.proj.weight", "blocks.0.rowwise_from_top_left.layer.proj_up.weight")

@@ -11,9 +11,7 @@ from cifar_mae.console import script_command
 from cifar_mae.datasets import spread_test_indexes
 from cifar_mae.knn import knn_monitor, pooled_features
 from cifar_mae.lifecycle import Task
-from cifar_mae.loaders import unaugmented_loaders
 from cifar_mae.model_config import output_stem
-from cifar_mae.outputs import claim_outputs
 from cifar_mae.runtime import evaluating
 from cifar_mae.timm_export import encoder_export, write_timm_state
 
@@ -28,11 +26,6 @@ def add_monitor_args(group, knn_every, knn_t):
                        help="test images (spread over the classes) whose features, labels and thumbnails go to "
                             "TensorBoard's embedding projector at the end of a run and with --eval_only (0: none)")
     return group
-
-
-def knn(args, encoder, loaders, data, rt):
-    """kNN accuracy of the encoder's pooled features with --knn_k and --knn_t, the training set as memory."""
-    return knn_monitor(encoder, *loaders, len(data.classes), rt, k=args.knn_k, temperature=args.knn_t)
 
 
 @torch.no_grad()
@@ -54,32 +47,35 @@ class PretrainingTask(Task):
     """A pretraining job: its checkpoint is --model_path (MODEL-<suffix>.pth unless given), the encoder (the
     model's `encoder`) is watched by the kNN monitor every --knn_every epochs, and a finished run writes its
     test-set features for the projector and prints the command that fine-tunes it."""
-    suffix = build = None  # the checkpoint's name ends in -<suffix>.pth; build(model config) -> the model
+    output_setting = "model_path"
+    suffix = None  # the checkpoint's name ends in -<suffix>.pth
+    feature = None  # the feature the kNN monitor reads, in words
 
     def __init__(self, args, ckpt, defaults):
         super().__init__(args, ckpt, defaults)
         self.labels_for = f"the kNN monitor (--knn_every {args.knn_every}; pass 0)" if args.knn_every else None
 
     @classmethod
-    def default_checkpoint(cls, args):
+    def output_path(cls, args):
         return args.model_path or f"{output_stem(args.model)}-{cls.suffix}.pth"
-
-    @classmethod
-    def name_outputs(cls, args):
-        args.model_path = cls.default_checkpoint(args)
-        return args.model_path
-
-    def claim_outputs(self, restarting):
-        claim_outputs(self.args, self.args.model_path, "--model_path", restarting, resume_path=self.args.model_path)
 
     def start(self, rt, data, model, trainer, log, steps, micro_batch):
         self.rt, self.data, self.model, self.log = rt, data, model, log
-        self.knn_loaders = unaugmented_loaders(self.args, rt, data) if self.args.knn_every else None
+        self.knn_loaders = self.unaugmented_loaders(rt, data) if self.args.knn_every else None
+
+    def unaugmented_loaders(self, rt, data):
+        """The training and test sets, for the kNN monitor and evaluation."""
+        return [self.eval_loader(rt, data.train_images, data.train_labels),
+                self.eval_loader(rt, data.test_images, data.test_labels)]
+
+    def knn(self, encoder, loaders, data, rt):
+        """kNN accuracy of the encoder's pooled features with --knn_k and --knn_t, the training set as memory."""
+        return knn_monitor(encoder, *loaders, len(data.classes), rt, k=self.args.knn_k, temperature=self.args.knn_t)
 
     def monitor(self, epoch, record, text):
         """The kNN accuracy when due after `epoch`, into the epoch's record and line. -> (record, text)"""
         if self.args.knn_every and epoch % self.args.knn_every == 0:
-            record["knn_acc"] = knn(self.args, self.model.encoder, self.knn_loaders, self.data, self.rt)
+            record["knn_acc"] = self.knn(self.model.encoder, self.knn_loaders, self.data, self.rt)
             text += f", kNN {record['knn_acc']:.2%}"
         return record, text
 
@@ -94,25 +90,31 @@ class PretrainingTask(Task):
               f"--pretrained_model_path {shlex.quote(args.model_path)}")
 
     # ---- --eval_only
-    @classmethod
-    def saved_model(cls, ckpt, rt):
-        model = cls.build(ckpt["model_config"])
-        model.load_state_dict(ckpt["model"])
-        return model
-
-    @classmethod
-    def write_saved(cls, args, rt, ckpt, encoder, data):
-        """What --eval_only writes beside its scores: the encoder for timm (--export_timm), and the test-set
-        features for the projector, in --log_dir or the run's own logs."""
+    def report_saved(self, rt, ckpt, model, data):
+        """kNN accuracy (with labels) and the job's own scores (saved_scores) in one line; then the encoder for timm
+        (--export_timm), and the test-set features for the projector, in --log_dir or the run's own logs."""
+        args, encoder = self.args, model.encoder
+        loaders = self.unaugmented_loaders(rt, data)
+        result = {"epoch": ckpt["epoch"], "knn_acc": self.knn(encoder, loaders, data, rt) if data.classes else None}
+        scores = self.saved_scores(rt, model, loaders, result)
         if not rt.is_main:
-            return
+            return result
+        if result["knn_acc"] is not None:
+            scores.insert(0, f"kNN accuracy {result['knn_acc']:.2%} (k {args.knn_k}, T {args.knn_t}, {self.feature}, "
+                             "training set as memory)")
+        print(f"{args.eval_only} (epoch {ckpt['epoch']}): {', '.join(scores)}")
         if args.export_timm:
             write_timm_state(*encoder_export(encoder, ckpt["model_config"]), args.export_timm)
         log_dir = args.log_dir or ckpt.get("args", {}).get("log_dir")
-        if not (args.embedding_images and log_dir):
-            return
-        from torch.utils.tensorboard import SummaryWriter
-        with SummaryWriter(log_dir) as writer:
-            write_embedding(writer, encoder, data, rt, args.embedding_images, ckpt["epoch"])
-        print(f"the test-set features are in TensorBoard's projector: tensorboard --logdir {shlex.quote(log_dir)}",
-              file=sys.stderr)
+        if args.embedding_images and log_dir:
+            from torch.utils.tensorboard import SummaryWriter
+            with SummaryWriter(log_dir) as writer:
+                write_embedding(writer, encoder, data, rt, args.embedding_images, ckpt["epoch"])
+            print("the test-set features are in TensorBoard's projector: tensorboard --logdir "
+                  f"{shlex.quote(log_dir)}", file=sys.stderr)
+        return result
+
+    def saved_scores(self, rt, model, loaders, result):
+        """The job's own scores of a saved model (loaders: the unaugmented training and test sets), put into
+        result. -> their text"""
+        return []

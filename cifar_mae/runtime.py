@@ -50,14 +50,15 @@ class Runtime:
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
 
-def setup_runtime(args):
-    """Pick the device, join the process group under torchrun, seed every RNG, choose amp and compile."""
+def setup_runtime(seed, device=None, amp=None, compile=None, compile_mode="default"):
+    """Pick the device (None: cuda when there is one), join the process group under torchrun, seed every RNG with
+    seed + rank, choose amp and compile (None: the device's defaults); the arguments are the flags of their names."""
     started = time.perf_counter()
-    check_seed(args.seed)
+    check_seed(seed)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    name = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    name = device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
     except RuntimeError:
@@ -81,10 +82,10 @@ def setup_runtime(args):
         raise UserError(f"--device {name!r}: this project runs on cuda or cpu only (its training step sums losses "
                         "in float64 on the device, which Apple's mps does not have; other devices are untested)")
     default_amp, default_compile = cuda_defaults() if device.type == "cuda" else ("off", False)
-    amp = args.amp or default_amp
+    amp = amp or default_amp
     if amp != "off" and device.type != "cuda":
         raise UserError(f"--amp {amp} needs a CUDA device; use --amp off on {device.type}")
-    use_compile = default_compile if args.compile is None else args.compile
+    use_compile = default_compile if compile is None else compile
     if device.type == "cuda":
         capability = torch.cuda.get_device_capability(device)
         gpu = f"{torch.cuda.get_device_name(device)} (compute capability {'.'.join(map(str, capability))})"
@@ -98,26 +99,25 @@ def setup_runtime(args):
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", device_id=device
                                 if device.type == "cuda" else None)
     amp_dtype = AMP_DTYPES[amp]
-    mode = getattr(args, "compile_mode", None)
-    seed_everything(args.seed + rank)
-    return Runtime(device, rank, world_size, amp_dtype, use_compile, None if mode == "default" else mode,
-                   local_rank, started)
+    seed_everything(seed + rank)
+    mode = None if compile_mode == "default" else compile_mode
+    return Runtime(device, rank, world_size, amp_dtype, use_compile, mode, local_rank, started)
 
 
-def note_devices(args, rt, script):
+def note_devices(rt, asked, script):
     """Start-up notes on the device a run got without asking for one.
 
     On the CPU: torch sees no GPU, so a run meant for one (the defaults are) would take days; say why (a torch
     built without CUDA, or no GPU or driver it can use). On one GPU of several: name the torchrun command that
     uses them all. Not the first with --device cpu; not the second when --device names a GPU's index (cuda:1: a
-    GPU picked on purpose, say one run per GPU)."""
-    if args.device is None and rt.device.type == "cpu":
+    GPU picked on purpose, say one run per GPU). asked: --device, or None."""
+    if asked is None and rt.device.type == "cpu":
         why = (f"this torch, {torch.__version__}, is built without CUDA" if torch.version.cuda is None else
                f"this torch, {torch.__version__} for CUDA {torch.version.cuda}, finds no GPU or no driver it can use")
         print(f"note: no CUDA device ({why}), so this runs on the CPU: fine for small models (README: 'Without a "
               "GPU: the CPU recipe'), days for the default ViT-T/2. --device cpu says this is meant and drops this "
               "note", file=sys.stderr)
-    picked = args.device is not None and torch.device(args.device).index is not None
+    picked = asked is not None and torch.device(asked).index is not None
     count = torch.cuda.device_count() if rt.device.type == "cuda" and not rt.distributed and not picked else 0
     if count > 1:
         print(f"note: torch sees {count} CUDA devices and this run uses one ({rt.device}); torchrun "

@@ -62,3 +62,11 @@ def write_timm_state(state, kwargs, path):
     call = ", ".join([repr(kwargs["model_name"])] + [f"{k}={v!r}" for k, v in kwargs.items() if k != "model_name"])
     print(f"wrote {path}; load it with:\n  model = timm.create_model({call})\n"
           f"  model.load_state_dict(torch.load({path!r}, weights_only=True))")
+
+
+def write_classifier_exports(model, config, timm_path=None, vil_path=None):
+    """--export_timm and --export_vil of a classifier, where given."""
+    if timm_path:
+        write_timm_state(*classifier_export(model, config), timm_path)
+    if vil_path:
+        write_vil_state(model, config, vil_path)

@@ -73,7 +73,7 @@ def test_named_sizes_and_a_size_flag_that_overrides_one_value(tmp_path, monkeypa
     expected = dict(MODELS["vit_mini_patch4"], encoder_layer=1)
     assert {key: seen["model"].config[key] for key in expected} == expected
     assert os.listdir(tmp_path / "logs" / "cifar10") == ["vit-mini-patch4-mae"]  # names follow the model
-    default = train_classifier.default_output_path(parse(train_classifier))
+    default = train_classifier.Classification.output_path(parse(train_classifier))
     assert default == "vit-t-classifier-from_scratch.pth"  # the original's names for ViT-T/2
 
 

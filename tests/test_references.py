@@ -1,7 +1,6 @@
 """The math checked against something computed apart from the code under test: a re-statement of the official
 MAE forward, training that must lower a loss, pixels compared with their source files, learning rates worked out
 by hand, and timm's own model for the export. tools/mutation_check.py shows that these fail on plausible bugs."""
-import argparse
 import os
 import pickle
 
@@ -152,8 +151,7 @@ def train_steps(model, loss_fn, loader, lr, steps):
 @pytest.mark.parametrize("path", ["device", "torch"])
 def test_training_lowers_the_mae_loss_and_lifts_the_classifier_above_chance(path):
     images, labels = tinted(64)
-    args = argparse.Namespace(seed=0, loader=path, num_workers=0, interpolation="bilinear")
-    loader = make_loader(args, CPU, images, labels, 32, train=True, flip=True)
+    loader = make_loader(CPU, images, labels, 32, train=True, flip=True, kind=path)
     torch.manual_seed(0)
     mae = MAE_ViT(**TINY)
     losses = train_steps(mae, mae_pretrain.mae_loss, loader, 3e-3, 40)

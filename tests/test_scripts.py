@@ -27,7 +27,7 @@ from cifar_mae.console import progress_bar
 from cifar_mae.datasets import holdout_split, load_data
 from cifar_mae.engine import checkpoint_due
 from cifar_mae import lifecycle
-from cifar_mae.flags import take_saved
+from cifar_mae.settings import take_saved
 from cifar_mae.loaders import make_loader
 from cifar_mae.timm_export import classifier_export, encoder_export
 from cifar_mae.runtime import setup_runtime
@@ -341,15 +341,14 @@ def test_val_size_picks_the_best_epoch_on_held_out_training_images(tmp_path, cif
     assert best["acc"] == max(line["val_acc"] for line in epochs) == final["best_acc"]
     assert best["selected_on"] == final["selected_on"] == "30 held-out training images"
     # the per-epoch accuracy is of the held-out images and the final one of the test set: evaluate both here
-    args = train_classifier.get_args_parser().parse_args(["--data_dir", cifar_dir, "--device", "cpu"])
-    rt = setup_runtime(args)
+    rt = setup_runtime(0, device="cpu")
     data = load_data(cifar_dir, 8)
     kept, held = holdout_split(len(data.train_images), 30)
     model = train_classifier.build_classifier(best["model_config"])
     model.load_state_dict(best["model"])
 
     def accuracy(images, labels):
-        loader = make_loader(args, rt, images, labels, 1024, train=False)
+        loader = make_loader(rt, images, labels, 1024, train=False)
         return evaluate(model, loader, rt, 10)["acc"]
     assert accuracy(data.train_images[held], data.train_labels[held]) == best["acc"]
     assert accuracy(data.test_images, data.test_labels) == final["acc"]

@@ -10,7 +10,7 @@ from timm.layers import resample_abs_pos_embed, resample_patch_embed
 
 import mae_pretrain
 import train_classifier
-from cifar_mae.flags import resolve_model
+from cifar_mae.settings import resolve_model
 from cifar_mae.pretrained import read_pretrained, timm_state_dict
 from cifar_mae.timm_export import classifier_export
 from model import build_classifier

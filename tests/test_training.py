@@ -26,7 +26,8 @@ from cifar_mae.engine import EpochClock, EpochState, Trainer, stop_reason
 from cifar_mae.stopping import STOP_SIGNALS, StopRequest
 from cifar_mae.cli import cli_main
 from cifar_mae.errors import NonFiniteLoss, UserError
-from cifar_mae.flags import ArgumentParser, path_arg, plain_args
+from cifar_mae.flags import ArgumentParser, path_arg
+from cifar_mae.settings import plain_args
 from cifar_mae.image_folders import decode_cache_paths, decode_folder
 from cifar_mae.knn import knn_accuracy, knn_monitor
 from cifar_mae.loaders import ArrayDataset, BatchOrder, DeviceLoader, TorchLoader
@@ -35,6 +36,7 @@ from cifar_mae.optim import lr_at, make_optimizer, param_groups, set_lr
 from cifar_mae.outputs import check_export_path
 from cifar_mae.pretrained import pretraining_note
 from cifar_mae.timm_export import classifier_export, encoder_export
+from cifar_mae.lifecycle import start_runtime
 from cifar_mae.runtime import Runtime, cuda_defaults, note_devices, setup_runtime, split_batch, wrap_model
 from model import MAE_Encoder, MAE_ViT, ViT_Classifier
 
@@ -837,14 +839,14 @@ def test_an_export_linked_to_the_runs_own_checkpoint_is_refused(tmp_path):
 
 
 def test_a_log_torn_by_a_crash_resumes_and_a_full_disk_is_one_error(tmp_path, monkeypatch):
-    rt, args = Runtime(torch.device("cpu")), argparse.Namespace(seed=0)
-    log = MetricsLog(str(tmp_path), rt, args)
+    rt, settings = Runtime(torch.device("cpu")), {"seed": 0}
+    log = MetricsLog(str(tmp_path), rt, settings)
     for epoch in (1, 2, 3):
         log.line({"epoch": epoch, "loss": 1.0 / epoch})
     log.close()
     with open(tmp_path / "metrics.jsonl", "a") as f:
         f.write('{"epoch": 4, "lo')  # a kill -9 or a full disk in the middle of a line's write
-    log = MetricsLog(str(tmp_path), rt, args, completed_epochs=3, resumed=True)  # the checkpoint's epoch
+    log = MetricsLog(str(tmp_path), rt, settings, completed_epochs=3, resumed=True)  # the checkpoint's epoch
     assert read_json_lines(tmp_path / "metrics.jsonl") == [{"epoch": e, "loss": 1.0 / e} for e in (1, 2, 3)]
     assert len(read_json_lines(tmp_path / "runs.jsonl")) == 2
 
@@ -938,7 +940,7 @@ def test_a_mid_epoch_checkpoint_gives_the_epochs_sums_to_rank_0_only(capsys):
     trainer = make_trainer(model, 4)
     loader, _ = make_loader()
     sums = torch.tensor([6.0, 8.0, 3.0], dtype=torch.float64)  # loss * images, images, correct: after 1 step
-    state = training_state(trainer, loader, CPU, argparse.Namespace(),
+    state = training_state(trainer, loader, CPU, {},
                            EpochState(loader.order.new_epoch(), 1, sums))
     ckpt = {"model": model.state_dict(), "epoch": 0, **state}
     for rank, expected in ((0, sums), (1, torch.zeros(3, dtype=torch.float64))):
@@ -1025,7 +1027,7 @@ def test_timm_export_gives_same_logits(global_pool, linear_probe):
 
 def test_default_output_and_log_paths_follow_the_checkpoint_and_the_dataset(tmp_path):
     parse = lambda *argv: train_classifier.get_args_parser().parse_args(list(argv))
-    named = lambda *argv: train_classifier.default_output_path(parse(*argv))
+    named = lambda *argv: train_classifier.Classification.output_path(parse(*argv))
     assert named("--pretrained_model_path", "vit-t-mae.pth") == "vit-t-classifier-from_pretrained.pth"
     assert named() == "vit-t-classifier-from_scratch.pth"
     assert named("--pretrained_model_path", "m.pth", "--output_model_path", "x.pth") == "x.pth"
@@ -1059,7 +1061,7 @@ def test_mae_encoder_export_gives_timm_the_same_features(pos_embed):
 
 def test_a_one_process_run_on_a_machine_with_several_gpus_names_the_torchrun_command(monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
-    note = lambda device, rt: note_devices(argparse.Namespace(device=device), rt, "mae_pretrain.py") or \
+    note = lambda device, rt: note_devices(rt, device, "mae_pretrain.py") or \
         capsys.readouterr().out
     one = Runtime(torch.device("cuda", 0))
     assert note(None, one) == note("cuda", one) == (
@@ -1077,7 +1079,7 @@ def test_a_run_that_falls_back_to_the_cpu_says_why(monkeypatch, capsys):
     """No --device and no GPU: a note on stderr names the reason (a torch without CUDA, or no usable GPU), since
     the defaults would take days on a CPU. --device cpu (a CPU run meant as one) prints nothing."""
     cpu = Runtime(torch.device("cpu"))
-    note = lambda device: note_devices(argparse.Namespace(device=device), cpu, "mae_pretrain.py") or \
+    note = lambda device: note_devices(cpu, device, "mae_pretrain.py") or \
         capsys.readouterr()
     monkeypatch.setattr(torch.version, "cuda", None)
     out = note(None)
@@ -1095,14 +1097,13 @@ def test_a_cuda_device_index_past_the_visible_ones_is_a_clear_error(monkeypatch)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(torch.cuda, "set_device", lambda device: pytest.fail("set_device was reached"))
-    args = mae_pretrain.get_args_parser().parse_args(["--device", "cuda:2"])
     with pytest.raises(UserError, match=r"--device cuda:2: torch sees 2 CUDA device\(s\), cuda:0 to cuda:1"):
-        setup_runtime(args)
+        setup_runtime(0, device="cuda:2")
     monkeypatch.setenv("WORLD_SIZE", "4")  # torchrun --nproc_per_node=4 on a machine with 2 GPUs
     monkeypatch.setenv("LOCAL_RANK", "3")
     with pytest.raises(UserError, match=r"process 3 of this machine takes cuda:3, but torch sees 2 CUDA "
                                               r"device\(s\): start at most 2 processes per machine"):
-        setup_runtime(mae_pretrain.get_args_parser().parse_args([]))
+        setup_runtime(0)
     monkeypatch.delenv("WORLD_SIZE")
     monkeypatch.delenv("LOCAL_RANK")
     # and --compile asked for on a GPU too old for Triton (a GTX 1080): refused at the start, not at the first step
@@ -1110,17 +1111,15 @@ def test_a_cuda_device_index_past_the_visible_ones_is_a_clear_error(monkeypatch)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (6, 1))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA GeForce GTX 1080")
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)
-    args = mae_pretrain.get_args_parser().parse_args(["--device", "cuda:1", "--compile"])
     with pytest.raises(UserError, match=r"--compile: NVIDIA GeForce GTX 1080 \(compute capability 6.1\) is "
                                               "older than the 7.0"):
-        setup_runtime(args)
+        setup_runtime(0, device="cuda:1", compile=True)
     # --amp bf16 on a GPU without it (the original's RTX 2080 Ti): refused, fp16 named
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA GeForce RTX 2080 Ti")
-    args = mae_pretrain.get_args_parser().parse_args(["--device", "cuda:0", "--amp", "bf16"])
     with pytest.raises(UserError, match=r"--amp bf16: NVIDIA GeForce RTX 2080 Ti \(compute capability 7.5\) "
                                               "does not compute bf16 natively"):
-        setup_runtime(args)
+        setup_runtime(0, device="cuda:0", amp="bf16")
 
 
 @pytest.mark.parametrize("flag, expected", [("default", None), ("reduce-overhead", "reduce-overhead"),
@@ -1130,7 +1129,7 @@ def test_compile_mode_reaches_torch_compile(monkeypatch, flag, expected):
     monkeypatch.setattr(torch, "compile", lambda model, **kwargs: seen.update(kwargs) or model)
     for script in (mae_pretrain, train_classifier):
         args = script.get_args_parser().parse_args(["--device", "cpu", "--compile", "--compile_mode", flag])
-        rt = setup_runtime(args)
+        rt = start_runtime(args)
         model = tiny_classifier()
         assert wrap_model(model, rt) is model and seen == {"mode": expected}
         assert rt.describe() == "amp off, compile True" + (f" ({expected})" if expected else "")

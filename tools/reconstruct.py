@@ -23,7 +23,8 @@ from cifar_mae.cli import cli_main
 from cifar_mae.errors import UserError
 from cifar_mae.flags import ArgumentParser, check_positive, path_arg
 from cifar_mae.image_folders import read_image
-from cifar_mae.outputs import check_writable, data_dir_from
+from cifar_mae.outputs import check_writable
+from cifar_mae.settings import data_dir_from
 
 
 def get_args_parser():
