@@ -12,24 +12,21 @@ from cifar_mae.cli import cli_main
 from cifar_mae.datasets import spread_test_images
 from cifar_mae.errors import UserError, as_user_error
 from cifar_mae.flags import ArgumentParser, add_augmentation_args, add_config_arg, add_encoder_args, add_runtime_args, \
-    add_training_args, check_interval, check_training_args, path_arg
+    add_saved_model_args, add_training_args, check_interval, check_training_args, path_arg
 from cifar_mae.lifecycle import run
 from cifar_mae.loaders import make_loader
 from cifar_mae.model_config import MAEConfig, is_vil
-from cifar_mae.optim import param_groups, peak_lr
+from cifar_mae.optim import peak_lr
 from cifar_mae.pretraining import PretrainingTask, add_monitor_args
 from cifar_mae.reconstruction import mae_loss, reconstruction_grid, reconstruction_loss
 from model import MAE_ViT
-
-GPU_MICRO_BATCH = 1024  # the micro-batch ceiling on a GPU when --max_device_batch_size is not given
-NO_WEIGHT_DECAY = {"encoder.cls_token", "encoder.pos_embed", "decoder.mask_token", "decoder.pos_embed"}
 
 
 def get_args_parser():
     parser = ArgumentParser("MAE pretraining")
     add_config_arg(parser)
     add_training_args(parser, seed=42, batch_size=4096, base_learning_rate=1.5e-4, weight_decay=0.05, total_epoch=2000,
-                      warmup_epoch=200, gpu_micro_batch=GPU_MICRO_BATCH, checkpoint_flag="--model_path")
+                      warmup_epoch=200, gpu_micro_batch=Pretraining.gpu_micro_batch, checkpoint_flag="--model_path")
     parser.add_argument("--mask_ratio", type=float, default=0.75, help="fraction of patches hidden from the encoder")
     parser.add_argument("--model_path", type=path_arg, default=None,
                         help="checkpoint written after every epoch (default: vit-t-mae.pth for the default model, "
@@ -47,12 +44,10 @@ def get_args_parser():
     monitor.add_argument("--image_every", type=int, default=None,
                          help="log the reconstruction image every N epochs and after the last (default: about 100 "
                               "images a run, every epoch up to 100 epochs)")
-    monitor.add_argument("--eval_only", type=path_arg, default=None, metavar="CHECKPOINT",
-                         help="print a saved MAE's kNN accuracy and test-set reconstruction loss (at --mask_ratio if "
-                              "given, else the checkpoint's) and exit")
-    monitor.add_argument("--export_timm", type=path_arg, default=None, metavar="PATH",
-                         help="with --eval_only: also write the encoder as a state_dict for timm's VisionTransformer "
-                              "(num_classes=0: a backbone to fine-tune with timm)")
+    add_saved_model_args(monitor, "print a saved MAE's kNN accuracy and test-set reconstruction loss (at "
+                         "--mask_ratio if given, else the checkpoint's) and exit",
+                         "with --eval_only: also write the encoder as a state_dict for timm's VisionTransformer "
+                         "(num_classes=0: a backbone to fine-tune with timm)")
     return add_runtime_args(parser)
 
 
@@ -86,7 +81,8 @@ def image_due(args, epoch):
 
 class Pretraining(PretrainingTask):
     """MAE pretraining: the masked-patch loss; after an epoch the kNN monitor and the reconstruction figure."""
-    kind, script, suffix, gpu_micro_batch = "mae_pretrain", __file__, "mae", GPU_MICRO_BATCH
+    kind, script, suffix, gpu_micro_batch = "mae_pretrain", __file__, "mae", 1024
+    no_weight_decay = {"encoder.cls_token", "encoder.pos_embed", "decoder.mask_token", "decoder.pos_embed"}
     feature = "cls feature"
     check_args = check_eval_args = staticmethod(check_args)
     build = staticmethod(build_mae)
@@ -101,9 +97,6 @@ class Pretraining(PretrainingTask):
 
     def loss(self, data):
         return mae_loss
-
-    def param_groups(self, model):
-        return param_groups(model, self.args.weight_decay, NO_WEIGHT_DECAY)
 
     def trainer_options(self, model):
         return {}, (0.9, 0.95)

@@ -12,25 +12,22 @@ from cifar_mae.checkpoint import make_checkpoint
 from cifar_mae.cli import cli_main
 from cifar_mae.errors import UserError, as_user_error
 from cifar_mae.flags import ArgumentParser, add_augmentation_args, add_config_arg, add_encoder_args, add_runtime_args, \
-    add_training_args, check_backbone_flags, check_interval, check_training_args, path_arg
+    add_saved_model_args, add_training_args, check_backbone_flags, check_interval, check_training_args, path_arg
 from cifar_mae.lifecycle import run
 from cifar_mae.model_config import MoCoConfig, is_vil
 from cifar_mae.moco import MoCo
-from cifar_mae.optim import param_groups, peak_lr
+from cifar_mae.optim import peak_lr
 from cifar_mae.pretraining import PretrainingTask, add_monitor_args
 from cifar_mae.resnet import split_batch_norms
 from cifar_mae.views import TwoViewLoader
 from model import build_encoder
-
-GPU_MICRO_BATCH = 512  # the micro-batch ceiling on a GPU when --max_device_batch_size is not given
-NO_WEIGHT_DECAY = {"encoder.cls_token", "encoder.pos_embed"}
 
 
 def get_args_parser():
     parser = ArgumentParser("MoCo pretraining")
     add_config_arg(parser)
     add_training_args(parser, seed=0, batch_size=512, base_learning_rate=0.03, weight_decay=5e-4, total_epoch=200,
-                      warmup_epoch=0, gpu_micro_batch=GPU_MICRO_BATCH, checkpoint_flag="--model_path",
+                      warmup_epoch=0, gpu_micro_batch=Pretraining.gpu_micro_batch, checkpoint_flag="--model_path",
                       optimizer="sgd")
     parser.add_argument("--model_path", type=path_arg, default=None,
                         help="checkpoint written after every epoch (default: MODEL-moco.pth)")
@@ -57,11 +54,9 @@ def get_args_parser():
     augment.add_argument("--jitter_prob", type=float, default=0.8, help="share of views colour-jittered")
     augment.add_argument("--gray_prob", type=float, default=0.2, help="share of views made grayscale")
     monitor = add_monitor_args(parser.add_argument_group("monitoring"), knn_every=1, knn_t=0.1)
-    monitor.add_argument("--eval_only", type=path_arg, default=None, metavar="CHECKPOINT",
-                         help="print a saved MoCo's kNN accuracy and exit")
-    monitor.add_argument("--export_timm", type=path_arg, default=None, metavar="PATH",
-                         help="with --eval_only and a ViT: also write the encoder as a state_dict for timm's "
-                              "VisionTransformer (num_classes=0)")
+    add_saved_model_args(monitor, "print a saved MoCo's kNN accuracy and exit",
+                         "with --eval_only and a ViT: also write the encoder as a state_dict for timm's "
+                         "VisionTransformer (num_classes=0)")
     return add_runtime_args(parser)
 
 
@@ -108,7 +103,8 @@ def moco_loss(model, views, labels):
 class Pretraining(PretrainingTask):
     """MoCo pretraining: InfoNCE over two views; the key encoder and queue move after each optimizer step; after
     an epoch the kNN monitor of the query encoder."""
-    kind, script, suffix, gpu_micro_batch = "moco_pretrain", __file__, "moco", GPU_MICRO_BATCH
+    kind, script, suffix, gpu_micro_batch = "moco_pretrain", __file__, "moco", 512
+    no_weight_decay = {"encoder.cls_token", "encoder.pos_embed"}
     feature, labels_for = "pooled features", "--eval_only's kNN accuracy"  # training: the kNN monitor's, where on
     check_args = check_eval_args = staticmethod(check_args)
     build = staticmethod(build_moco)
@@ -129,9 +125,6 @@ class Pretraining(PretrainingTask):
 
     def loss(self, data):
         return moco_loss
-
-    def param_groups(self, model):
-        return param_groups(model, self.args.weight_decay, NO_WEIGHT_DECAY)
 
     def trainer_options(self, model):
         return dict(num_extra=2, after_step=functools.partial(model.after_step, total_steps=self.total_steps)), \

@@ -15,25 +15,23 @@ from cifar_mae.classification import BestEpoch, ClassificationLoss, check_classe
 from cifar_mae.cli import cli_main
 from cifar_mae.errors import UserError, as_user_error
 from cifar_mae.flags import ArgumentParser, add_augmentation_args, add_config_arg, add_encoder_args, add_runtime_args, \
-    add_training_args, check_backbone_flags, check_interval, check_training_args, path_arg
+    add_saved_model_args, add_training_args, check_backbone_flags, check_interval, check_training_args, path_arg
 from cifar_mae.lifecycle import Task, run
 from cifar_mae.loaders import make_loader
 from cifar_mae.model_config import ClassifierConfig, is_vil, output_stem, resnet_arch
-from cifar_mae.optim import param_groups, peak_lr
+from cifar_mae.optim import peak_lr
 from cifar_mae.pretrained import load_encoder, read_pretrained
 from cifar_mae.randaug import check_policy
 from cifar_mae.settings import plain_args
 from model import build_classifier, check_config
-
-GPU_MICRO_BATCH = 256  # the micro-batch ceiling on a GPU when --max_device_batch_size is not given
-NO_WEIGHT_DECAY = {"cls_token", "pos_embed"}
 
 
 def get_args_parser():
     parser = ArgumentParser("ViT classifier")
     add_config_arg(parser)
     add_training_args(parser, seed=2022, batch_size=128, base_learning_rate=1e-3, weight_decay=0.05, total_epoch=100,
-                      warmup_epoch=5, gpu_micro_batch=GPU_MICRO_BATCH, checkpoint_flag="--output_model_path",
+                      warmup_epoch=5, gpu_micro_batch=Classification.gpu_micro_batch,
+                      checkpoint_flag="--output_model_path",
                       weight_decay_help="none on biases, norms, cls token, position embeddings")
     parser.add_argument("--pretrained_model_path", type=path_arg, default=None,
                         help="MAE checkpoint whose encoder to fine-tune, or a timm VisionTransformer state_dict "
@@ -77,10 +75,8 @@ def get_args_parser():
     recipe.add_argument("--ema", action="store_true", help="keep an EMA of the weights; evaluate and save it")
     recipe.add_argument("--ema_decay", type=float, default=0.9999, help="per optimizer step")
     actions = parser.add_argument_group("other jobs")
-    actions.add_argument("--eval_only", type=path_arg, default=None, metavar="CHECKPOINT",
-                         help="evaluate a saved classifier on the test set and exit")
-    actions.add_argument("--export_timm", type=path_arg, default=None, metavar="PATH",
-                         help="also write the classifier as a state_dict for timm's VisionTransformer")
+    add_saved_model_args(actions, "evaluate a saved classifier on the test set and exit",
+                         "also write the classifier as a state_dict for timm's VisionTransformer")
     actions.add_argument("--export_vil", type=path_arg, default=None, metavar="PATH",
                          help="also write a Vision-LSTM classifier as a state_dict for the reference's VisionLSTM2 "
                               "(NX-AI/vision-lstm)")
@@ -109,7 +105,7 @@ class Classification(Task):
     (the EMA's with --ema), which go to --output_model_path; the full state to NAME-last.pth beside it."""
     kind, script, labels_for, output_setting = "classifier", __file__, "a classifier", "output_model_path"
     check_args = check_eval_args = staticmethod(check_args)
-    gpu_micro_batch = GPU_MICRO_BATCH
+    gpu_micro_batch, no_weight_decay = 256, {"cls_token", "pos_embed"}
 
     def __init__(self, args, ckpt, defaults):
         super().__init__(args, ckpt, defaults)
@@ -156,9 +152,6 @@ class Classification(Task):
         args = self.args
         return ClassificationLoss(len(data.classes), args.mixup, args.cutmix, args.mix_prob, args.mix_switch_prob,
                                   args.label_smoothing)
-
-    def param_groups(self, model):
-        return param_groups(model, self.args.weight_decay, NO_WEIGHT_DECAY, self.args.layer_decay)
 
     def trainer_options(self, model):
         ema = ModelEmaV3(model, decay=self.args.ema_decay) if self.args.ema else None

@@ -249,6 +249,13 @@ def add_augmentation_args(group, crop_scale):
     return group
 
 
+def add_saved_model_args(group, evaluate_help, export_help):
+    """--eval_only CHECKPOINT and --export_timm PATH, with what each does in the job."""
+    group.add_argument("--eval_only", type=path_arg, default=None, metavar="CHECKPOINT", help=evaluate_help)
+    group.add_argument("--export_timm", type=path_arg, default=None, metavar="PATH", help=export_help)
+    return group
+
+
 COMPILE_MODES = ["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 
 

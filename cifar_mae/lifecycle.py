@@ -18,7 +18,7 @@ from cifar_mae.datasets import data_info, load_data
 from cifar_mae.engine import EpochClock, Trainer, checkpoint_due, stop_reason
 from cifar_mae.loaders import make_loader
 from cifar_mae.metrics import MetricsLog
-from cifar_mae.optim import make_optimizer, peak_lr, schedule
+from cifar_mae.optim import make_optimizer, param_groups, peak_lr, schedule
 from cifar_mae.outputs import check_export_path, claim_outputs
 from cifar_mae.runtime import note_devices, setup_runtime, split_batch, wrap_model
 from cifar_mae.settings import plain_args, resolve_eval_settings, resolve_settings
@@ -31,9 +31,10 @@ class Task:
     Class attributes: kind (the checkpoint's kind), script (the script's file, for the commands a run prints),
     output_setting (the flag that names its checkpoint), build (model config -> the model),
     labels_for (what needs labels, for the error on unlabelled data; None: nothing), gpu_micro_batch (the
-    micro-batch ceiling on a GPU), even_micro_batch (micro-batches of an even size: mixup pairs images)."""
+    micro-batch ceiling on a GPU without --max_device_batch_size), even_micro_batch (micro-batches of an even
+    size: mixup pairs images), no_weight_decay (parameter names, besides biases and norms, without decay)."""
     kind = script = labels_for = output_setting = build = None
-    gpu_micro_batch, even_micro_batch = 1024, False
+    gpu_micro_batch, even_micro_batch, no_weight_decay = 1024, False, ()
 
     def __init__(self, args, ckpt, defaults):
         """args: the frozen settings; ckpt: the checkpoint resumed, or None; defaults: take_defaults' result."""
@@ -71,7 +72,10 @@ class Task:
         raise NotImplementedError
 
     def param_groups(self, model):
-        raise NotImplementedError
+        """The optimizer's groups: weight decay on weight matrices but those named in no_weight_decay, and the
+        job's --layer_decay where it has one."""
+        args = self.args
+        return param_groups(model, args.weight_decay, self.no_weight_decay, getattr(args, "layer_decay", None))
 
     def loader_options(self):
         """make_loader's options that the common flags set."""

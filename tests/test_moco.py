@@ -19,6 +19,7 @@ from cifar_mae.datasets import load_data, spread_test_indexes
 from cifar_mae.engine import Trainer
 from cifar_mae.knn import pooled_features
 from cifar_mae.moco import MoCo
+from cifar_mae.optim import param_groups
 from cifar_mae.resnet import SplitBatchNorm2d, cifar_resnet, split_batch_norms
 from cifar_mae.runtime import Runtime
 from cifar_mae.views import COLOR_OPS, TwoViewLoader, color_jitter, grayscale, sample_jitter
@@ -227,7 +228,7 @@ def test_the_key_encoder_gets_no_gradient_and_no_optimizer_state():
     held = {id(p) for group in optimizer.param_groups for p in group["params"]}
     assert all(not p.requires_grad and p.grad is None and id(p) not in held for p in model.momentum_parameters())
     assert all(id(p) in held for p in model.encoder.parameters())
-    groups = moco_pretrain.param_groups(model, 0.05, moco_pretrain.NO_WEIGHT_DECAY)
+    groups = param_groups(model, 0.05, moco_pretrain.Pretraining.no_weight_decay)
     assert sum(len(g["params"]) for g in groups) == len(list(model.encoder.parameters())) + \
         len(list(model.projector.parameters()))
 

@@ -142,7 +142,7 @@ def test_lr_schedule_points():
 def test_layer_decay_gives_expected_effective_learning_rates():
     model = tiny_classifier()  # 2 blocks: layer 0 = embeddings, 1-2 = blocks (timm puts the final norm with the
     # last block), 3 = head
-    optimizer = make_optimizer(param_groups(model, 0.05, train_classifier.NO_WEIGHT_DECAY, layer_decay=0.5), 1.0, CPU)
+    optimizer = make_optimizer(param_groups(model, 0.05, train_classifier.Classification.no_weight_decay, layer_decay=0.5), 1.0, CPU)
     set_lr(optimizer, 0.1)
     lr_of = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
     wd_of = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
@@ -163,7 +163,7 @@ def test_layer_decay_gives_expected_effective_learning_rates():
 
 def test_pretraining_param_groups_skip_tokens_and_norms():
     model = MAE_ViT(**TINY)
-    groups = param_groups(model, 0.05, mae_pretrain.NO_WEIGHT_DECAY)
+    groups = param_groups(model, 0.05, mae_pretrain.Pretraining.no_weight_decay)
     decayed = {id(p) for g in groups if g["weight_decay"] for p in g["params"]}
     for name, param in model.named_parameters():
         assert (id(param) in decayed) == (param.ndim >= 2 and "token" not in name and "pos_embed" not in name), name
