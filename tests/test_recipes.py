@@ -15,6 +15,7 @@ from cifar_mae.classification import ClassificationLoss, confusion_image, confus
 from cifar_mae.datasets import ImageData, spread_test_images
 from cifar_mae.loaders import DeviceLoader
 from cifar_mae.runtime import Runtime
+from cifar_mae.settings import resolve_settings
 from conftest import CLASSES, ROOT, TINY_MAE, TINY_MODEL, write_cifar_batches
 from model import MODELS, build_classifier
 
@@ -33,6 +34,23 @@ def test_a_recipe_file_sets_defaults_and_flags_given_win(tmp_path):
     assert (args.total_epoch, args.base_learning_rate, args.crop_scale, args.flip, args.model) == \
         (5, 1e-3, [0.5, 1.0], False, "vit_mini_patch4")
     assert args.config == str(recipe) and parse(mae_pretrain).total_epoch == 2000  # a new parser: no leftovers
+
+
+def test_settings_are_resolved_once_in_order_then_frozen(tmp_path):
+    """Recipe, named size, output names and folders are filled in by resolve_settings; after it nothing assigns."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: vit_mini_patch4\ntotal_epoch: 3\nwarmup_epoch: 1\n")
+    parser = train_classifier.get_args_parser()
+    args = parser.parse_args(["-c", str(recipe), "--emb_dim", "48", "--data_dir", str(tmp_path / "d")])
+    settings, ckpt, restarting, defaults = resolve_settings(args, parser, train_classifier.Classification)
+    assert (ckpt, restarting, defaults) == (None, False, (None, None))
+    assert (settings.total_epoch, settings.emb_dim, settings.patch_size, settings.encoder_layer) == \
+        (3, 48, MODELS["vit_mini_patch4"]["patch_size"], MODELS["vit_mini_patch4"]["encoder_layer"])
+    assert settings.output_model_path == "vit-mini-patch4-classifier-from_scratch.pth"
+    assert settings.log_dir == os.path.join("logs", "cifar10", "vit-mini-patch4-classifier-from_scratch")  # to download
+    with pytest.raises(AttributeError, match="total_epoch cannot change after that"):
+        settings.total_epoch = 4
+    assert settings.total_epoch == 3
 
 
 @pytest.mark.parametrize("text,message", [

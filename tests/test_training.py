@@ -142,7 +142,8 @@ def test_lr_schedule_points():
 def test_layer_decay_gives_expected_effective_learning_rates():
     model = tiny_classifier()  # 2 blocks: layer 0 = embeddings, 1-2 = blocks (timm puts the final norm with the
     # last block), 3 = head
-    optimizer = make_optimizer(param_groups(model, 0.05, train_classifier.Classification.no_weight_decay, layer_decay=0.5), 1.0, CPU)
+    no_decay = train_classifier.Classification.no_weight_decay
+    optimizer = make_optimizer(param_groups(model, 0.05, no_decay, layer_decay=0.5), 1.0, CPU)
     set_lr(optimizer, 0.1)
     lr_of = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
     wd_of = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}

@@ -82,6 +82,8 @@ MUTANTS = {
                                      "Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix,",
                                      "Mixup(mixup_alpha=cutmix, cutmix_alpha=mixup,"),
     "--ema_decay dropped": ("train_classifier.py", "ModelEmaV3(model, decay=self.args.ema_decay)", "ModelEmaV3(model)"),
+    "--layer_decay never reaches the optimizer": ("cifar_mae/lifecycle.py", 'getattr(args, "layer_decay", None))',
+                                                  "None)"),
     "--drop_path dropped": ("train_classifier.py", "model = build_classifier(self.config, args.drop_path)",
                             "model = build_classifier(self.config)"),
     "EMA weights never evaluated or saved": ("train_classifier.py", "trainer.ema.module if args.ema else model",
