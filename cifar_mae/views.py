@@ -68,13 +68,18 @@ def sample_jitter(n, strength, p, generator, device):
 
 
 def color_jitter(x, applied, order, factors, strength):
-    """Apply each sample's ops in its order (at each position the op it names there); an op of strength 0 is
-    left out, as torchvision leaves it."""
+    """Apply each sample's ops in its order. Brightness, contrast and saturation are each a blend (towards black,
+    the mean luma, the luma), so at each position one blend serves all three, with factor 1 for the samples whose
+    op there is another; the hue turn is kept where it is the op. An op of strength 0 is left out, as torchvision
+    leaves it (a blend's factor is then 1)."""
     for position in range(4):
-        for op_index, op in enumerate(COLOR_OPS):
-            chosen = applied & (order[:, position] == op_index)
-            if strength[op_index]:
-                x = torch.where(chosen[:, None, None, None], op(x, factors[:, op_index]), x)
+        op = torch.where(applied, order[:, position], -1)[:, None, None, None]  # -1: not jittered
+        factor = factors.gather(1, op.flatten().clamp(min=0)[:, None])[:, 0]
+        luma = grayscale(x)
+        target = torch.where(op == 1, luma.mean(dim=(1, 2, 3), keepdim=True), torch.where(op == 2, luma, 0.0))
+        x = blend(x, target, torch.where((op.flatten() >= 0) & (op.flatten() < 3), factor, 1.0))
+        if strength[3]:
+            x = torch.where(op == 3, adjust_hue(x, factors[:, 3]), x)
     return x
 
 
