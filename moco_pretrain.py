@@ -15,7 +15,7 @@ from cifar_mae.flags import ArgumentParser, add_augmentation_args, add_config_ar
     add_saved_model_args, add_training_args, check_backbone_flags, check_interval, check_training_args, path_arg
 from cifar_mae.lifecycle import run
 from cifar_mae.model_config import MoCoConfig, is_vil
-from cifar_mae.moco import MoCo
+from cifar_mae.moco import MoCo, moco_loss
 from cifar_mae.optim import peak_lr
 from cifar_mae.pretraining import PretrainingTask, add_monitor_args
 from cifar_mae.resnet import split_batch_norms
@@ -94,10 +94,6 @@ def build_moco(config):
         encoder.patch_embed.requires_grad_(False)
     return MoCo(encoder, encoder.num_features, c.moco_version, c.moco_dim, c.moco_mlp_dim, c.moco_k, c.moco_t,
                 c.moco_m, c.symmetric, shuffle=bool(c.resnet))
-
-
-def moco_loss(model, views, labels):
-    return model(views)
 
 
 class Pretraining(PretrainingTask):

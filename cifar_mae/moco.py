@@ -11,6 +11,7 @@ import math
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from timm.utils import unwrap_model
 from torch import nn
 
 from cifar_mae.knn import pooled_features
@@ -29,6 +30,16 @@ def mlp(dim_in, hidden, dim_out, layers, last_bn):
     return nn.Sequential(*modules)
 
 
+def moco_loss(model, views, labels):
+    """The Trainer's loss of a MoCo (`model` as it runs: compiled, under DDP). The keys wait in the MoCo's pending
+    list for after_step, appended here rather than in forward: a list that grows inside a compiled forward would
+    recompile it at every micro-batch."""
+    loss, stats, keys = model(views)
+    if keys is not None:
+        unwrap_model(model).pending.append(keys)
+    return loss, stats
+
+
 def gather_keys(keys):
     """The keys of every process, in rank order (no gradient flows through keys)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
@@ -41,7 +52,8 @@ def gather_keys(keys):
 class MoCo(nn.Module):
     """encoder: the backbone (forward_features + forward_head(pre_logits=True), as timm's models);
     feature_dim: its pooled width. forward(views (n, 2, C, H, W)) -> (loss, [sum of positive similarities,
-    sum of mean negative similarities]). shuffle: keys made from a shuffled batch (BatchNorm backbones)."""
+    sum of mean negative similarities], the keys for the queue (v2; v3: None)); moco_loss keeps the keys for
+    after_step. shuffle: keys made from a shuffled batch (BatchNorm backbones)."""
 
     def __init__(self, encoder, feature_dim, version=2, dim=128, mlp_dim=2048, queue_size=4096, temperature=0.1,
                  momentum=0.99, symmetric=False, shuffle=False):
@@ -87,13 +99,12 @@ class MoCo(nn.Module):
             q1, q2, k1, k2 = self.query(x1), self.query(x2), self.key(x1), self.key(x2)
             loss12, stats12 = self.in_batch_loss(q1, k2)
             loss21, stats21 = self.in_batch_loss(q2, k1)
-            return loss12 + loss21, (stats12 + stats21) / 2
+            return loss12 + loss21, (stats12 + stats21) / 2, None
         loss, stats, keys = self.queue_loss(self.query(x1), self.key(x2))
         if self.symmetric:  # MoCo's CIFAR demo: both directions, summed; both keys go to the queue
             loss21, stats21, keys21 = self.queue_loss(self.query(x2), self.key(x1))
             loss, stats, keys = loss + loss21, (stats + stats21) / 2, torch.cat([keys, keys21])
-        self.pending.append(keys)
-        return loss, stats
+        return loss, stats, keys
 
     def queue_loss(self, q, k):
         """v2: the positive logit q.k first, then q against every key in the queue, over T."""

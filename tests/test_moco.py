@@ -179,9 +179,9 @@ def official_v3_loss(f_q, f_k, x1, x2, t):
     return ctr(q1, k2) + ctr(q2, k1)
 
 
-def train_steps(model, views, steps, total_steps, micro_batch, lr=0.5):
+def train_steps(model, views, steps, total_steps, micro_batch, lr=0.5, wrap=lambda model: model):
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
-    trainer = Trainer(model, moco_pretrain.moco_loss, optimizer, lambda step: lr, CPU, micro_batch=micro_batch,
+    trainer = Trainer(wrap(model), moco_pretrain.moco_loss, optimizer, lambda step: lr, CPU, micro_batch=micro_batch,
                       num_extra=2, after_step=functools.partial(model.after_step, total_steps=total_steps))
     for step in range(steps):
         trainer.step(views[step], torch.zeros(len(views[step]), dtype=torch.long), step)
@@ -200,9 +200,8 @@ def test_moco_v2_loss_momentum_and_queue_follow_the_official_algorithm():
     queue = model.queue.clone()
     views = torch.randn(2, 4, 2, 3, 8, 8, generator=torch.Generator().manual_seed(5))
     expected_loss, k = official_v2_loss(f_q_pooled, f_k_pooled, queue, views[0, :, 0], views[0, :, 1], 0.2)
-    loss, stats = model(views[0])
+    loss, stats, _ = model(views[0])
     torch.testing.assert_close(loss, expected_loss)
-    model.pending.clear()
     train_steps(model, views, 2, 10, micro_batch=2)
     for step in range(2):
         loss, k = official_v2_loss(f_q_pooled, f_k_pooled, queue, views[step, :, 0], views[step, :, 1], 0.2)
@@ -220,6 +219,23 @@ def test_moco_v2_loss_momentum_and_queue_follow_the_official_algorithm():
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(model.queue, queue, rtol=1e-5, atol=1e-6)
     assert model.queue_ptr.item() == 2 and model.pending == []
+
+
+def test_a_compiled_moco_v2_traces_its_forward_once_and_trains_as_the_eager_one():
+    """On a GPU the model is compiled by default. The step's keys wait for the queue outside the compiled forward,
+    so the four micro-batches of a step share one graph (a list that grew inside it recompiled it at each)."""
+    views = torch.randn(2, 8, 2, 3, 8, 8, generator=torch.Generator().manual_seed(6))
+    eager, compiled = tiny_moco(2, queue_size=12), tiny_moco(2, queue_size=12)
+    train_steps(eager, views, 2, 10, micro_batch=2)
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    train_steps(compiled, views, 2, 10, micro_batch=2, wrap=lambda model: torch.compile(model, backend="eager"))
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
+    torch.testing.assert_close(compiled.queue, eager.queue, rtol=1e-5, atol=1e-6)
+    assert compiled.queue_ptr.item() == eager.queue_ptr.item() == 16 % 12 and compiled.pending == []
+    for a, b in zip(compiled.momentum_parameters(), eager.momentum_parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_the_key_encoder_gets_no_gradient_and_no_optimizer_state():
