@@ -2,6 +2,7 @@
 its test-set features in TensorBoard's embedding projector, and the command that fine-tunes what they learned."""
 import os
 import shlex
+import shutil
 import sys
 
 import torch
@@ -15,6 +16,7 @@ from cifar_mae.model_config import output_stem
 from cifar_mae.runtime import evaluating
 from cifar_mae.timm_export import encoder_export, write_timm_state
 
+EMBEDDING_TAG = "test_features"
 CLASSIFIER_SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "train_classifier.py")
 
 
@@ -39,8 +41,11 @@ def write_embedding(writer, encoder, data, rt, count, step):
             with rt.autocast():
                 feats.append(pooled_features(encoder, normalize(batch.to(rt.device))).float().cpu())
     labels = [data.classes[i] for i in data.test_labels[index].tolist()] if data.classes else None
+    # --eval_only after the run's own end writes the same step again: replace it, which add_embedding does with a
+    # warning on stdout
+    shutil.rmtree(os.path.join(writer.log_dir, f"{step:05d}", EMBEDDING_TAG), ignore_errors=True)
     writer.add_embedding(torch.cat(feats), metadata=labels, label_img=images.float() / 255, global_step=step,
-                         tag="test_features")
+                         tag=EMBEDDING_TAG)
 
 
 class PretrainingTask(Task):

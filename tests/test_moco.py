@@ -357,6 +357,7 @@ def test_a_vit_moco_v3_evaluates_exports_and_fine_tunes(tmp_path, capsys):
     result = run_here(capsys, "moco_pretrain.py", "--eval_only", ckpt, "--knn_k", 7, "--knn_t", 0.5,
                       "--export_timm", tmp_path / "timm.pth", "--embedding_images", 12)
     assert result.returncode == 0, result.stderr
+    assert "warning" not in result.stdout + result.stderr  # TensorBoard's, on a step's projector written again
     encoder, split = utils.load_model(str(ckpt)), load_data(data, 8)
     with torch.no_grad():
         train, test = (pooled_features(encoder, normalize(x)) for x in (split.train_images, split.test_images))
