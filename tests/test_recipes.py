@@ -53,6 +53,18 @@ def test_settings_are_resolved_once_in_order_then_frozen(tmp_path):
     assert settings.total_epoch == 3
 
 
+def test_every_flag_of_every_job_is_documented():
+    """docs/usage.md (with contrastive.md for MoCo's and your_data_your_backbone.md for the backbones' flags) is
+    where a reader finds every setting and its default: a flag added to a parser and not there fails here."""
+    docs = "".join(open(os.path.join(ROOT, "docs", name), encoding="utf-8").read()
+                   for name in ("usage.md", "contrastive.md", "your_data_your_backbone.md"))
+    for script in (mae_pretrain, moco_pretrain, train_classifier):
+        flags = [action.option_strings for action in script.get_args_parser()._actions if action.dest != "help"]
+        missing = [names[-1] for names in flags
+                   if not any(re.search(rf"(?<![\w-]){name}(?![\w-])", docs) for name in names)]
+        assert not missing, (script.__name__, missing)
+
+
 @pytest.mark.parametrize("text,message", [
     ("total_epoch: abc", "total_epoch: invalid literal for int()"),
     ("no_such_flag: 1", "'no_such_flag' is not a flag of this script"),
