@@ -8,7 +8,7 @@ import torch
 import yaml
 
 from cifar_mae.errors import UserError
-from cifar_mae.model_config import DEFAULT_MODEL, MODELS
+from cifar_mae.model_config import DEFAULT_MODEL, MODELS, is_vil, resnet_arch
 
 
 def finite_float(text):
@@ -149,11 +149,11 @@ def check_backbone_args(args, kind, *refused):
 def check_backbone_flags(args, *vit_only):
     """The flags that act on one kind of backbone only: with a ResNet (--model) no ViT size flag nor the job's
     flags `vit_only`; with a Vision-LSTM none of those but its sizes; --vil_* and --export_vil with a ViL only."""
-    vil = MODELS.get(args.model, {}).get("vil", False)
+    vil = is_vil(args.model)
     vil_flags = [name for name in ("vil_pooling", "vil_conv", "export_vil") if getattr(args, name, None) is not None]
     if vil_flags and not vil:
         raise UserError(f"--{vil_flags[0]} acts on a Vision-LSTM, and --model {args.model} is not one")
-    if MODELS.get(args.model, {}).get("resnet"):
+    if resnet_arch(args.model):
         check_backbone_args(args, "a ResNet", *VIT_FLAGS, *vit_only)
     elif vil:
         check_backbone_args(args, "a Vision-LSTM", "encoder_head", "pos_embed", *vit_only)

@@ -50,9 +50,14 @@ def resolve_eval_settings(args, parser, task):
     return Settings(args), ckpt, note
 
 
+def plain(value):
+    """A setting as a checkpoint keeps it: a tuple (nargs) as a list."""
+    return list(value) if isinstance(value, tuple) else value
+
+
 def plain_args(args):
     """argparse values as plain types, safe for weights_only checkpoints."""
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()
+    return {k: plain(v) for k, v in vars(args).items()
             if v is None or isinstance(v, (bool, int, float, str, list, tuple))}
 
 
@@ -64,7 +69,6 @@ def take_saved(args, parser, saved, what, fixed=()):
     """Take a checkpoint's settings as defaults, as timm's config files set a parser's defaults: a flag left at
     its default takes the saved value, a flag given with another value wins, except those in `fixed` (the
     model's sizes, which the saved weights need), which are an error."""
-    plain = lambda v: list(v) if isinstance(v, tuple) else v
     for key, value in saved.items():
         if key in PER_START or not hasattr(args, key):
             continue
@@ -123,5 +127,3 @@ def resume_checkpoint(args, parser, kind):
                         f"beside it ({last_checkpoint_path(args.resume)})")
     take_saved(args, parser, ckpt["args"], f"--resume {args.resume}", fixed=ckpt["model_config"])
     return ckpt
-
-

@@ -73,13 +73,14 @@ def color_jitter(x, applied, order, factors, strength):
     op there is another; the hue turn is kept where it is the op. An op of strength 0 is left out, as torchvision
     leaves it (a blend's factor is then 1)."""
     for position in range(4):
-        op = torch.where(applied, order[:, position], -1)[:, None, None, None]  # -1: not jittered
-        factor = factors.gather(1, op.flatten().clamp(min=0)[:, None])[:, 0]
-        luma = grayscale(x)
-        target = torch.where(op == 1, luma.mean(dim=(1, 2, 3), keepdim=True), torch.where(op == 2, luma, 0.0))
-        x = blend(x, target, torch.where((op.flatten() >= 0) & (op.flatten() < 3), factor, 1.0))
+        op = torch.where(applied, order[:, position], -1)  # -1: not jittered
+        is_op = lambda index: (op == index)[:, None, None, None]
+        luma = grayscale(x)  # the blend targets of adjust_contrast and adjust_saturation; brightness: black
+        target = torch.where(is_op(1), luma.mean(dim=(1, 2, 3), keepdim=True), torch.where(is_op(2), luma, 0.0))
+        factor = factors.gather(1, op.clamp(min=0)[:, None])[:, 0]
+        x = blend(x, target, torch.where((op >= 0) & (op < 3), factor, 1.0))
         if strength[3]:
-            x = torch.where(op == 3, adjust_hue(x, factors[:, 3]), x)
+            x = torch.where(is_op(3), adjust_hue(x, factors[:, 3]), x)
     return x
 
 
